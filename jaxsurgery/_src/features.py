@@ -1,0 +1,190 @@
+"""Feature specs: naming the input features that the tables are keyed by.
+
+A feature spec is a pytree matching the model inputs (or a prefix of them).
+Each spec leaf is one of
+
+* :class:`Features` -- named positions along one axis of the input leaf; every
+  other axis (batch, time, unit slots...) holds replicas of the same features;
+* ``str`` -- the whole input leaf is one feature with that name;
+* ``None`` -- the leaf carries no named feature (its mask is empty).
+
+A spec leaf that covers a whole subtree of the inputs applies to every input
+leaf in that subtree. Names must be unique across the spec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxsurgery._src import masks as M
+
+
+class FeatureSpecError(ValueError):
+  """A feature spec that does not fit the inputs it describes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Features:
+  """The names of the features laid out along one axis of an input leaf.
+
+  Args:
+    names: one name per position along ``axis``.
+    axis: the feature axis; negative values count from the end.
+
+  Example:
+    >>> import jaxsurgery as js
+    >>> spec = {"units": js.Features(["hp", "mana", "x", "y"]), "hero_id": "hero"}
+  """
+
+  names: tuple[str, ...]
+  axis: int = -1
+
+  def __init__(self, names: Sequence[str], axis: int = -1):
+    if isinstance(names, str):
+      raise TypeError(
+          f"Features(names=...) takes a sequence of names, got the string {names!r}. "
+          f"Use a plain string spec leaf ({names!r}) if the whole leaf is one feature, "
+          f"or Features([{names!r}]) for a one-element axis.")
+    names = tuple(names)
+    for n in names:
+      if not isinstance(n, str):
+        raise TypeError(f"Feature names must be strings; got {n!r} of type {type(n).__name__}.")
+    object.__setattr__(self, "names", names)
+    object.__setattr__(self, "axis", int(axis))
+
+  def __len__(self) -> int:
+    return len(self.names)
+
+
+def is_spec_leaf(x: Any) -> bool:
+  return x is None or isinstance(x, (Features, str))
+
+
+@dataclasses.dataclass(frozen=True)
+class InputLeaf:
+  """One input leaf with the features it carries (resolved from the spec)."""
+
+  path: str
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  axis: int | None            # feature axis, or None for a str / None spec leaf
+  feature_ids: tuple[int, ...]  # global feature index per position (or one for a str leaf)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedSpec:
+  names: tuple[str, ...]
+  leaves: tuple[InputLeaf, ...]
+  # For each feature: (input leaf index, position along the axis or None).
+  locations: tuple[tuple[int, int | None], ...]
+
+  @property
+  def num_features(self) -> int:
+    return len(self.names)
+
+  def input_masks(self) -> list[np.ndarray | None]:
+    """Packed dependency masks of the input leaves, compressed along replica axes."""
+    W = M.num_words(self.num_features)
+    out = []
+    for leaf in self.leaves:
+      if not leaf.feature_ids:
+        out.append(None)
+        continue
+      ndim = len(leaf.shape)
+      if leaf.axis is None:
+        mask = M.one_hot(np.asarray(leaf.feature_ids[:1]), W).reshape((1,) * ndim + (W,))
+      else:
+        shape = [1] * ndim + [W]
+        shape[leaf.axis] = len(leaf.feature_ids)
+        mask = M.one_hot(np.asarray(leaf.feature_ids), W).reshape(shape)
+      out.append(mask)
+    return out
+
+
+def keystr(path) -> str:
+  return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def leaf_shape_dtype(x: Any, what: str, path: str):
+  if isinstance(x, jax.ShapeDtypeStruct) or hasattr(x, "shape") and hasattr(x, "dtype"):
+    return tuple(x.shape), np.dtype(x.dtype)
+  if isinstance(x, (bool, int, float, complex)):
+    arr = np.asarray(x)
+    return tuple(arr.shape), arr.dtype
+  raise TypeError(
+      f"{what} leaf {path or '<root>'!r} is a {type(x).__name__}, not an array. Every {what} "
+      f"leaf must be a jax/numpy array or a jax.ShapeDtypeStruct. Wrap static configuration in "
+      f"`fn` (e.g. with functools.partial) instead of passing it as a leaf.")
+
+
+def resolve(features: Any, inputs: Any) -> ResolvedSpec:
+  """Checks ``features`` against ``inputs`` and assigns global feature indices."""
+  input_leaves, input_def = jax.tree_util.tree_flatten_with_path(inputs)
+  spec_leaves, spec_def = jax.tree_util.tree_flatten_with_path(features, is_leaf=is_spec_leaf)
+  for path, s in spec_leaves:
+    if not is_spec_leaf(s):
+      raise FeatureSpecError(
+          f"Feature spec leaf at {keystr(path) or '<root>'!r} is {s!r}; expected "
+          f"jaxsurgery.Features(...), a feature name (str) or None.")
+  try:
+    per_input = spec_def.flatten_up_to(inputs)
+  except (ValueError, TypeError) as e:
+    spec_paths = [keystr(p) or "<root>" for p, _ in spec_leaves]
+    input_paths = [keystr(p) or "<root>" for p, _ in input_leaves]
+    raise FeatureSpecError(
+        "The feature spec does not match the structure of the inputs. It must be a pytree "
+        "with the same structure as `inputs` (or a prefix of it).\n"
+        f"  spec leaves:  {spec_paths}\n  input leaves: {input_paths}\n"
+        f"  jax says: {e}") from None
+
+  names: list[str] = []
+  seen: dict[str, str] = {}
+  locations: list[tuple[int, int | None]] = []
+  leaves: list[InputLeaf] = []
+
+  def add_name(name: str, where: str) -> int:
+    if name in seen:
+      raise FeatureSpecError(
+          f"Duplicate feature name {name!r}: it names a feature of {seen[name]!r} and of "
+          f"{where!r}. Feature names must be unique across the whole spec; rename one of them.")
+    seen[name] = where
+    names.append(name)
+    return len(names) - 1
+
+  for (spec_path, spec_leaf), sub in zip(spec_leaves, per_input):
+    sub_leaves = jax.tree_util.tree_flatten_with_path(sub)[0]
+    shared_ids: tuple[int, ...] | None = None  # a spec leaf covering a subtree names each feature once
+    for sub_path, x in sub_leaves:
+      path = keystr(tuple(spec_path) + tuple(sub_path))
+      shape, dtype = leaf_shape_dtype(x, "input", path)
+      where = path or "<root>"
+      if spec_leaf is None:
+        leaves.append(InputLeaf(path, shape, dtype, None, ()))
+        continue
+      if isinstance(spec_leaf, str):
+        if shared_ids is None:
+          shared_ids = (add_name(spec_leaf, where),)
+          locations.append((len(leaves), None))
+        leaves.append(InputLeaf(path, shape, dtype, None, shared_ids))
+        continue
+      ndim = len(shape)
+      if not -ndim <= spec_leaf.axis < ndim:
+        raise FeatureSpecError(
+            f"Features(axis={spec_leaf.axis}) is out of range for input leaf {where!r} of shape "
+            f"{shape} ({ndim} axes). Use an axis in [{-ndim}, {ndim - 1}].")
+      axis = spec_leaf.axis % ndim
+      if len(spec_leaf.names) != shape[axis]:
+        raise FeatureSpecError(
+            f"Input leaf {where!r} has shape {shape}: axis {spec_leaf.axis} has size {shape[axis]}, "
+            f"but its Features lists {len(spec_leaf.names)} names. Give exactly one name per "
+            f"position along the feature axis (or pick the right `axis`).")
+      if shared_ids is None:
+        shared_ids = tuple(add_name(n, where) for n in spec_leaf.names)
+        locations.extend((len(leaves), i) for i in range(len(shared_ids)))
+      leaves.append(InputLeaf(path, shape, dtype, axis, shared_ids))
+  return ResolvedSpec(tuple(names), tuple(leaves), tuple(locations))
