@@ -1,0 +1,1 @@
+"""Dependency rules, one module per primitive family. Importing ``families`` registers them all."""

@@ -1,0 +1,82 @@
+"""Building blocks shared by the rule families."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from jaxsurgery._src import masks as M
+from jaxsurgery._src.interpreter import Val, join_pulls, out_val  # noqa: F401  (re-exported)
+
+
+def place(m: np.ndarray, positions: Sequence[int], rank: int) -> np.ndarray:
+  """Moves the value axes of ``m`` to ``positions`` of a rank-``rank`` mask (others size 1)."""
+  positions = list(positions)
+  order = list(np.argsort(positions))
+  m = m.transpose(order + [m.ndim - 1])
+  shape = [1] * rank + [m.shape[-1]]
+  for j, i in enumerate(order):
+    shape[positions[i]] = m.shape[j]
+  return m.reshape(shape)
+
+
+def same_mask(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+  if a is None or b is None:
+    return M.is_empty(a) and M.is_empty(b)
+  shape = np.broadcast_shapes(a.shape, b.shape)
+  return bool(np.array_equal(np.broadcast_to(a, shape), np.broadcast_to(b, shape)))
+
+
+def forward_pull(target: Val, transform):
+  """A pull that maps touches through ``transform`` onto ``target``'s provenance."""
+  if target.pull is None:
+    return None
+
+  def pull(t):
+    t = transform(t)
+    if not M.is_empty(t):
+      target.pull(t)
+  return pull
+
+
+def cut_pull(pulls: Sequence[tuple[Val, object]], out_mask):
+  """A pull for a combining op: touches reach operands only where the output is feature-free.
+
+  Args:
+    pulls: ``(operand, transform)`` pairs; ``transform`` maps an output-shaped touch
+      to the operand's shape.
+    out_mask: the op's output mask (the provenance cut-off).
+  """
+  pulls = [(v, f) for v, f in pulls if v.pull is not None]
+  if not pulls:
+    return None
+
+  def pull(t):
+    t = M.where_free(t, out_mask)
+    if M.is_empty(t):
+      return
+    for v, f in pulls:
+      u = f(t)
+      if not M.is_empty(u):
+        v.pull(u)
+  return pull
+
+
+def all_words(vals: Sequence[Val]) -> np.ndarray | None:
+  """OR of every element mask of every value: a (W,) mask."""
+  return M.orr(*(M.reduce_all(v.mask) for v in vals))
+
+
+def concrete_ints(vals: Sequence[Val]) -> list[np.ndarray] | None:
+  """Concrete integer values of index operands, or None if any is unknown."""
+  out = []
+  for v in vals:
+    c = v.concrete()
+    if c is None:
+      return None
+    try:
+      out.append(np.asarray(c))
+    except Exception:
+      return None
+  return out

@@ -1,0 +1,65 @@
+"""Elementwise primitives.
+
+Structure: ``out[e]`` depends on ``in_k[e]`` for every operand ``k`` (scalars
+broadcast). So ``mask(out) = OR_k mask(in_k)``, and a parameter-derived operand
+element is touched by the masks of its partners at the same position.
+"""
+
+from __future__ import annotations
+
+from jaxsurgery._src import masks as M
+from jaxsurgery._src.rules.common import cut_pull, out_val
+from jaxsurgery._src.rules.registry import register
+
+
+def unary(ctx, eqn, invals):
+  """``out[e]`` depends on ``x[e]`` only: the mask and the provenance pass through."""
+  (x,) = invals[:1]
+  return [out_val(o, x.mask, x.pull) for o in eqn.outvars]
+
+
+def passthrough(ctx, eqn, invals):
+  """``out_k`` is ``in_k``: masks and provenance pass through one to one."""
+  return [out_val(o, v.mask, v.pull) for o, v in zip(eqn.outvars, invals)]
+
+
+def nary(ctx, eqn, invals):
+  """``out[e]`` depends on every ``in_k[e]``: OR of masks; partners touch each other."""
+  ndim = len(eqn.outvars[0].aval.shape)
+  masks = [M.lift(v.mask, ndim) for v in invals]
+  out_mask = M.orr(*masks)
+  for i, v in enumerate(invals):
+    if v.pull is not None:
+      partners = M.orr(*(m for j, m in enumerate(masks) if j != i))
+      ctx.touch(v, M.unbroadcast(partners, v.shape))
+  pull = cut_pull([(v, lambda t, s=v.shape: M.unbroadcast(t, s)) for v in invals], out_mask)
+  return [out_val(o, out_mask, pull) for o in eqn.outvars]
+
+
+UNARY = (
+    "abs", "acos", "acosh", "asin", "asinh", "atan", "atanh", "bessel_i0e", "bessel_i1e",
+    "cbrt", "ceil", "clz", "conj", "convert_element_type", "copy", "copy_p", "cos", "cosh",
+    "digamma", "erf", "erf_inv", "erfc", "exp", "exp2", "expm1", "floor", "imag",
+    "integer_pow", "is_finite", "lgamma", "log", "log1p", "logistic", "neg", "not",
+    "population_count", "real", "reduce_precision", "round", "rsqrt",
+    "sign", "sin", "sinh", "sqrt", "square", "stop_gradient", "tan", "tanh",
+    "frexp",
+)
+
+# One output per operand, each a copy of its operand (collectives see the shard
+# union, see control_flow.shard_map).
+PASSTHROUGH = ("device_put", "optimization_barrier", "pvary", "pbroadcast", "psum", "pmax",
+               "pmin", "ppermute", "psum_invariant", "sharding_constraint", "mesh_cast", "reshard",
+               "name")
+
+NARY = (
+    "add", "add_any", "and", "atan2", "clamp", "complex", "div", "eq", "ge", "gt", "igamma",
+    "igammac", "igamma_grad_a", "le", "lt", "max", "min", "mul", "ne", "nextafter", "or",
+    "polygamma", "pow", "random_gamma_grad", "regularized_incomplete_beta", "rem",
+    "select_n", "shift_left", "shift_right_arithmetic", "shift_right_logical", "sub", "xor",
+    "zeta",
+)
+
+register(UNARY, unary)
+register(NARY, nary)
+register(PASSTHROUGH, passthrough)

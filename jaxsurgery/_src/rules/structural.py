@@ -1,0 +1,322 @@
+"""Data movement with static structure.
+
+Structure: every output element is a copy of one input element (or of a
+padding value), chosen by the op's static parameters. The forward rule applies
+the same movement to the masks, keeping compressed (size-1) axes compressed
+where the movement allows; the provenance pullback applies the transposed
+movement, ORing where several outputs read one input (broadcast). Exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxsurgery._src import masks as M
+from jaxsurgery._src.rules.common import forward_pull, out_val
+from jaxsurgery._src.rules.registry import register
+
+
+def _one(eqn, x, fwd, bwd):
+  return [out_val(eqn.outvars[0], None if x.mask is None else fwd(x.mask), forward_pull(x, bwd))]
+
+
+# -- transpose / squeeze / broadcast_in_dim / reshape ------------------------
+
+def transpose(ctx, eqn, invals):
+  """``out[p] = x[perm^-1(p)]``."""
+  perm = list(eqn.params["permutation"])
+  inv = list(np.argsort(perm))
+  r = len(perm)
+  return _one(eqn, invals[0], lambda m: m.transpose(perm + [r]),
+              lambda t: M.lift(t, r).transpose(inv + [r]))
+
+
+def squeeze(ctx, eqn, invals):
+  """Drops size-1 axes."""
+  x = invals[0]
+  dims = tuple(d % x.ndim for d in eqn.params["dimensions"])
+  keep = lambda m: m.reshape(tuple(s for i, s in enumerate(m.shape[:-1]) if i not in dims) + m.shape[-1:])
+  return _one(eqn, x, lambda m: keep(M.lift(m, x.ndim)),
+              lambda t: _unsqueeze(M.lift(t, x.ndim - len(dims)), dims))
+
+
+def _unsqueeze(t, dims):
+  shape = list(t.shape[:-1])
+  for d in sorted(dims):
+    shape.insert(d, 1)
+  return t.reshape(tuple(shape) + t.shape[-1:])
+
+
+def broadcast_in_dim_fwd(m, out_rank, bd):
+  shape = [1] * out_rank + [m.shape[-1]]
+  for i, d in enumerate(bd):
+    shape[d] = m.shape[i]
+  return m.reshape(shape)
+
+
+def broadcast_in_dim_bwd(t, in_shape, out_shape, bd):
+  t = M.lift(t, len(out_shape))
+  other = [a for a in range(len(out_shape)) if a not in bd]
+  ones = [d for i, d in enumerate(bd) if in_shape[i] == 1]
+  t = M.reduce_or(t, other + ones, keepdims=True)
+  return t.reshape([t.shape[d] for d in bd] + [t.shape[-1]])
+
+
+def broadcast_in_dim(ctx, eqn, invals):
+  """``out[..., p_bd, ...] = x[p]``: new axes and size-1 axes are replicas."""
+  x = invals[0]
+  bd = tuple(eqn.params["broadcast_dimensions"])
+  out_shape = tuple(eqn.outvars[0].aval.shape)
+  return _one(eqn, x, lambda m: broadcast_in_dim_fwd(m, len(out_shape), bd),
+              lambda t: broadcast_in_dim_bwd(t, x.shape, out_shape, bd))
+
+
+def _reshape_groups(a, b):
+  """Pairs of axis groups of shapes ``a`` and ``b`` with equal products."""
+  groups, i, j = [], 0, 0
+  while i < len(a) or j < len(b):
+    gi, gj = [], []
+    pi = pj = 1
+    if i < len(a):
+      gi.append(i); pi *= a[i]; i += 1
+    if j < len(b):
+      gj.append(j); pj *= b[j]; j += 1
+    while pi != pj:
+      if pi < pj and i < len(a):
+        gi.append(i); pi *= a[i]; i += 1
+      elif j < len(b):
+        gj.append(j); pj *= b[j]; j += 1
+      else:
+        gi.append(i); pi *= a[i]; i += 1
+    # trailing size-1 axes join the group that precedes them
+    while i < len(a) and a[i] == 1 and (j >= len(b) or b[j] != 1):
+      gi.append(i); i += 1
+    while j < len(b) and b[j] == 1 and (i >= len(a) or a[i] != 1):
+      gj.append(j); j += 1
+    groups.append((gi, gj))
+  return groups
+
+
+def reshape_mask(m, in_shape, out_shape):
+  """Reshapes a mask, keeping axis groups compressed when the whole group is."""
+  if m is None:
+    return None
+  m = M.lift(m, len(in_shape))
+  W = m.shape[-1]
+  if all(s == 1 for s in m.shape[:-1]):
+    return m.reshape((1,) * len(out_shape) + (W,))
+  if 0 in in_shape or 0 in out_shape:
+    return np.zeros(tuple(out_shape) + (W,), m.dtype)
+  shape, expand = [], []
+  for gi, gj in _reshape_groups(tuple(in_shape), tuple(out_shape)):
+    if all(m.shape[a] == 1 for a in gi):
+      shape += [1] * len(gj)
+    else:
+      expand += gi
+      shape += [out_shape[a] for a in gj]
+  m = M.expand_axes(m, in_shape, expand)
+  return m.reshape(tuple(shape) + (W,))
+
+
+def reshape(ctx, eqn, invals):
+  """Row-major reshape; the dimensions parameter (if any) transposes first."""
+  x = invals[0]
+  out_shape = tuple(eqn.outvars[0].aval.shape)
+  dims = eqn.params.get("dimensions")
+  if dims is not None:
+    dims = list(dims)
+    inv = list(np.argsort(dims))
+    tshape = tuple(x.shape[d] for d in dims)
+    return _one(eqn, x, lambda m: reshape_mask(m.transpose(dims + [x.ndim]), tshape, out_shape),
+                lambda t: reshape_mask(t, out_shape, tshape).transpose(inv + [x.ndim]))
+  return _one(eqn, x, lambda m: reshape_mask(m, x.shape, out_shape),
+              lambda t: reshape_mask(t, out_shape, x.shape))
+
+
+# -- slice / rev / pad --------------------------------------------------------
+
+def slice_fwd(m, starts, limits, strides):
+  idx = tuple(slice(None) if m.shape[a] == 1 else slice(s, l, st)
+              for a, (s, l, st) in enumerate(zip(starts, limits, strides)))
+  return m[idx]
+
+
+def slice_bwd(t, in_shape, starts, limits, strides):
+  t = M.lift(t, len(in_shape))
+  full = [(s == 0 and l == n and st == 1) for s, l, st, n in zip(starts, limits, strides, in_shape)]
+  shape = [1 if (t.shape[a] == 1 and full[a]) else in_shape[a] for a in range(len(in_shape))]
+  out = np.zeros(tuple(shape) + t.shape[-1:], t.dtype)
+  idx = tuple(slice(None) if shape[a] == 1 else slice(starts[a], limits[a], strides[a])
+              for a in range(len(in_shape)))
+  out[idx] = t
+  return out
+
+
+def slice_rule(ctx, eqn, invals):
+  """``out[i] = x[start + i * stride]``."""
+  x = invals[0]
+  starts = eqn.params["start_indices"]
+  limits = eqn.params["limit_indices"]
+  strides = eqn.params["strides"] or (1,) * x.ndim
+  return _one(eqn, x, lambda m: slice_fwd(m, starts, limits, strides),
+              lambda t: slice_bwd(t, x.shape, starts, limits, strides))
+
+
+def rev(ctx, eqn, invals):
+  """``out[i] = x[n - 1 - i]`` along the reversed axes."""
+  dims = eqn.params["dimensions"]
+  x = invals[0]
+
+  def flip(m):
+    m = M.lift(m, x.ndim)
+    axes = tuple(d for d in dims if m.shape[d] > 1)
+    return np.flip(m, axes) if axes else m
+  return _one(eqn, x, flip, flip)
+
+
+def _pad_axis(m, axis, lo, hi, interior, n_out, fill):
+  """Pads one axis of a (materialised along ``axis``) mask."""
+  n = m.shape[axis]
+  pos = np.arange(n) * (interior + 1) + lo
+  keep = (pos >= 0) & (pos < n_out)
+  shape = list(m.shape)
+  shape[axis] = n_out
+  out = np.empty(shape, m.dtype)
+  out[...] = 0 if fill is None else fill
+  dst = [slice(None)] * m.ndim
+  src = [slice(None)] * m.ndim
+  dst[axis], src[axis] = pos[keep], np.nonzero(keep)[0]
+  out[tuple(dst)] = m[tuple(src)]
+  return out
+
+
+def _unpad_axis(t, axis, lo, interior, n_in):
+  pos = np.arange(n_in) * (interior + 1) + lo
+  keep = (pos >= 0) & (pos < t.shape[axis])
+  shape = list(t.shape)
+  shape[axis] = n_in
+  out = np.zeros(shape, t.dtype)
+  dst = [slice(None)] * t.ndim
+  src = [slice(None)] * t.ndim
+  dst[axis], src[axis] = np.nonzero(keep)[0], pos[keep]
+  out[tuple(dst)] = t[tuple(src)]
+  return out
+
+
+def pad(ctx, eqn, invals):
+  """``out`` holds ``x`` at strided positions and the padding value elsewhere."""
+  x, padv = invals
+  config = eqn.params["padding_config"]
+  out_shape = tuple(eqn.outvars[0].aval.shape)
+  axes = [a for a, c in enumerate(config) if tuple(c) != (0, 0, 0)]
+  fill = M.reduce_all(padv.mask)
+  if x.mask is None and fill is None:
+    mask = None
+  else:
+    m = x.mask if x.mask is not None else np.zeros((1,) * x.ndim + (ctx.W,), M.WORD)
+    m = M.expand_axes(M.lift(m, x.ndim), x.shape, axes)
+    for a in axes:
+      lo, hi, it = config[a]
+      m = _pad_axis(m, a, lo, hi, it, out_shape[a], fill)
+    mask = m
+
+  def to_x(t):
+    t = M.expand_axes(M.lift(t, len(out_shape)), out_shape, axes)
+    for a in axes:
+      t = _unpad_axis(t, a, config[a][0], config[a][2], x.shape[a])
+    return t
+  pulls = [p for p in (forward_pull(x, to_x), forward_pull(padv, M.reduce_all)) if p is not None]
+  pull = None
+  if pulls:
+    def pull(t):
+      for p in pulls:
+        p(t)
+  return [out_val(eqn.outvars[0], mask, pull)]
+
+
+# -- concatenate / split ------------------------------------------------------
+
+def concatenate(ctx, eqn, invals):
+  """Operands side by side along ``dimension``."""
+  d = eqn.params["dimension"]
+  out_shape = tuple(eqn.outvars[0].aval.shape)
+  rank = len(out_shape)
+  masks = [M.lift(v.mask, rank) for v in invals]
+  if all(m is None for m in masks):
+    mask = None
+  elif all(m is not None and m.shape[d] == 1 for m in masks) and all(
+      np.array_equal(masks[0], m) for m in masks[1:]):
+    mask = masks[0]
+  else:
+    common = list(np.broadcast_shapes(*(tuple(np.delete(m.shape, d)) for m in masks if m is not None)))
+    parts = []
+    for v, m in zip(invals, masks):
+      shape = common[:d] + [v.shape[d]] + common[d:]
+      parts.append(np.zeros(shape, M.WORD) if m is None else np.broadcast_to(m, shape))
+    mask = np.concatenate(parts, axis=d)
+  offsets = np.cumsum([0] + [v.shape[d] for v in invals])
+  pulled = [(i, v) for i, v in enumerate(invals) if v.pull is not None]
+  pull = None
+  if pulled:
+    def pull(t):
+      t = M.lift(t, rank)
+      for i, v in pulled:
+        part = t if t.shape[d] == 1 else np.take(t, np.arange(offsets[i], offsets[i + 1]), axis=d)
+        if not M.is_empty(part):
+          v.pull(part)
+  return [out_val(eqn.outvars[0], mask, pull)]
+
+
+def split(ctx, eqn, invals):
+  """Consecutive pieces of one axis."""
+  x = invals[0]
+  axis = eqn.params["axis"]
+  sizes = eqn.params["sizes"]
+  offsets = np.cumsum([0] + list(sizes))
+  outs = []
+  for k, o in enumerate(eqn.outvars):
+    lo, hi = int(offsets[k]), int(offsets[k + 1])
+    m = x.mask
+    if m is not None and m.shape[axis] > 1:
+      m = np.take(m, np.arange(lo, hi), axis=axis)
+
+    def to_x(t, lo=lo, hi=hi):
+      t = M.lift(t, x.ndim)
+      shape = list(t.shape)
+      shape[axis] = x.shape[axis]
+      full = np.zeros(shape, t.dtype)
+      idx = [slice(None)] * t.ndim
+      idx[axis] = slice(lo, hi)
+      full[tuple(idx)] = t
+      return full
+    outs.append(out_val(o, m, forward_pull(x, to_x)))
+  return outs
+
+
+def bitcast_convert_type(ctx, eqn, invals):
+  """Same shape: elementwise. Changed width: the last axis is regrouped (dense over it)."""
+  x = invals[0]
+  out_shape = tuple(eqn.outvars[0].aval.shape)
+  if out_shape == x.shape:
+    return [out_val(eqn.outvars[0], x.mask, x.pull)]
+  batch = min(x.ndim, len(out_shape)) - 1
+  keep = lambda m, r: M.reduce_or(M.lift(m, r), range(batch, r), keepdims=True)
+  def fwd(m):
+    m = keep(m, x.ndim)
+    return m.reshape(m.shape[:batch] + (1,) * (len(out_shape) - batch) + m.shape[-1:])
+  def bwd(t):
+    t = keep(t, len(out_shape))
+    return t.reshape(t.shape[:batch] + (1,) * (x.ndim - batch) + t.shape[-1:])
+  return _one(eqn, x, fwd, bwd)
+
+
+register("transpose", transpose)
+register("squeeze", squeeze)
+register("broadcast_in_dim", broadcast_in_dim)
+register("reshape", reshape)
+register("slice", slice_rule)
+register("rev", rev)
+register("pad", pad)
+register("concatenate", concatenate)
+register("split", split)
+register("bitcast_convert_type", bitcast_convert_type)

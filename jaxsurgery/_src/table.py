@@ -1,0 +1,206 @@
+"""The feature→parameter table (the paper's φ) and the boolean-logic mapping that builds it."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxsurgery._src import features as feats
+from jaxsurgery._src import masks as M
+from jaxsurgery._src.interpreter import Context, Val
+from jaxsurgery._src.rules import families  # noqa: F401  (registers every rule)
+from jaxsurgery._src.rules.control_flow import const_vals
+
+
+class TraceError(ValueError):
+  """``fn`` could not be traced with the given params and inputs."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FeatureTable:
+  """Which features touch which parameter elements, and which outputs depend on which features.
+
+  Masks are stored bit-packed and compressed (size-1 along axes where they are
+  constant); the accessors below expand them for inspection.
+
+  Attributes:
+    features: feature names, in spec order.
+    paths: parameter leaf paths (``keystr(path, simple=True, separator="/")``).
+    shapes: parameter shape per path.
+    output_paths: output leaf paths.
+    method: ``"boolean"`` (the interpreter) or ``"gradient"`` (the probe).
+  """
+
+  features: tuple[str, ...]
+  paths: tuple[str, ...]
+  shapes: Mapping[str, tuple[int, ...]]
+  dtypes: Mapping[str, Any]
+  packed: Mapping[str, np.ndarray | None]
+  output_paths: tuple[str, ...]
+  output_shapes: Mapping[str, tuple[int, ...]]
+  output_packed: Mapping[str, np.ndarray | None]
+  spec: feats.ResolvedSpec | None = None
+  method: str = "boolean"
+  unknown_primitives: tuple[str, ...] = ()
+  jaxpr: Any = None
+  param_treedef: Any = None
+
+  @property
+  def num_features(self) -> int:
+    return len(self.features)
+
+  def _check_path(self, path: str, outputs: bool = False) -> str:
+    known = self.output_paths if outputs else self.paths
+    if path is None and outputs and len(known) == 1:
+      return known[0]
+    if path not in known:
+      what = "output" if outputs else "parameter"
+      raise KeyError(f"No {what} leaf {path!r} in this table. Known {what} paths: {list(known)}")
+    return path
+
+  def _feature_index(self, feature: str) -> int:
+    try:
+      return self.features.index(feature)
+    except ValueError:
+      raise KeyError(f"No feature {feature!r} in this table. Features: {list(self.features)}") from None
+
+  def mask(self, path: str) -> np.ndarray:
+    """Dense bool array ``param.shape + (num_features,)``: element ``[..., k]`` is touched by feature k."""
+    path = self._check_path(path)
+    return M.unpack(self.packed[path], self.shapes[path], self.num_features)
+
+  def output_mask(self, path: str | None = None) -> np.ndarray:
+    """Dense bool array ``output.shape + (num_features,)``: which features each output element depends on."""
+    path = self._check_path(path, outputs=True)
+    return M.unpack(self.output_packed[path], self.output_shapes[path], self.num_features)
+
+  def lookup(self, feature: str) -> dict[str, np.ndarray]:
+    """The paper's φ(feature): ``{path: bool array of param.shape}``."""
+    k = self._feature_index(feature)
+    out = {}
+    for path in self.paths:
+      m = self.packed[path]
+      shape = self.shapes[path]
+      if m is None:
+        out[path] = np.zeros(shape, bool)
+      else:
+        bit = (m[..., k // M.BITS] >> np.uint32(k % M.BITS)) & np.uint32(1)
+        out[path] = np.broadcast_to(bit.astype(bool), shape).copy()
+    return out
+
+  def feature_counts(self, path: str) -> np.ndarray:
+    """Number of elements of leaf ``path`` touched by each feature (computed on compressed masks)."""
+    path = self._check_path(path)
+    m = self.packed[path]
+    shape = self.shapes[path]
+    if m is None:
+      return np.zeros(self.num_features, np.int64)
+    m = M.lift(m, len(shape))
+    repeat = int(np.prod([s if c == 1 else 1 for s, c in zip(shape, m.shape[:-1])], dtype=np.int64))
+    dense = M.unpack(m, m.shape[:-1], self.num_features).reshape(-1, self.num_features)
+    return dense.sum(axis=0).astype(np.int64) * repeat
+
+  def touched_elements(self, path: str) -> int:
+    """Number of elements of leaf ``path`` touched by at least one feature."""
+    path = self._check_path(path)
+    m = self.packed[path]
+    shape = self.shapes[path]
+    if m is None:
+      return 0
+    m = M.lift(m, len(shape))
+    repeat = int(np.prod([s if c == 1 else 1 for s, c in zip(shape, m.shape[:-1])], dtype=np.int64))
+    return int(np.any(m != 0, axis=-1).sum()) * repeat
+
+  def summary(self, max_features: int = 6) -> str:
+    from jaxsurgery._src import display
+    return display.table_summary(self, max_features)
+
+  def __repr__(self) -> str:
+    return self.summary()
+
+
+def _abstract(tree, what: str):
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  out = []
+  for path, x in leaves:
+    shape, dtype = feats.leaf_shape_dtype(x, what, feats.keystr(path))
+    sharding = getattr(x, "sharding", None) if isinstance(x, jax.ShapeDtypeStruct) else None
+    out.append(jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) if sharding is not None
+               else jax.ShapeDtypeStruct(shape, dtype))
+  return [feats.keystr(p) for p, _ in leaves], out, treedef
+
+
+def _describe(paths, leaves) -> str:
+  return "\n".join(f"    {p or '<root>'}: {tuple(l.shape)} {np.dtype(l.dtype).name}" for p, l in zip(paths, leaves))
+
+
+def trace(fn: Callable, params: Any, inputs: Any):
+  """Traces ``fn(params, inputs)`` to a closed jaxpr from abstract shapes (nothing is allocated)."""
+  ppaths, pleaves, pdef = _abstract(params, "params")
+  ipaths, ileaves, idef = _abstract(inputs, "inputs")
+  aparams = jax.tree_util.tree_unflatten(pdef, pleaves)
+  ainputs = jax.tree_util.tree_unflatten(idef, ileaves)
+  try:
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(aparams, ainputs)
+  except Exception as e:
+    raise TraceError(
+        f"fn(params, inputs) failed to trace: {type(e).__name__}: {e}\n"
+        f"  It was called with abstract arrays of these shapes:\n  params:\n{_describe(ppaths, pleaves)}\n"
+        f"  inputs:\n{_describe(ipaths, ileaves)}\n"
+        f"  Check that `fn` takes (params, inputs) in that order and that these shapes are the ones "
+        f"the model expects.") from e
+  return closed, out_shape, (ppaths, pleaves, pdef)
+
+
+def dependency_table(fn: Callable, params: Any, inputs: Any, features: Any, *,
+                     strict: bool = False) -> FeatureTable:
+  """Builds the feature→parameter table by interpreting ``fn``'s jaxpr with dependency masks.
+
+  This is the paper's "boolean logic mapping". A parameter element is touched
+  by feature ``f`` when it takes part in an operation together with a value
+  that depends on ``f`` (see docs/design.md for the exact relation).
+
+  Args:
+    fn: a pure function ``fn(params, inputs) -> outputs``.
+    params: a pytree of arrays or ``jax.ShapeDtypeStruct`` (nothing is allocated).
+    inputs: a pytree of arrays or ``jax.ShapeDtypeStruct``.
+    features: a feature spec matching ``inputs`` (or a prefix): leaves are
+      :class:`Features`, a ``str`` or ``None``.
+    strict: raise on primitives without a rule instead of warning and using the
+      conservative dense rule.
+
+  Returns:
+    A :class:`FeatureTable`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js
+    >>> fn = lambda p, x: jnp.tanh(x @ p["w"])
+    >>> params = {"w": jax.ShapeDtypeStruct((3, 4), jnp.float32)}
+    >>> x = jax.ShapeDtypeStruct((2, 3), jnp.float32)
+    >>> table = js.dependency_table(fn, params, x, js.Features(["a", "b", "c"]))
+    >>> table.lookup("b")["w"][1].all()
+    True
+  """
+  spec = feats.resolve(features, inputs)
+  closed, out_shape, (ppaths, pleaves, pdef) = trace(fn, params, inputs)
+  shapes = [tuple(l.shape) for l in pleaves]
+  ctx = Context(spec.num_features, shapes, strict)
+  args = [Val(s, l.dtype, pull=ctx.param_pull(i)) for i, (s, l) in enumerate(zip(shapes, pleaves))]
+  args += [Val(l.shape, l.dtype, mask=m) for l, m in zip(spec.leaves, spec.input_masks())]
+  outs = ctx.run(closed.jaxpr, const_vals(closed.consts), args)
+  out_leaves = jax.tree_util.tree_flatten_with_path(out_shape)[0]
+  opaths = tuple(feats.keystr(p) for p, _ in out_leaves)
+  oshapes = {p: tuple(l.shape) for p, (_, l) in zip(opaths, out_leaves)}
+  opacked = {p: None if M.is_empty(v.mask) else M.compress(M.lift(v.mask, len(oshapes[p])))
+             for p, v in zip(opaths, outs)}
+  return FeatureTable(
+      features=spec.names, paths=tuple(ppaths), shapes=dict(zip(ppaths, shapes)),
+      dtypes={p: l.dtype for p, l in zip(ppaths, pleaves)},
+      packed={p: None if M.is_empty(t) else t for p, t in zip(ppaths, ctx.param_touch)},
+      output_paths=opaths, output_shapes=oshapes, output_packed=opacked, spec=spec,
+      method="boolean", unknown_primitives=tuple(sorted(ctx.unknown)), jaxpr=closed,
+      param_treedef=pdef)
