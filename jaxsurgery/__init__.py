@@ -19,3 +19,5 @@ class rules:  # noqa: N801  (a namespace of ready-made rules for overrides)
   unary = staticmethod(_elementwise.unary)
   nary = staticmethod(_elementwise.nary)
   passthrough = staticmethod(_elementwise.passthrough)
+
+from jaxsurgery._src.probe import CrossCheck, cross_check, gradient_table  # noqa: E402

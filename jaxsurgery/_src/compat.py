@@ -17,7 +17,8 @@ from jax._src import core as jcore
 JIT_NAMES = ("jit", "pjit")
 CALL_NAMES = ("closed_call", "core_call", "remat2", "checkpoint", "remat",
               "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "xla_call",
-              "named_call")
+              "named_call", "custom_jvp_call_jaxpr", "custom_vmap_call", "compute_on", "call",
+              "remat_opt", "composite")
 
 Literal = jcore.Literal
 DropVar = jcore.DropVar
@@ -53,9 +54,22 @@ def scan_counts(params: dict[str, Any]) -> tuple[int, int]:
 
 def bind(eqn, args: list[Any]) -> list[Any]:
   """Evaluates one eqn on concrete arguments (constant folding)."""
-  subfuns, params = eqn.primitive.get_bind_params(eqn.params)
-  out = eqn.primitive.bind(*subfuns, *args, **params)
+  bound = eqn.primitive.get_bind_params(eqn.params)
+  if isinstance(bound, tuple):  # JAX < 0.8: (subfuns, params)
+    subfuns, params = bound
+  else:
+    subfuns, params = [], bound
+  with eqn.ctx.manager if hasattr(eqn, "ctx") else _null():
+    out = eqn.primitive.bind(*subfuns, *args, **params)
   return list(out) if eqn.primitive.multiple_results else [out]
+
+
+class _null:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False
 
 
 def jax_version() -> tuple[int, ...]:

@@ -43,21 +43,22 @@ UNARY = (
     "integer_pow", "is_finite", "lgamma", "log", "log1p", "logistic", "neg", "not",
     "population_count", "real", "reduce_precision", "round", "rsqrt",
     "sign", "sin", "sinh", "sqrt", "square", "stop_gradient", "tan", "tanh",
-    "frexp",
+    "frexp", "reciprocal",
 )
 
 # One output per operand, each a copy of its operand (collectives see the shard
 # union, see control_flow.shard_map).
 PASSTHROUGH = ("device_put", "optimization_barrier", "pvary", "pbroadcast", "psum", "pmax",
                "pmin", "ppermute", "psum_invariant", "sharding_constraint", "mesh_cast", "reshard",
-               "name")
+               "name", "layout_constraint", "with_memory_space_constraint", "shard_alike", "tie",
+               "pin", "unpin", "multiple_of", "inspect_sharding", "debug_print", "check")
 
 NARY = (
     "add", "add_any", "and", "atan2", "clamp", "complex", "div", "eq", "ge", "gt", "igamma",
     "igammac", "igamma_grad_a", "le", "lt", "max", "min", "mul", "ne", "nextafter", "or",
     "polygamma", "pow", "random_gamma_grad", "regularized_incomplete_beta", "rem",
     "select_n", "shift_left", "shift_right_arithmetic", "shift_right_logical", "sub", "xor",
-    "zeta",
+    "zeta", "mulhi", "stochastic_round",
 )
 
 register(UNARY, unary)

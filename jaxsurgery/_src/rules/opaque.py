@@ -64,16 +64,20 @@ def blockwise(core_rank):
 
 RANDOM = ("random_bits", "random_seed", "random_wrap", "random_unwrap", "random_split",
           "random_fold_in", "random_clone", "threefry2x32", "random_key_data", "rng_bit_generator",
-          "rng_uniform")
+          "rng_uniform", "random_gamma", "threefry4x32", "philox2x32", "philox4x32", "prng_seed",
+          "prng_random_bits", "prng_split", "prng_join")
 LINALG = ("cholesky", "cholesky_update", "eig", "eigh", "eigh_jacobi", "hessenberg", "householder_product",
           "lu", "lu_pivots_to_permutation", "qr", "schur", "svd", "triangular_solve",
-          "tridiagonal", "tridiagonal_solve", "geqrf", "geqp3", "orgqr", "tsqr")
+          "tridiagonal", "tridiagonal_solve", "geqrf", "geqp3", "orgqr", "tsqr", "ormqr",
+          "symmetric_product")
 COLLECTIVES_DENSE = ("all_gather", "all_to_all", "psum_scatter", "reduce_scatter", "axis_index",
                      "pgather", "ragged_all_to_all")
 CONSERVATIVE = ("select_and_gather_add", "select_and_scatter_add", "select_and_scatter",
                 "ragged_dot", "ragged_dot_general", "approx_top_k", "custom_linear_solve",
                 "linear_solve", "platform_index", "pure_callback", "io_callback", "debug_callback",
-                "callback", "ffi_call")
+                "callback", "ffi_call", "dot_product_attention_fwd", "dot_product_attention_fwd_wrapper",
+                "scaled_dot", "scaled_matmul", "scaled_matmul_wrapper", "custom_partitioning",
+                "cudnn_fusion", "custom_fusion", "pallas_call")
 
 register(RANDOM, blockwise(lambda eqn: 99))
 register(LINALG, blockwise(lambda eqn: 2))

@@ -293,6 +293,78 @@ def split(ctx, eqn, invals):
   return outs
 
 
+def stack(ctx, eqn, invals):
+  """``out[..., k, ...] = in_k``: a new axis at ``axis``."""
+  d = eqn.params["axis"]
+  out_shape = tuple(eqn.outvars[0].aval.shape)
+  d = d % len(out_shape)
+  rank = len(out_shape)
+  masks = [None if v.mask is None else np.expand_dims(M.lift(v.mask, v.ndim), d) for v in invals]
+  if all(m is None for m in masks):
+    mask = None
+  elif all(m is not None for m in masks) and all(np.array_equal(masks[0], m) for m in masks[1:]):
+    mask = masks[0]
+  else:
+    common = list(np.broadcast_shapes(*(tuple(np.delete(m.shape, d)) for m in masks if m is not None)))
+    shape = common[:d] + [1] + common[d:]
+    mask = np.concatenate([np.zeros(shape, M.WORD) if m is None else np.broadcast_to(m, shape)
+                           for m in masks], axis=d)
+  pulled = [(i, v) for i, v in enumerate(invals) if v.pull is not None]
+  pull = None
+  if pulled:
+    def pull(t):
+      t = M.lift(t, rank)
+      for i, v in pulled:
+        part = np.take(t, 0 if t.shape[d] == 1 else i, axis=d)
+        if not M.is_empty(part):
+          v.pull(part)
+  return [out_val(eqn.outvars[0], mask, pull)]
+
+
+def unstack(ctx, eqn, invals):
+  """``out_k = x[..., k, ...]`` along ``axis``."""
+  x = invals[0]
+  d = eqn.params["axis"] % x.ndim
+  outs = []
+  for k, o in enumerate(eqn.outvars):
+    m = None if x.mask is None else np.take(M.lift(x.mask, x.ndim), 0 if M.lift(x.mask, x.ndim).shape[d] == 1 else k, axis=d)
+
+    def to_x(t, k=k):
+      t = np.expand_dims(M.lift(t, x.ndim - 1), d)
+      shape = list(t.shape)
+      shape[d] = x.shape[d]
+      full = np.zeros(shape, t.dtype)
+      idx = [slice(None)] * t.ndim
+      idx[d] = slice(k, k + 1)
+      full[tuple(idx)] = t
+      return full
+    outs.append(out_val(o, m, forward_pull(x, to_x)))
+  return outs
+
+
+def tile(ctx, eqn, invals):
+  """``out[i] = x[i mod n]`` along every axis."""
+  x = invals[0]
+  reps = tuple(eqn.params["reps"])
+
+  def fwd(m):
+    m = M.lift(m, x.ndim)
+    return np.tile(m, tuple(r if m.shape[a] > 1 else 1 for a, r in enumerate(reps)) + (1,))
+
+  def bwd(t):
+    t = M.lift(t, x.ndim)
+    for a, r in enumerate(reps):
+      if t.shape[a] > 1 and r > 1:
+        t = np.bitwise_or.reduce(t.reshape(t.shape[:a] + (r, x.shape[a]) + t.shape[a + 1:]), axis=a)
+    return t
+  return _one(eqn, x, fwd, bwd)
+
+
+def constant(ctx, eqn, invals):
+  """Outputs that do not depend on the operand values (iota, zeros_like, empty...)."""
+  return [out_val(o) for o in eqn.outvars]
+
+
 def bitcast_convert_type(ctx, eqn, invals):
   """Same shape: elementwise. Changed width: the last axis is regrouped (dense over it)."""
   x = invals[0]
@@ -320,3 +392,8 @@ register("pad", pad)
 register("concatenate", concatenate)
 register("split", split)
 register("bitcast_convert_type", bitcast_convert_type)
+register("stack", stack)
+register("unstack", unstack)
+register("tile", tile)
+register(("iota", "empty", "empty2", "zeros_like", "create_token", "after_all", "iota_2x32_shape"),
+         constant)

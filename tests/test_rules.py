@@ -1,0 +1,136 @@
+"""Forward masks contain the Jacobian sparsity pattern, rule by rule; structurally dense ops equal it."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from checks import forward_pattern, jacobian_pattern
+
+R = np.random.RandomState(0)
+W34 = jnp.asarray(R.normal(size=(3, 4)), jnp.float32)
+K = jnp.asarray(R.normal(size=(3, 3, 2, 4)), jnp.float32)  # HWIO
+
+
+def conv(x, **kw):
+  return lax.conv_general_dilated(x.reshape(1, 4, 4, 2), K, dimension_numbers=("NHWC", "HWIO", "NHWC"), **kw)
+
+
+# (name, f, n, exact): `exact` cases must equal the Jacobian pattern.
+CASES = [
+    # elementwise
+    ("tanh", jnp.tanh, 6, True),
+    ("add_rev", lambda x: x + x[::-1], 6, True),
+    ("mul", lambda x: x[:3] * x[3:], 6, True),
+    ("div_pow", lambda x: x[:3] / (1.5 + x[3:] ** 2), 6, True),
+    ("max_min", lambda x: jnp.maximum(x[:3], x[3:]) + jnp.minimum(x[:3], 2.0), 6, False),
+    ("select", lambda x: jnp.where(x[:3] > 0, x[3:], -x[3:]), 6, False),
+    ("clamp", lambda x: jnp.clip(x[:3], x[3:], 5.0), 6, False),
+    ("integer_pow_exp_log", lambda x: jnp.exp(x) ** 3 + jnp.log1p(x ** 2), 5, True),
+    ("convert_copy", lambda x: jnp.array(x.astype(jnp.float16).astype(jnp.float32), copy=True), 5, True),
+    ("reduce_precision", lambda x: lax.reduce_precision(x, 5, 10), 5, True),
+    ("stop_gradient", lambda x: lax.stop_gradient(x) + x, 5, False),
+    ("gelu", jax.nn.gelu, 5, True),
+    ("softmax", jax.nn.softmax, 5, True),
+    # structural
+    ("reshape", lambda x: x.reshape(2, 3).T.reshape(3, 2)[::-1], 6, True),
+    ("reshape_split", lambda x: x.reshape(2, 3, 2).sum(1), 12, True),
+    ("broadcast", lambda x: jnp.broadcast_to(x[:, None], (4, 3)) * jnp.arange(3.0), 4, False),
+    ("transpose", lambda x: jnp.transpose(x.reshape(2, 3, 2), (2, 0, 1)), 12, True),
+    ("squeeze_expand", lambda x: jnp.squeeze(x.reshape(1, 6, 1), (0, 2))[None], 6, True),
+    ("concat", lambda x: jnp.concatenate([x[:2], x, x[3:]]), 6, True),
+    ("pad", lambda x: lax.pad(x, 0.0, [(2, -1, 1)]), 5, True),
+    ("pad_value", lambda x: lax.pad(x[:4], x[4], [(1, 1, 1)]), 5, True),
+    ("slice_stride", lambda x: x[1::2], 7, True),
+    ("rev", lambda x: lax.rev(x.reshape(2, 3), (1,)), 6, True),
+    ("split", lambda x: jnp.split(x, [2, 5]), 7, True),
+    ("dynamic_slice_static", lambda x: lax.dynamic_slice(x, (2,), (3,)), 7, True),
+    ("dynamic_slice_traced", lambda x: lax.dynamic_slice(x[:6], (x[6].astype(jnp.int32) % 3,), (3,)), 7, False),
+    ("dynamic_update_slice", lambda x: lax.dynamic_update_slice(x[:5], x[5:] * 2, (1,)), 7, True),
+    ("dynamic_update_traced", lambda x: lax.dynamic_update_slice(x[:5], x[5:6], (x[6].astype(jnp.int32),)), 7, False),
+    ("gather_static", lambda x: x[jnp.array([3, 0, 0, 5])], 6, True),
+    ("gather_2d", lambda x: x.reshape(3, 4)[jnp.array([2, 0]), 1:3], 12, True),
+    ("gather_traced", lambda x: x[:5][jnp.clip(x[5].astype(jnp.int32), 0, 4)], 6, False),
+    ("take_along", lambda x: jnp.take_along_axis(x.reshape(2, 3), jnp.array([[2, 0], [1, 1]]), axis=1), 6, True),
+    ("scatter_set", lambda x: x[:5].at[jnp.array([1, 3])].set(x[5:7]), 7, True),
+    ("scatter_add_dup", lambda x: x[:5].at[jnp.array([1, 1, 4])].add(x[5:8]), 8, True),
+    ("scatter_traced", lambda x: x[:5].at[x[5].astype(jnp.int32) % 5].set(x[6]), 7, False),
+    ("scatter_mul_max", lambda x: x[:4].at[jnp.array([0, 2])].multiply(x[4:6], unique_indices=True).at[jnp.array([3])].max(x[6:7]), 7, True),
+    ("iota", lambda x: x * lax.iota(jnp.float32, 5), 5, False),
+    # reductions
+    ("sum_axes", lambda x: x.reshape(2, 3, 2).sum((0, 2)), 12, True),
+    ("max_prod", lambda x: jnp.stack([x.reshape(3, 2).max(1), x.reshape(3, 2).prod(1)]), 6, False),
+    ("argmax", lambda x: jnp.argmax(x.reshape(2, 3), axis=1).astype(jnp.float32) * x[:2], 6, False),
+    ("cumsum", lambda x: jnp.cumsum(x), 5, True),
+    ("cumsum_rev", lambda x: lax.cumsum(x, reverse=True), 5, True),
+    ("cumprod_max", lambda x: lax.cumprod(x) + lax.cummax(x), 5, False),
+    ("logsumexp", lambda x: jax.nn.logsumexp(x.reshape(2, 3), axis=1), 6, True),
+    ("sort", lambda x: jnp.sort(x), 5, False),
+    ("argsort", lambda x: x[jnp.argsort(x)], 5, False),
+    ("top_k", lambda x: lax.top_k(x, 2)[0], 5, False),
+    ("avg_pool", lambda x: lax.reduce_window(x.reshape(1, 6, 1), 0.0, lax.add, (1, 3, 1), (1, 2, 1), "SAME"), 6, True),
+    ("max_pool", lambda x: lax.reduce_window(x.reshape(4, 3), -jnp.inf, lax.max, (2, 1), (1, 1), "VALID"), 12, False),
+    # contractions
+    ("dot", lambda x: x.reshape(2, 3) @ W34, 6, True),
+    ("dot_both", lambda x: x[:6].reshape(2, 3) @ x[6:].reshape(3, 2), 12, True),
+    ("einsum_batch", lambda x: jnp.einsum("bij,bjk->bik", x[:8].reshape(2, 2, 2), x[8:].reshape(2, 2, 2)), 16, True),
+    ("conv_same", lambda x: conv(x, window_strides=(1, 1), padding="SAME"), 32, True),
+    ("conv_stride_dil", lambda x: conv(x, window_strides=(2, 1), padding=((1, 0), (0, 1)), rhs_dilation=(1, 2)), 32, True),
+    ("conv_lhs_dil", lambda x: conv(x, window_strides=(1, 1), padding=((1, 1), (2, 0)), lhs_dilation=(2, 1)), 32, True),
+    ("conv_groups", lambda x: lax.conv_general_dilated(
+        x.reshape(1, 2, 3, 4), jnp.asarray(R.normal(size=(4, 1, 2, 1)), jnp.float32), (1, 1), "VALID",
+        dimension_numbers=("NCHW", "OIHW", "NCHW"), feature_group_count=2), 24, True),
+    ("conv_1d", lambda x: jnp.convolve(x, jnp.array([1.0, -2.0, 0.5]), mode="same"), 6, True),
+    # linalg / fft / random
+    ("cholesky", lambda x: jnp.linalg.cholesky(x.reshape(2, 2) @ x.reshape(2, 2).T + 3 * jnp.eye(2)), 4, False),
+    ("solve", lambda x: jnp.linalg.solve(x[:4].reshape(2, 2) + 3 * jnp.eye(2), x[4:]), 6, False),
+    ("qr_svd", lambda x: jnp.linalg.svd(x.reshape(2, 3), compute_uv=False) + jnp.linalg.qr(x.reshape(3, 2))[1].sum(), 6, False),
+    ("fft", lambda x: jnp.abs(jnp.fft.fft(x.reshape(2, 3), axis=-1)), 6, False),
+    ("random", lambda x: x * jax.random.normal(jax.random.key(0), (5,)) + jax.random.uniform(
+        jax.random.fold_in(jax.random.key(1), 3), (5,)), 5, False),
+    # control flow
+    ("stack_tile", lambda x: jnp.tile(jnp.stack([x[:2], x[2:4] * 2], axis=1), (2, 3)), 4, True),
+    ("unstack", lambda x: jnp.unstack(x.reshape(2, 3), axis=1)[2], 6, True),
+    ("roll", lambda x: jnp.roll(x.reshape(2, 3), 1, axis=1), 6, True),
+    ("jit", lambda x: jax.jit(lambda y: jnp.sin(y) * 2)(x), 4, True),
+    ("cond", lambda x: lax.cond(x[0] > 0, lambda y: y * 2, lambda y: y[::-1], x[1:]), 5, False),
+    ("cond_static", lambda x: lax.cond(True, lambda y: y * 2, lambda y: y[::-1], x), 5, True),
+    ("switch", lambda x: lax.switch(x[0].astype(jnp.int32) % 3, [jnp.sin, jnp.cos, lambda y: y[::-1]], x[1:]), 5, False),
+    ("while", lambda x: lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, jnp.roll(c[1], 1) * 1.1), (0, x))[1], 5, False),
+    ("while_pred", lambda x: lax.while_loop(lambda c: c[1][0] < 10.0, lambda c: (c[0] + 1, c[1] + 1.0), (0, x))[1], 4, False),
+    ("fori", lambda x: lax.fori_loop(0, 3, lambda i, c: c + jnp.roll(c, 1), x), 5, False),
+    ("scan", lambda x: lax.scan(lambda c, xi: (c * 0.5 + xi, c.sum()), x[:2], x[2:].reshape(3, 2)), 8, False),
+    ("scan_reverse", lambda x: lax.scan(lambda c, xi: (c + xi, c), x[:2], x[2:].reshape(3, 2), reverse=True)[1], 8, False),
+    ("remat", lambda x: jax.checkpoint(lambda y: jnp.tanh(y) * y)(x), 4, True),
+    ("custom_jvp", lambda x: jax.nn.relu(x) + jax.nn.softplus(x), 4, False),
+    ("custom_vjp", lambda x: _clip_grad(x) * 2, 4, True),
+    ("closed_call", lambda x: jax.named_call(lambda y: y * y, name="sq")(x), 4, True),
+]
+
+
+@jax.custom_vjp
+def _clip_grad(x):
+  return jnp.sin(x)
+
+
+_clip_grad.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.cos(x),))
+
+
+@pytest.mark.parametrize("name,f,n,exact", CASES, ids=[c[0] for c in CASES])
+def test_forward_masks_contain_jacobian_pattern(name, f, n, exact):
+  forward = forward_pattern(f, n)
+  jac = jacobian_pattern(f, n)
+  missed = jac & ~forward
+  assert not missed.any(), f"{name}: forward masks miss {np.argwhere(missed).tolist()}"
+  if exact:
+    extra = forward & ~jac
+    assert not extra.any(), f"{name}: over-approximates at {np.argwhere(extra).tolist()}"
+
+
+def test_over_approximation_is_real_where_allowed():
+  # sanity: the checker can detect over-approximation (argmax is piecewise constant)
+  f = lambda x: jnp.argmax(x).astype(jnp.float32)
+  assert forward_pattern(f, 3).any() and not jacobian_pattern(f, 3).any()
