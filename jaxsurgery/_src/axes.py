@@ -1,0 +1,181 @@
+"""How a parameter axis is consumed: the block structure that dataflow imposes on it.
+
+Positional alignment is only right in the coordinates in which an axis is
+consumed. A fused LSTM kernel (in, 4H) is split into four gate blocks after the
+matmul; an attention projection (in, heads*hd) is reshaped to (heads, hd). This
+module follows one parameter axis forward through the jaxpr (through matmuls,
+elementwise ops, broadcasts, transposes, reshapes that keep it whole, calls and
+scan bodies) until it meets an op that cuts it:
+
+* ``split`` / equal ``slice``-s along it   -> ``Blocks(k)``: k equal blocks;
+* a ``reshape`` that factors it into (a, b) -> ``Factors((a, b))``.
+
+The first cut found (in program order) is the structure used for alignment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+
+import numpy as np
+
+from jaxsurgery._src import compat
+
+
+@dataclasses.dataclass(frozen=True)
+class Factors:
+  """The axis is consumed as a row-major grid ``sizes`` (e.g. (gates, H) or (heads, head_dim))."""
+
+  sizes: tuple[int, ...]
+
+  def describe(self) -> str:
+    return "x".join(str(s) for s in self.sizes)
+
+
+def _reshape_groups(a, b):
+  from jaxsurgery._src.rules.structural import _reshape_groups as groups
+  return groups(tuple(a), tuple(b))
+
+
+def _shape(v):
+  return tuple(getattr(v.aval, "shape", ()))
+
+
+def axis_structure(closed_jaxpr, param_index: int, axis: int, max_steps: int = 20000) -> Factors | None:
+  """The factorisation imposed on ``axis`` of parameter ``param_index`` (an invar index)."""
+  jaxpr = closed_jaxpr.jaxpr
+  start = jaxpr.invars[param_index]
+  n = _shape(start)[axis]
+  # Index every eqn consuming each var, across nested jaxprs, lazily.
+  queue = deque([(jaxpr, start, axis)])
+  seen = set()
+  steps = 0
+  while queue and steps < max_steps:
+    j, var, ax = queue.popleft()
+    if (id(var), ax) in seen:
+      continue
+    seen.add((id(var), ax))
+    for eqn in _consumers(j, var):
+      steps += 1
+      found = _step(eqn, var, ax, n, queue, j)
+      if found is not None:
+        return found
+  return None
+
+
+_CONSUMERS: dict[int, dict] = {}
+
+
+def _consumers(jaxpr, var):
+  table = _CONSUMERS.get(id(jaxpr))
+  if table is None:
+    table = {}
+    for eqn in jaxpr.eqns:
+      for v in eqn.invars:
+        if not isinstance(v, compat.Literal):
+          table.setdefault(id(v), []).append(eqn)
+    _CONSUMERS[id(jaxpr)] = table
+    if len(_CONSUMERS) > 256:
+      _CONSUMERS.pop(next(iter(_CONSUMERS)))
+  return table.get(id(var), [])
+
+
+def _step(eqn, var, ax, n, queue, jaxpr):
+  name = eqn.primitive.name
+  pos = [i for i, v in enumerate(eqn.invars) if v is var]
+  p = eqn.params
+  out = eqn.outvars
+
+  def follow(o, a):
+    queue.append((jaxpr, o, a))
+
+  if name == "split" and p["axis"] == ax:
+    sizes = tuple(int(s) for s in p["sizes"])
+    if len(set(sizes)) == 1 and len(sizes) > 1:
+      return Factors((len(sizes), sizes[0]))
+    return None
+  if name == "slice":
+    s, l = p["start_indices"][ax], p["limit_indices"][ax]
+    size = l - s
+    if 0 < size < n and n % size == 0 and s % size == 0:
+      return Factors((n // size, size))
+    if size == n:
+      follow(out[0], ax)
+    return None
+  if name == "reshape":
+    in_shape, out_shape = _shape(var), _shape(out[0])
+    for gi, gj in _reshape_groups(in_shape, out_shape):
+      if ax in gi:
+        big_in = [a for a in gi if in_shape[a] > 1]
+        big_out = [a for a in gj if out_shape[a] > 1]
+        if big_in == [ax] and len(big_out) == 1:
+          follow(out[0], big_out[0])
+        elif big_in == [ax] and len(big_out) > 1:
+          return Factors(tuple(out_shape[a] for a in big_out))
+    return None
+  if name == "transpose":
+    follow(out[0], list(p["permutation"]).index(ax))
+    return None
+  if name == "broadcast_in_dim":
+    follow(out[0], p["broadcast_dimensions"][ax])
+    return None
+  if name == "squeeze":
+    dims = [d % len(_shape(var)) for d in p["dimensions"]]
+    follow(out[0], ax - sum(d < ax for d in dims))
+    return None
+  if name == "dot_general":
+    (lc, rc), (lb, rb) = p["dimension_numbers"]
+    for i in pos:
+      if i == 0:
+        nd, c, b = len(_shape(eqn.invars[0])), lc, lb
+        free = [a for a in range(nd) if a not in c and a not in b]
+        if ax in free:
+          follow(out[0], len(b) + free.index(ax))
+      elif i == 1:
+        nl = len(_shape(eqn.invars[0]))
+        lfree = [a for a in range(nl) if a not in lc and a not in lb]
+        nd = len(_shape(eqn.invars[1]))
+        free = [a for a in range(nd) if a not in rc and a not in rb]
+        if ax in free:
+          follow(out[0], len(rb) + len(lfree) + free.index(ax))
+    return None
+  if name in compat.JIT_NAMES or name in compat.CALL_NAMES:
+    try:
+      sub, _ = compat.sub_jaxpr(p)
+    except KeyError:
+      return None
+    outer_out = out
+    for i in pos:
+      queue.append((sub, sub.invars[i], ax))
+    _LINKS.setdefault(id(sub), (jaxpr, outer_out))
+    return None
+  if name == "scan":
+    nc, ncarry = compat.scan_counts(p)
+    sub, _ = compat.open_jaxpr(p["jaxpr"])
+    for i in pos:
+      if i < nc:
+        queue.append((sub, sub.invars[i], ax))
+    return None
+  # Elementwise: same axis (operands of equal rank only).
+  from jaxsurgery._src.rules import elementwise
+  if name in elementwise.UNARY or name in elementwise.NARY or name in elementwise.PASSTHROUGH:
+    for o in out:
+      if len(_shape(o)) == len(_shape(var)):
+        follow(o, ax)
+  return None
+
+
+_LINKS: dict = {}
+
+
+def index_map(new_n: int, old_n: int, new_s: Factors | None, old_s: Factors | None) -> tuple[np.ndarray, str]:
+  """Old index per new index (-1: fresh) along a positional axis, and how it was aligned."""
+  if (new_s is not None and old_s is not None and len(new_s.sizes) == len(old_s.sizes)
+      and int(np.prod(new_s.sizes)) == new_n and int(np.prod(old_s.sizes)) == old_n):
+    grid = np.indices(new_s.sizes).reshape(len(new_s.sizes), -1)
+    ok = np.all(grid < np.asarray(old_s.sizes)[:, None], axis=0)
+    old_flat = np.ravel_multi_index(tuple(np.minimum(grid, np.asarray(old_s.sizes)[:, None] - 1)), old_s.sizes)
+    return np.where(ok, old_flat, -1), f"blockwise {old_s.describe()} -> {new_s.describe()}"
+  m = np.arange(new_n)
+  return np.where(m < old_n, m, -1), "prefix"

@@ -1,0 +1,477 @@
+"""Surgery: align two tables, decide where every new parameter element comes from, and remap.
+
+For each new parameter leaf (matched to an old leaf by path, ``rename`` or
+dataflow order) the plan is a product of per-axis index maps ``new index ->
+old index or -1 (fresh)``:
+
+* feature axes (touch sets vary along the axis in either model) match indices
+  by their signature, the OR of their touch sets over the other axes restricted
+  to the features both models share; the k-th new index with a signature takes
+  the k-th old index with the same signature. Empty signature -> fresh.
+* other axes are aligned positionally in the coordinates in which they are
+  consumed (:mod:`jaxsurgery._src.axes`): a grown axis keeps the old prefix of
+  every block / factor, the rest is fresh; a shrunk one drops the tail.
+
+Fresh elements that take part in an operation with a *novel* value (one that
+depends on a new feature or on another fresh element) are set to zero; every
+other fresh element keeps the new model's initial value ("random in, zero out").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsurgery._src import axes as axes_lib
+from jaxsurgery._src import features as feats
+from jaxsurgery._src import masks as M
+from jaxsurgery._src.interpreter import Context, Val
+from jaxsurgery._src.rules.control_flow import const_vals
+from jaxsurgery._src.table import FeatureTable
+
+
+class SurgeryError(ValueError):
+  """The plan cannot be applied (mismatched trees) or violates ``strict``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+  path: str
+  old_path: str | None
+  shape: tuple[int, ...]
+  old_shape: tuple[int, ...] | None
+  maps: tuple[np.ndarray | None, ...]  # per axis: old index per new index (-1 fresh); None = identity
+  how: tuple[str, ...]                  # per axis: "identity", "features", "prefix", "blockwise ..."
+  zero: np.ndarray | None               # broadcastable bool: fresh elements set to zero
+  counts: Mapping[str, int]             # copied, moved, fresh, zeroed, dropped
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  leaves: tuple[LeafPlan, ...]
+  dropped_leaves: tuple[tuple[str, tuple[int, ...]], ...]
+  added: tuple[str, ...]
+  removed: tuple[str, ...]
+  moved: tuple[str, ...]
+  renamed_features: Mapping[str, str]
+  matching: tuple[tuple[str, str, str], ...]  # (old path, new path, why)
+  preserved: bool | None
+  reasons: tuple[str, ...]
+
+  def totals(self) -> dict[str, int]:
+    out = {k: 0 for k in ("copied", "moved", "fresh", "zeroed", "dropped")}
+    for leaf in self.leaves:
+      for k in out:
+        out[k] += leaf.counts[k]
+    for _, shape in self.dropped_leaves:
+      out["dropped"] += int(np.prod(shape, dtype=np.int64))
+    return out
+
+  def dropped_elements(self) -> dict[str, np.ndarray]:
+    """Old elements that are not carried over: ``{old path: bool array of the old shape}``."""
+    out = {}
+    for leaf in self.leaves:
+      if leaf.old_path is None:
+        continue
+      used = np.zeros(leaf.old_shape, bool)
+      idx = []
+      for a, m in enumerate(leaf.maps):
+        m = np.arange(leaf.shape[a]) if m is None else m
+        idx.append(np.unique(m[m >= 0]))
+      used[np.ix_(*idx)] = True
+      if not used.all():
+        out[leaf.old_path] = ~used
+    for path, shape in self.dropped_leaves:
+      out[path] = np.ones(shape, bool)
+    return out
+
+  def __repr__(self) -> str:
+    from jaxsurgery._src import display
+    return display.report_text(self)
+
+
+# -- feature correspondence ---------------------------------------------------
+
+def _feature_maps(old: FeatureTable, new: FeatureTable, rename: Mapping[str, str]):
+  unknown = [k for k in rename if k not in old.features]
+  if unknown:
+    raise SurgeryError(f"rename maps features {unknown} that the old table does not have. "
+                       f"Old features: {list(old.features)}")
+  old_names = [rename.get(n, n) for n in old.features]
+  shared = [n for n in old_names if n in new.features]
+  added = tuple(n for n in new.features if n not in old_names)
+  removed = tuple(f for f, n in zip(old.features, old_names) if n not in new.features)
+  old_idx = np.array([old_names.index(n) for n in shared], dtype=np.int64)
+  new_idx = np.array([new.features.index(n) for n in shared], dtype=np.int64)
+  moved = tuple(n for n in shared if _location(old, old.features[old_names.index(n)]) != _location(new, n))
+  return old_idx, new_idx, added, removed, moved
+
+
+def _location(table: FeatureTable, name: str):
+  k = table.features.index(name)
+  leaf, pos = table.spec.locations[k]
+  return table.spec.leaves[leaf].path, pos, k
+
+
+def _restrict(packed: np.ndarray | None, idx: np.ndarray, shape) -> np.ndarray:
+  """Dense bool touches (compressed axes kept) restricted to features ``idx``: (..., len(idx))."""
+  if packed is None:
+    return np.zeros((1,) * len(shape) + (len(idx),), bool)
+  p = M.lift(packed, len(shape))
+  bits = (p[..., idx // M.BITS] >> (idx % M.BITS).astype(np.uint32)) & np.uint32(1)
+  return bits.astype(bool)
+
+
+# -- leaf matching --------------------------------------------------------------
+
+def _first_use_order(table: FeatureTable) -> list[str]:
+  jaxpr = table.jaxpr.jaxpr
+  pos = {id(v): i for i, v in enumerate(jaxpr.invars[:len(table.paths)])}
+  order: list[int] = []
+  for eqn in jaxpr.eqns:
+    for v in eqn.invars:
+      i = pos.get(id(v))
+      if i is not None and i not in order:
+        order.append(i)
+  order += [i for i in range(len(table.paths)) if i not in order]
+  return [table.paths[i] for i in order]
+
+
+def _match_leaves(old: FeatureTable, new: FeatureTable, rename: Mapping[str, str]):
+  """Pairs (old path, new path, why): explicit renames, same paths, then dataflow order."""
+  pairs, used_old, used_new = [], set(), set()
+  for o, n in rename.items():
+    if o in old.paths:
+      if n not in new.paths:
+        raise SurgeryError(f"rename maps {o!r} to {n!r}, which is not a parameter of the new model. "
+                           f"New paths: {list(new.paths)}")
+      pairs.append((o, n, "rename"))
+      used_old.add(o)
+      used_new.add(n)
+  for p in new.paths:
+    if p in old.paths and p not in used_old and p not in used_new:
+      pairs.append((p, p, "same path"))
+      used_old.add(p)
+      used_new.add(p)
+  # Leftovers: align by order of first use in the program, equal rank required.
+  old_left = [p for p in _first_use_order(old) if p not in used_old]
+  new_left = [p for p in _first_use_order(new) if p not in used_new]
+  i = 0
+  for n in new_left:
+    while i < len(old_left) and len(old.shapes[old_left[i]]) != len(new.shapes[n]):
+      i += 1
+    if i < len(old_left) and old.shapes[old_left[i]] == new.shapes[n]:
+      pairs.append((old_left[i], n, "dataflow order and shape"))
+      i += 1
+  return pairs
+
+
+# -- per-leaf alignment ----------------------------------------------------------
+
+def _signatures(dense: np.ndarray, axis: int, size: int) -> np.ndarray:
+  other = tuple(a for a in range(dense.ndim - 1) if a != axis)
+  sig = dense.any(axis=other) if other else dense
+  return np.broadcast_to(sig, (size, sig.shape[-1]))
+
+
+def _varies(packed, shape, axis) -> bool:
+  if packed is None:
+    return False
+  p = M.lift(packed, len(shape))
+  if p.shape[axis] == 1:
+    return False
+  other = tuple(a for a in range(len(shape)) if a != axis)
+  sig = np.bitwise_or.reduce(p, axis=other) if other else p
+  return bool((sig != sig[:1]).any())
+
+
+def _match_signatures(new_sig: np.ndarray, old_sig: np.ndarray) -> np.ndarray:
+  out = np.full(len(new_sig), -1, np.int64)
+  pools: dict[bytes, list[int]] = {}
+  for i, s in enumerate(old_sig):
+    if s.any():
+      pools.setdefault(np.packbits(s).tobytes(), []).append(i)
+  taken: dict[bytes, int] = {}
+  for j, s in enumerate(new_sig):
+    if not s.any():
+      continue
+    key = np.packbits(s).tobytes()
+    k = taken.get(key, 0)
+    pool = pools.get(key, [])
+    if k < len(pool):
+      out[j] = pool[k]
+      taken[key] = k + 1
+  return out
+
+
+def _align_leaf(old: FeatureTable, new: FeatureTable, old_path: str, new_path: str, fmaps):
+  old_idx, new_idx = fmaps[0], fmaps[1]
+  shape, old_shape = new.shapes[new_path], old.shapes[old_path]
+  if len(shape) != len(old_shape):
+    raise SurgeryError(f"Cannot align {old_path!r} {old_shape} with {new_path!r} {shape}: ranks differ. "
+                       f"Pass rename= to pair leaves explicitly, or leave it unmatched.")
+  new_dense = _restrict(new.packed[new_path], new_idx, shape)
+  old_dense = _restrict(old.packed[old_path], old_idx, old_shape)
+  maps, how = [], []
+  old_pi, new_pi = old.paths.index(old_path), new.paths.index(new_path)
+  for a, (n, o) in enumerate(zip(shape, old_shape)):
+    if _varies(new.packed[new_path], shape, a) or _varies(old.packed[old_path], old_shape, a):
+      m = _match_signatures(_signatures(new_dense, a, n), _signatures(old_dense, a, o))
+      maps.append(None if (n == o and np.array_equal(m, np.arange(n))) else m)
+      how.append("features")
+    elif n == o:
+      maps.append(None)
+      how.append("identity")
+    else:
+      ns = axes_lib.axis_structure(new.jaxpr, new_pi, a)
+      os_ = axes_lib.axis_structure(old.jaxpr, old_pi, a)
+      m, desc = axes_lib.index_map(n, o, ns, os_)
+      maps.append(m)
+      how.append(desc)
+  return maps, how
+
+
+# -- novelty: which fresh elements must be zero -----------------------------------
+
+def _fresh_mask(shape, maps) -> np.ndarray | None:
+  fresh = None
+  for a, m in enumerate(maps):
+    if m is None or (m >= 0).all():
+      continue
+    f = (m < 0).reshape((1,) * a + (-1,) + (1,) * (len(shape) - a - 1))
+    fresh = f if fresh is None else (fresh | f)
+  return fresh
+
+
+def _novelty(new: FeatureTable, added: tuple[str, ...], fresh: dict[str, np.ndarray | None]):
+  """Touches by novelty (new features and fresh elements) on the new model's parameters."""
+  added_ids = {new.features.index(n) for n in added}
+  ctx = Context(1, [new.shapes[p] for p in new.paths], strict=False)
+  args = []
+  for i, p in enumerate(new.paths):
+    f = fresh.get(p)
+    mask = None if f is None else np.where(f, np.uint32(1), np.uint32(0))[..., None].astype(M.WORD)
+    args.append(Val(new.shapes[p], new.dtypes[p], mask=mask, pull=ctx.param_pull(i)))
+  for leaf in new.spec.leaves:
+    ids = leaf.feature_ids
+    if not ids or not added_ids.intersection(ids):
+      args.append(Val(leaf.shape, leaf.dtype))
+      continue
+    if leaf.axis is None:
+      mask = np.ones((1,) * len(leaf.shape) + (1,), M.WORD)
+    else:
+      shape = [1] * len(leaf.shape) + [1]
+      shape[leaf.axis] = len(ids)
+      mask = np.array([k in added_ids for k in ids], M.WORD).reshape(shape)
+    args.append(Val(leaf.shape, leaf.dtype, mask=mask))
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    outs = ctx.run(new.jaxpr.jaxpr, const_vals(new.jaxpr.consts), args)
+  touched = {p: (None if t is None else (M.lift(t, len(new.shapes[p]))[..., 0] != 0))
+             for p, t in zip(new.paths, ctx.param_touch)}
+  novel_outputs = [p for p, v in zip(new.output_paths, outs) if not M.is_empty(v.mask)]
+  return touched, novel_outputs
+
+
+# -- the plan --------------------------------------------------------------------
+
+def plan(old_table: FeatureTable, new_table: FeatureTable, *, rename: Mapping[str, str] | None = None,
+         strict: bool = False) -> "Surgery":
+  """Plans the transfer of parameters from the old model to the new one.
+
+  Args:
+    old_table: :func:`dependency_table` of the old model.
+    new_table: :func:`dependency_table` of the new model.
+    rename: maps old names to new names, for features *and* parameter paths
+      (e.g. ``{"Linear_1/kernel": "Linear_2/kernel", "hp": "health"}``).
+    strict: raise if anything beyond removed features and narrowed axes would
+      be dropped.
+
+  Returns:
+    A :class:`Surgery`: call it as ``surgery(old_params, new_params_init)``.
+    ``surgery.report`` says what moves where.
+
+  Example:
+    >>> surgery = js.plan(old_table, new_table)          # doctest: +SKIP
+    >>> print(surgery.report)                             # doctest: +SKIP
+    >>> new_params = surgery(old_params, new_init)        # doctest: +SKIP
+  """
+  rename = dict(rename or {})
+  feature_rename = {k: v for k, v in rename.items() if k in old_table.features}
+  path_rename = {k: v for k, v in rename.items() if k not in old_table.features}
+  fmaps = _feature_maps(old_table, new_table, feature_rename)
+  old_idx, new_idx, added, removed, moved = fmaps
+  pairs = _match_leaves(old_table, new_table, path_rename)
+  by_new = {n: (o, why) for o, n, why in pairs}
+
+  aligned = {}
+  for n in new_table.paths:
+    if n in by_new:
+      aligned[n] = _align_leaf(old_table, new_table, by_new[n][0], n, fmaps)
+  fresh = {}
+  for n in new_table.paths:
+    if n in aligned:
+      fresh[n] = _fresh_mask(new_table.shapes[n], aligned[n][0])
+    else:
+      fresh[n] = np.ones((1,) * len(new_table.shapes[n]), bool)
+  touched, novel_outputs = _novelty(new_table, added, fresh)
+
+  leaves = []
+  for n in new_table.paths:
+    shape = new_table.shapes[n]
+    f = fresh[n]
+    t = touched[n]
+    zero = None if f is None or t is None else (f & t)
+    if zero is not None and not zero.any():
+      zero = None
+    if n in aligned:
+      o = by_new[n][0]
+      maps, how = aligned[n]
+      counts = _counts(shape, old_table.shapes[o], maps, f, zero)
+      leaves.append(LeafPlan(n, o, shape, old_table.shapes[o], tuple(maps), tuple(how), zero, counts))
+    else:
+      size = int(np.prod(shape, dtype=np.int64))
+      nz = 0 if zero is None else int(np.broadcast_to(zero, shape).sum())
+      leaves.append(LeafPlan(n, None, shape, None, (), (), zero,
+                             dict(copied=0, moved=0, fresh=size, zeroed=nz, dropped=0)))
+  matched_old = {o for o, _, _ in pairs}
+  dropped_leaves = tuple((p, old_table.shapes[p]) for p in old_table.paths if p not in matched_old)
+
+  reasons = []
+  for f_ in removed:
+    k = old_table.features.index(f_)
+    used = any(M.reduce_all(m) is not None and (M.reduce_all(m)[k // M.BITS] >> (k % M.BITS)) & 1
+               for m in old_table.output_packed.values() if m is not None)
+    if used:
+      reasons.append(f"feature {f_!r} was removed and the old outputs depend on it")
+  for p, shape in dropped_leaves:
+    reasons.append(f"old parameter {p!r} {shape} has no counterpart in the new model")
+  if novel_outputs:
+    reasons.append("novelty (new features / fresh elements) reaches outputs " + ", ".join(
+        repr(p or "<root>") for p in novel_outputs) + "; exactness is not proven statically "
+        "(zeroed weights are not yet treated as cuts) -- run jaxsurgery.verify")
+  preserved = False if any("removed" in r or "no counterpart" in r for r in reasons) else (
+      True if not novel_outputs else None)
+  report = Report(tuple(leaves), dropped_leaves, added, removed, moved, feature_rename,
+                  tuple(pairs), preserved, tuple(reasons))
+  if strict:
+    extra = [l for l in leaves if l.counts["dropped"] and not _explained_drop(l, removed)]
+    if extra or dropped_leaves:
+      names = [l.path for l in extra] + [p for p, _ in dropped_leaves]
+      raise SurgeryError(f"strict=True: old parameter elements would be dropped in {names} beyond "
+                         f"removed features and narrowed axes. See surgery.report for details.")
+  return Surgery(old_table, new_table, report)
+
+
+def _explained_drop(leaf: LeafPlan, removed) -> bool:
+  """Drops along feature axes (removed features) or narrowed positional axes are expected."""
+  return all(h != "identity" for h, m in zip(leaf.how, leaf.maps) if m is not None) or bool(removed)
+
+
+def _counts(shape, old_shape, maps, fresh, zero):
+  size = int(np.prod(shape, dtype=np.int64))
+  n_fresh = 0 if fresh is None else int(np.broadcast_to(fresh, shape).sum())
+  n_zero = 0 if zero is None else int(np.broadcast_to(zero, shape).sum())
+  # copied: same index on every axis; moved: carried over from another position
+  same = None
+  for a, m in enumerate(maps):
+    s = np.ones(shape[a], bool) if m is None else (m == np.arange(shape[a]))
+    s = s.reshape((1,) * a + (-1,) + (1,) * (len(shape) - a - 1))
+    same = s if same is None else (same & s)
+  n_same = size if same is None else int(np.broadcast_to(same, shape).sum())
+  carried = size - n_fresh
+  used = 1
+  for a, m in enumerate(maps):
+    used *= old_shape[a] if m is None else len(np.unique(m[m >= 0]))
+  return dict(copied=n_same, moved=carried - n_same, fresh=n_fresh, zeroed=n_zero,
+              dropped=int(np.prod(old_shape, dtype=np.int64)) - used)
+
+
+# -- applying ---------------------------------------------------------------------
+
+def _leaves_by_path(tree, table: FeatureTable, what: str):
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  got = {feats.keystr(p): x for p, x in leaves}
+  missing = [p for p in table.paths if p not in got]
+  extra = [p for p in got if p not in table.shapes]
+  bad = [(p, tuple(np.shape(got[p])), table.shapes[p]) for p in table.paths
+         if p in got and tuple(np.shape(got[p])) != table.shapes[p]]
+  if missing or extra or bad:
+    lines = [f"{what} does not match the model the plan was built for."]
+    if missing:
+      lines.append(f"  missing paths: {missing}")
+    if extra:
+      lines.append(f"  unexpected paths: {extra}")
+    for p, s, e in bad:
+      lines.append(f"  {p!r}: shape {s}, expected {e}")
+    lines.append("  Pass a tree shaped like the params given to dependency_table (e.g. the same "
+                 "checkpoint format), or rebuild the tables for this model.")
+    raise SurgeryError("\n".join(lines))
+  return got
+
+
+def _apply_leaf(leaf: LeafPlan, old, init):
+  if leaf.old_path is None:
+    out = init
+  else:
+    x = jnp.asarray(old)
+    valid = None
+    for a, m in enumerate(leaf.maps):
+      if m is None:
+        continue
+      x = jnp.take(x, np.maximum(m, 0), axis=a)
+      if (m < 0).any():
+        v = (m >= 0).reshape((1,) * a + (-1,) + (1,) * (len(leaf.shape) - a - 1))
+        valid = v if valid is None else (valid & v)
+    x = x.astype(init.dtype)
+    out = x if valid is None else jnp.where(valid, x, init)
+  if leaf.zero is not None:
+    out = jnp.where(leaf.zero, jnp.zeros((), init.dtype), out)
+  return out
+
+
+class Surgery:
+  """A planned transfer. ``surgery(old_params, new_params_init) -> new_params`` is pure and jittable.
+
+  Apply it to any tree shaped like the params the tables were built from: EMA
+  params, optimizer moments, or every checkpoint of a pool of past versions.
+  Eager calls run one jitted program and keep the shardings of
+  ``new_params_init``; under an outer ``jax.jit`` it is traced inline.
+  """
+
+  def __init__(self, old_table: FeatureTable, new_table: FeatureTable, report: Report):
+    self.old_table, self.new_table, self.report = old_table, new_table, report
+    self._leaves = {l.path: l for l in report.leaves}
+    self._compiled: dict = {}
+
+  def apply(self, old_params, new_params_init):
+    old = _leaves_by_path(old_params, self.old_table, "old_params")
+    init_leaves, treedef = jax.tree_util.tree_flatten_with_path(new_params_init)
+    _leaves_by_path(new_params_init, self.new_table, "new_params_init")
+    out = []
+    for path, x in init_leaves:
+      leaf = self._leaves[feats.keystr(path)]
+      out.append(_apply_leaf(leaf, old.get(leaf.old_path), x))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+  def __call__(self, old_params, new_params_init):
+    leaves = jax.tree_util.tree_leaves((old_params, new_params_init))
+    if any(isinstance(x, jax.core.Tracer) for x in leaves):
+      return self.apply(old_params, new_params_init)
+    init_leaves, treedef = jax.tree_util.tree_flatten(new_params_init)
+    shardings = tuple(getattr(x, "sharding", None) for x in init_leaves)
+    key = (treedef, shardings if all(s is not None for s in shardings) else None)
+    fn = self._compiled.get(key)
+    if fn is None:
+      out_shardings = None if key[1] is None else jax.tree_util.tree_unflatten(treedef, list(shardings))
+      fn = self._compiled[key] = jax.jit(self.apply, out_shardings=out_shardings)
+    return fn(old_params, new_params_init)
+
+  def __repr__(self) -> str:
+    return "Surgery(\n" + repr(self.report) + "\n)"

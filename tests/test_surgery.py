@@ -1,0 +1,319 @@
+"""Surgery: plans move the right values, and the new model computes what the old one did."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxsurgery as js
+
+KEY = jax.random.key(0)
+
+
+def rand(key, shape, scale=0.5):
+  return jax.random.normal(key, shape) * scale
+
+
+def surgery_and_check(old_fn, new_fn, old_p, new_init, old_x, new_x, old_spec, new_spec, *, rename=None,
+                      expect_preserved=True, atol=1e-5):
+  old_t = js.dependency_table(old_fn, old_p, old_x, old_spec, strict=True)
+  new_t = js.dependency_table(new_fn, new_init, new_x, new_spec, strict=True)
+  surgery = js.plan(old_t, new_t, rename=rename)
+  new_p = surgery(old_p, new_init)
+  check = js.verify(surgery, old_fn, new_fn, old_p, new_p, old_x, new_x, key=jax.random.key(7), atol=atol)
+  assert check.ok == expect_preserved, (check, surgery.report)
+  return surgery, new_p
+
+
+# -- plain MLP --------------------------------------------------------------------
+
+def mlp(p, x):
+  h = jnp.tanh(x @ p["l1"]["w"] + p["l1"]["b"])
+  return h @ p["l2"]["w"] + p["l2"]["b"]
+
+
+def mlp_params(key, nin, nh, nout):
+  k = jax.random.split(key, 4)
+  return {"l1": {"w": rand(k[0], (nin, nh)), "b": rand(k[1], (nh,))},
+          "l2": {"w": rand(k[2], (nh, nout)), "b": rand(k[3], (nout,))}}
+
+
+def test_add_and_reorder_features_moves_rows():
+  old_p, new_init = mlp_params(KEY, 3, 4, 2), mlp_params(jax.random.key(1), 4, 4, 2)
+  surgery, new_p = surgery_and_check(
+      mlp, mlp, old_p, new_init, jnp.ones((2, 3)), jnp.ones((2, 4)),
+      js.Features(["a", "b", "c"]), js.Features(["c", "new", "a", "b"]))
+  w_old, w_new = np.asarray(old_p["l1"]["w"]), np.asarray(new_p["l1"]["w"])
+  np.testing.assert_array_equal(w_new[0], w_old[2])
+  np.testing.assert_array_equal(w_new[2], w_old[0])
+  np.testing.assert_array_equal(w_new[3], w_old[1])
+  np.testing.assert_array_equal(w_new[1], 0)  # new feature: zero in
+  assert surgery.report.added == ("new",) and set(surgery.report.moved) == {"a", "b", "c"}
+  leaf = {l.path: l for l in surgery.report.leaves}["l1/w"]
+  assert leaf.counts["moved"] == 12 and leaf.counts["zeroed"] == 4
+
+
+def test_removed_feature_is_reported_and_not_preserved():
+  old_p, new_init = mlp_params(KEY, 3, 4, 2), mlp_params(jax.random.key(1), 2, 4, 2)
+  surgery, new_p = surgery_and_check(
+      mlp, mlp, old_p, new_init, jnp.ones((2, 3)), jnp.ones((2, 2)),
+      js.Features(["a", "b", "c"]), js.Features(["a", "c"]), expect_preserved=False)
+  np.testing.assert_array_equal(np.asarray(new_p["l1"]["w"]), np.asarray(old_p["l1"]["w"])[[0, 2]])
+  assert surgery.report.removed == ("b",) and surgery.report.preserved is False
+  dropped = surgery.report.dropped_elements()
+  assert dropped["l1/w"][1].all() and not dropped["l1/w"][[0, 2]].any()
+  assert "removed" in repr(surgery.report)
+
+
+def test_feature_rename_map():
+  old_p, new_init = mlp_params(KEY, 3, 4, 2), mlp_params(jax.random.key(1), 3, 4, 2)
+  _, new_p = surgery_and_check(
+      mlp, mlp, old_p, new_init, jnp.ones((2, 3)), jnp.ones((2, 3)),
+      js.Features(["a", "b", "c"]), js.Features(["health", "a", "c"]), rename={"b": "health"})
+  np.testing.assert_array_equal(np.asarray(new_p["l1"]["w"])[0], np.asarray(old_p["l1"]["w"])[1])
+
+
+def two_leaf_fn(p, x):
+  z = jnp.concatenate([x["u"], x["g"]], axis=-1)
+  return jnp.tanh(z @ p["w"] + p["b"]) @ p["v"]
+
+
+def test_features_move_across_leaves_and_other_axis():
+  # "g1" moves from the global leaf into the unit leaf; the unit leaf's feature axis is axis 0.
+  def fn(p, x):
+    return two_leaf_fn(p, {"u": x["u"].T, "g": x["g"]})
+  k = jax.random.split(KEY, 6)
+  old_p = {"w": rand(k[0], (4, 5)), "b": rand(k[1], (5,)), "v": rand(k[2], (5, 2))}
+  new_init = {"w": rand(k[3], (5, 5)), "b": rand(k[4], (5,)), "v": rand(k[5], (5, 2))}
+  old_spec = {"u": js.Features(["u0", "u1"], axis=0), "g": js.Features(["g0", "g1"])}
+  new_spec = {"u": js.Features(["u0", "g1", "u1"], axis=0), "g": js.Features(["g0", "g2"])}
+  old_x = {"u": jnp.ones((2, 3)), "g": jnp.ones((3, 2))}
+  new_x = {"u": jnp.ones((3, 3)), "g": jnp.ones((3, 2))}
+  surgery, new_p = surgery_and_check(fn, fn, old_p, new_init, old_x, new_x, old_spec, new_spec)
+  w_old, w_new = np.asarray(old_p["w"]), np.asarray(new_p["w"])
+  np.testing.assert_array_equal(w_new[[0, 1, 2, 3]], w_old[[0, 3, 1, 2]])
+  np.testing.assert_array_equal(w_new[4], 0)
+  assert surgery.report.moved == ("g1",) or "g1" in surgery.report.moved
+
+
+# -- categorical features, statistics, vocabulary ---------------------------------
+
+def embed_fn(p, x):
+  z = (x["obs"] - p["norm"]["mean"]) / p["norm"]["std"]
+  e = p["embed"][x["hero"]]
+  return jnp.tanh(jnp.concatenate([z, e], -1) @ p["w"]) @ p["v"]
+
+
+def embed_params(key, nf, vocab, d=3, h=4):
+  k = jax.random.split(key, 5)
+  return {"norm": {"mean": rand(k[0], (nf,)), "std": jnp.exp(rand(k[1], (nf,)))},
+          "embed": rand(k[2], (vocab, d)), "w": rand(k[3], (nf + d, h)), "v": rand(k[4], (h, 2))}
+
+
+def test_categorical_statistics_and_vocabulary_growth():
+  old_p, new_init = embed_params(KEY, 2, 5), embed_params(jax.random.key(1), 3, 8)
+  old_x = {"obs": jnp.ones((4, 2)), "hero": jnp.zeros((4,), jnp.int32)}
+  new_x = {"obs": jnp.ones((4, 3)), "hero": jnp.zeros((4,), jnp.int32)}
+  surgery, new_p = surgery_and_check(
+      embed_fn, embed_fn, old_p, new_init, old_x, new_x,
+      {"obs": js.Features(["hp", "mana"]), "hero": "hero"},
+      {"obs": js.Features(["mana", "armor", "hp"]), "hero": "hero"})
+  np.testing.assert_array_equal(np.asarray(new_p["norm"]["mean"])[[0, 2]], np.asarray(old_p["norm"]["mean"])[[1, 0]])
+  np.testing.assert_array_equal(np.asarray(new_p["embed"])[:5], np.asarray(old_p["embed"]))
+  np.testing.assert_array_equal(np.asarray(new_p["embed"])[5:], np.asarray(new_init["embed"])[5:])
+  np.testing.assert_array_equal(np.asarray(new_p["w"])[3:], np.asarray(old_p["w"])[2:])
+
+
+# -- widening ---------------------------------------------------------------------
+
+def test_widen_dense_random_in_zero_out():
+  old_p, new_init = mlp_params(KEY, 3, 4, 2), mlp_params(jax.random.key(1), 3, 7, 2)
+  _, new_p = surgery_and_check(mlp, mlp, old_p, new_init, jnp.ones((2, 3)), jnp.ones((2, 3)),
+                               js.Features(["a", "b", "c"]), js.Features(["a", "b", "c"]))
+  np.testing.assert_array_equal(np.asarray(new_p["l1"]["w"])[:, :4], np.asarray(old_p["l1"]["w"]))
+  np.testing.assert_array_equal(np.asarray(new_p["l1"]["w"])[:, 4:], np.asarray(new_init["l1"]["w"])[:, 4:])
+  np.testing.assert_array_equal(np.asarray(new_p["l2"]["w"])[4:], 0)
+
+
+def conv_fn(p, x):
+  y = jax.lax.conv_general_dilated(x, p["k1"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y = jax.nn.relu(y + p["b1"])
+  y = jax.lax.conv_general_dilated(y, p["k2"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y.mean((1, 2))
+
+
+def test_widen_conv_channels_and_add_input_channel():
+  def params(key, cin, c):
+    k = jax.random.split(key, 3)
+    return {"k1": rand(k[0], (3, 3, cin, c)), "b1": rand(k[1], (c,)), "k2": rand(k[2], (3, 3, c, 2))}
+  old_p, new_init = params(KEY, 2, 3), params(jax.random.key(1), 3, 5)
+  _, new_p = surgery_and_check(conv_fn, conv_fn, old_p, new_init, jnp.ones((1, 5, 5, 2)), jnp.ones((1, 5, 5, 3)),
+                               js.Features(["r", "g"]), js.Features(["r", "depth", "g"]))
+  k1o, k1n = np.asarray(old_p["k1"]), np.asarray(new_p["k1"])
+  np.testing.assert_array_equal(k1n[:, :, [0, 2], :3], k1o)
+  np.testing.assert_array_equal(k1n[:, :, 1], 0)
+  np.testing.assert_array_equal(np.asarray(new_p["k2"])[:, :, 3:], 0)
+
+
+def nnx_rnn(cell_cls, nin, hidden, seed):
+  cell = cell_cls(nin, hidden, rngs=nnx.Rngs(seed))
+  graph, params = nnx.split(cell, nnx.Param)
+  is_lstm = cell_cls is nnx.OptimizedLSTMCell
+
+  def fn(p, xs):
+    c = nnx.merge(graph, p)
+    b = xs.shape[0]
+    carry = (jnp.zeros((b, hidden)), jnp.zeros((b, hidden))) if is_lstm else jnp.zeros((b, hidden))
+    carry, ys = jax.lax.scan(lambda cr, x: c(cr, x), carry, jnp.swapaxes(xs, 0, 1))
+    return ys[-1]
+  # random (not zero) biases so that nothing hides
+  params = jax.tree_util.tree_map(lambda x: x + rand(jax.random.key(seed + 9), x.shape, 0.3), params)
+  return fn, params
+
+
+@pytest.mark.parametrize("cell_cls", [nnx.OptimizedLSTMCell, nnx.GRUCell], ids=["lstm", "gru"])
+def test_widen_fused_gate_cells_blockwise(cell_cls):
+  old_fn, old_p = nnx_rnn(cell_cls, 2, 3, 0)
+  new_fn, new_init = nnx_rnn(cell_cls, 2, 5, 1)
+  xs = jnp.ones((2, 4, 2))
+  # outputs have different widths: compare the old units only
+  old_out = lambda p, x: old_fn(p, x)
+  new_out = lambda p, x: new_fn(p, x)[..., :3]
+  surgery, new_p = surgery_and_check(old_out, new_out, old_p, new_init, xs, xs,
+                                     js.Features(["a", "b"]), js.Features(["a", "b"]))
+  gates = 4 if cell_cls is nnx.OptimizedLSTMCell else 3
+  ki_old = np.asarray(old_p["dense_i"]["kernel"].value if hasattr(old_p["dense_i"]["kernel"], "value") else old_p["dense_i"]["kernel"])
+  leaves = {l.path: l for l in surgery.report.leaves}
+  assert any("blockwise" in h for h in leaves["dense_i/kernel/value"].how)
+  ki_new = np.asarray(jax.tree_util.tree_leaves(new_p["dense_i"]["kernel"])[0])
+  for g in range(gates):  # gate g, old units 0..2 -> new columns g*5 + 0..2
+    np.testing.assert_array_equal(ki_new[:, g * 5:g * 5 + 3], ki_old[:, g * 3:g * 3 + 3])
+
+
+def attention_fn(heads, hd):
+  def fn(p, x):
+    b, t, _ = x.shape
+    q = (x @ p["q"]).reshape(b, t, heads, hd)
+    k = (x @ p["k"]).reshape(b, t, heads, hd)
+    v = (x @ p["v"]).reshape(b, t, heads, hd)
+    a = jax.nn.softmax(jnp.einsum("bthd,bshd->bhts", q, k) / 2.0, axis=-1)
+    o = jnp.einsum("bhts,bshd->bthd", a, v).reshape(b, t, heads * hd)
+    return o @ p["o"]
+  return fn
+
+
+def test_widen_attention_heads_per_head():
+  def params(key, heads, hd, d=3):
+    k = jax.random.split(key, 4)
+    return {n: rand(kk, (d, heads * hd)) for n, kk in zip("qkv", k[:3])} | {"o": rand(k[3], (heads * hd, d))}
+  old_p, new_init = params(KEY, 2, 2), params(jax.random.key(1), 3, 3)
+  x = jnp.ones((1, 4, 3))
+  spec = js.Features(["a", "b", "c"])
+  surgery, new_p = surgery_and_check(attention_fn(2, 2), attention_fn(3, 3), old_p, new_init, x, x, spec, spec,
+                                     expect_preserved=False)
+  # head h, dim d -> column h*hd + d
+  qn, qo = np.asarray(new_p["q"]), np.asarray(old_p["q"])
+  np.testing.assert_array_equal(qn[:, [0, 1, 3, 4]], qo)
+  assert any("blockwise" in h for h in {l.path: l for l in surgery.report.leaves}["q"].how)
+
+
+# -- inserted blocks, narrowed layers, renamed leaves -------------------------------
+
+def res_fn(nblocks):
+  def fn(p, x):
+    h = x @ p["in"]
+    for i in range(nblocks):
+      blk = p[f"block{i}"]
+      h = h + jax.nn.relu(h @ blk["w1"] + blk["b1"]) @ blk["w2"] + blk["b2"]
+    return h @ p["out"]
+  return fn
+
+
+def res_params(key, nblocks, nin=3, d=4):
+  k = jax.random.split(key, 2 + 4 * nblocks)
+  p = {"in": rand(k[0], (nin, d)), "out": rand(k[1], (d, 2))}
+  for i in range(nblocks):
+    p[f"block{i}"] = {"w1": rand(k[2 + 4 * i], (d, d)), "b1": rand(k[3 + 4 * i], (d,)),
+                      "w2": rand(k[4 + 4 * i], (d, d)), "b2": rand(k[5 + 4 * i], (d,))}
+  return p
+
+
+def test_insert_residual_block_is_exact():
+  old_p, new_init = res_params(KEY, 1), res_params(jax.random.key(1), 2)
+  spec = js.Features(["a", "b", "c"])
+  surgery, new_p = surgery_and_check(res_fn(1), res_fn(2), old_p, new_init, jnp.ones((2, 3)), jnp.ones((2, 3)),
+                                     spec, spec)
+  np.testing.assert_array_equal(np.asarray(new_p["block1"]["w2"]), 0)
+  np.testing.assert_array_equal(np.asarray(new_p["block1"]["w1"]), np.asarray(new_init["block1"]["w1"]))
+
+
+def test_narrowed_layer_reports_dropped_units_and_strict():
+  old_p, new_init = mlp_params(KEY, 3, 6, 2), mlp_params(jax.random.key(1), 3, 4, 2)
+  spec = js.Features(["a", "b", "c"])
+  old_t = js.dependency_table(mlp, old_p, jnp.ones((2, 3)), spec)
+  new_t = js.dependency_table(mlp, new_init, jnp.ones((2, 3)), spec)
+  surgery = js.plan(old_t, new_t)
+  dropped = surgery.report.dropped_elements()
+  assert dropped["l1/w"][:, 4:].all() and not dropped["l1/w"][:, :4].any()
+  assert dropped["l2/w"][4:].all()
+  assert surgery.report.totals()["dropped"] == 3 * 2 + 2 + 2 * 2
+  np.testing.assert_array_equal(np.asarray(surgery(old_p, new_init)["l1"]["w"]), np.asarray(old_p["l1"]["w"])[:, :4])
+
+
+def test_dropped_leaf_is_reported_and_strict_raises():
+  old_p = res_params(KEY, 2)
+  new_init = res_params(jax.random.key(1), 1)
+  spec = js.Features(["a", "b", "c"])
+  old_t = js.dependency_table(res_fn(2), old_p, jnp.ones((2, 3)), spec)
+  new_t = js.dependency_table(res_fn(1), new_init, jnp.ones((2, 3)), spec)
+  surgery = js.plan(old_t, new_t)
+  assert {p for p, _ in surgery.report.dropped_leaves} == {"block1/w1", "block1/b1", "block1/w2", "block1/b2"}
+  assert surgery.report.preserved is False
+  with pytest.raises(js.SurgeryError, match="block1"):
+    js.plan(old_t, new_t, strict=True)
+
+
+def test_rename_map_for_parameter_leaves():
+  def fn_old(p, x):
+    return mlp({"l1": p["first"], "l2": p["second"]}, x)
+  old_p = mlp_params(KEY, 3, 4, 2)
+  old_named = {"first": old_p["l1"], "second": old_p["l2"]}
+  new_init = mlp_params(jax.random.key(1), 3, 4, 2)
+  spec = js.Features(["a", "b", "c"])
+  rename = {"first/w": "l1/w", "first/b": "l1/b", "second/w": "l2/w", "second/b": "l2/b"}
+  surgery, new_p = surgery_and_check(fn_old, mlp, old_named, new_init, jnp.ones((2, 3)), jnp.ones((2, 3)),
+                                     spec, spec, rename=rename)
+  assert ("first/w", "l1/w", "rename") in surgery.report.matching
+  assert "first/w -> l1/w" in repr(surgery.report)
+
+
+def test_mismatched_tree_error_names_paths_and_shapes():
+  old_p, new_init = mlp_params(KEY, 3, 4, 2), mlp_params(jax.random.key(1), 3, 5, 2)
+  spec = js.Features(["a", "b", "c"])
+  surgery = js.plan(js.dependency_table(mlp, old_p, jnp.ones((2, 3)), spec),
+                    js.dependency_table(mlp, new_init, jnp.ones((2, 3)), spec))
+  wrong = mlp_params(KEY, 3, 7, 2)
+  with pytest.raises(js.SurgeryError, match=r"'l1/w': shape \(3, 7\), expected \(3, 4\)"):
+    surgery(wrong, new_init)
+  with pytest.raises(js.SurgeryError, match="missing paths"):
+    surgery({"l1": old_p["l1"]}, new_init)
+
+
+def test_jit_pool_and_sharding():
+  old_p, new_init = mlp_params(KEY, 3, 4, 2), mlp_params(jax.random.key(1), 4, 6, 2)
+  surgery = js.plan(js.dependency_table(mlp, old_p, jnp.ones((2, 3)), js.Features(["a", "b", "c"])),
+                    js.dependency_table(mlp, new_init, jnp.ones((2, 4)), js.Features(["a", "x", "b", "c"])))
+  eager = surgery(old_p, new_init)
+  jitted = jax.jit(surgery)(old_p, new_init)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, eager, jitted)
+  pool = [mlp_params(jax.random.key(i), 3, 4, 2) for i in range(3)]
+  stacked = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *pool)
+  out = jax.vmap(surgery, in_axes=(0, None))(stacked, new_init)
+  for i, p in enumerate(pool):
+    np.testing.assert_array_equal(np.asarray(out["l1"]["w"][i]), np.asarray(surgery(p, new_init)["l1"]["w"]))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  sharded_init = jax.device_put(new_init, sharding)
+  result = surgery(old_p, sharded_init)
+  assert all(x.sharding == sharding for x in jax.tree_util.tree_leaves(result))
