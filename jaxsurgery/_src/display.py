@@ -39,3 +39,34 @@ def table_summary(table, max_features: int = 6) -> str:
                  feature_list([table.features[i] for i in nz], counts[nz], max_features)])
   lines.append(columns(rows, ["parameter", "shape", "touched", "features (elements)"]))
   return "\n".join(lines)
+
+
+def report_text(report) -> str:
+  t = report.totals()
+  status = {True: "preserved", False: "NOT preserved", None: "not proven statically"}[report.preserved]
+  lines = [f"Surgery report: function {status}",
+           f"  elements: {t['copied']:,} copied, {t['moved']:,} moved, {t['fresh']:,} fresh "
+           f"({t['zeroed']:,} zeroed), {t['dropped']:,} old elements dropped",
+           "  features added: " + feature_list(report.added, limit=12),
+           "  features removed: " + feature_list(report.removed, limit=12),
+           "  features moved: " + feature_list(report.moved, limit=12)]
+  if report.renamed_features:
+    lines.append("  features renamed: " + ", ".join(f"{a}->{b}" for a, b in report.renamed_features.items()))
+  renamed = [(o, n, why) for o, n, why in report.matching if o != n]
+  if renamed:
+    lines.append("  parameter leaves matched under another name:")
+    lines += [f"    {o} -> {n}  ({why})" for o, n, why in renamed]
+  rows = []
+  for leaf in report.leaves:
+    c = leaf.counts
+    src = "(new leaf)" if leaf.old_path is None else (leaf.old_path + " " + fmt_shape(leaf.old_shape))
+    how = ",".join(h for h in leaf.how) if leaf.how else "-"
+    rows.append([leaf.path, fmt_shape(leaf.shape), src, how, f"{c['copied']:,}", f"{c['moved']:,}",
+                 f"{c['fresh']:,}", f"{c['zeroed']:,}", f"{c['dropped']:,}"])
+  lines.append(columns(rows, ["parameter", "shape", "from", "axes", "copied", "moved", "fresh", "zeroed",
+                              "dropped"]))
+  for p, shape in report.dropped_leaves:
+    lines.append(f"  dropped leaf: {p} {fmt_shape(shape)}")
+  for r in report.reasons:
+    lines.append(f"  note: {r}")
+  return "\n".join(lines)
