@@ -13,25 +13,38 @@ def element_features(n: int) -> js.Features:
   return js.Features([f"x{i}" for i in range(n)])
 
 
+def _flat(f):
+  def flat(x):
+    return jnp.concatenate([jnp.ravel(o).astype(jnp.float32) for o in jax.tree_util.tree_leaves(f(x))])
+  return flat
+
+
 def jacobian_pattern(f, n: int, seeds=(0, 1, 2)) -> np.ndarray:
   """Union over random points of the nonzero pattern of d flat(f(x)) / dx: (out_size, n).
 
-  Uses jvp with NaN tangents as well as jacfwd, so coincidental zeros of the
-  derivative cannot hide a dependence.
+  Forward mode with the unit tangents (the Jacobian itself) and with NaN
+  tangents, so coincidental zeros of the derivative cannot hide a dependence
+  (0 * NaN is NaN). One jit-compiled function evaluates both at every point.
+  Functions that support reverse mode only (custom_vjp) use jacrev.
   """
-  def flat(x):
-    return jnp.concatenate([jnp.ravel(o).astype(jnp.float32) for o in jax.tree_util.tree_leaves(f(x))])
+  flat = _flat(f)
+  eye = jnp.eye(n, dtype=jnp.float32)
+  nan_tangents = jnp.where(eye > 0, jnp.nan, 0.0).astype(jnp.float32)
+
+  @jax.jit
+  def forward(x):
+    push = jax.vmap(lambda t: jax.jvp(flat, (x,), (t,))[1])
+    return ((push(eye) != 0) | jnp.isnan(push(nan_tangents))).T
+
+  reverse = jax.jit(lambda x: jax.jacrev(flat)(x) != 0)
 
   pattern = None
   for s in seeds:
     x = jax.random.normal(jax.random.key(s), (n,), jnp.float32) + 0.1 * (s + 1)
     try:
-      jac = np.asarray(jax.jacfwd(flat)(x)) != 0
-      tangents = jnp.where(jnp.eye(n, dtype=bool), jnp.nan, 0.0).astype(jnp.float32)
-      nan = np.isnan(np.asarray(jax.vmap(lambda t: jax.jvp(flat, (x,), (t,))[1])(tangents))).T
-      p = jac | nan
+      p = np.asarray(forward(x))
     except TypeError:  # custom_vjp functions support reverse mode only
-      p = np.asarray(jax.jacrev(flat)(x)) != 0
+      p = np.asarray(reverse(x))
     pattern = p if pattern is None else pattern | p
   return pattern
 
@@ -41,3 +54,15 @@ def forward_pattern(f, n: int, strict: bool = True) -> np.ndarray:
   x = jax.ShapeDtypeStruct((n,), jnp.float32)
   table = js.dependency_table(lambda p, x: f(x), {}, x, element_features(n), strict=strict)
   return np.concatenate([table.output_mask(p).reshape(-1, n) for p in table.output_paths], axis=0)
+
+
+def assert_contains(forward: np.ndarray, jac: np.ndarray, what: str = "") -> None:
+  """forward ⊇ jac, with the missed (output, feature) pairs in the message."""
+  missed = jac & ~forward
+  assert not missed.any(), f"{what}: forward masks miss (output, feature) {np.argwhere(missed).tolist()[:20]}"
+
+
+def assert_equal(forward: np.ndarray, jac: np.ndarray, what: str = "") -> None:
+  assert_contains(forward, jac, what)
+  extra = forward & ~jac
+  assert not extra.any(), f"{what}: over-approximates at (output, feature) {np.argwhere(extra).tolist()[:20]}"

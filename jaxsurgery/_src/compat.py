@@ -18,7 +18,7 @@ JIT_NAMES = ("jit", "pjit")
 CALL_NAMES = ("closed_call", "core_call", "remat2", "checkpoint", "remat",
               "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "xla_call",
               "named_call", "custom_jvp_call_jaxpr", "custom_vmap_call", "compute_on", "call",
-              "remat_opt", "composite")
+              "remat_opt", "composite", "linear_call", "eval_jaxpr")
 
 Literal = jcore.Literal
 DropVar = jcore.DropVar
@@ -28,7 +28,7 @@ ClosedJaxpr = jcore.ClosedJaxpr
 
 def sub_jaxpr(params: dict[str, Any]) -> tuple[Jaxpr, list[Any]]:
   """The (open jaxpr, consts) that a call-like primitive evaluates."""
-  for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+  for key in ("jaxpr", "call_jaxpr", "fun_jaxpr", "callee"):
     if key in params:
       return open_jaxpr(params[key])
   raise KeyError(f"no sub-jaxpr among params {sorted(params)}")

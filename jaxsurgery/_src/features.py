@@ -110,16 +110,31 @@ def keystr(path) -> str:
   return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
+def canonical_dtype(dtype: Any) -> Any:
+  """``np.dtype(dtype)``, except for JAX extended dtypes (typed PRNG keys ``key<fry>``)."""
+  if jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+    return dtype
+  return np.dtype(dtype)
+
+
 def leaf_shape_dtype(x: Any, what: str, path: str):
   if isinstance(x, jax.ShapeDtypeStruct) or hasattr(x, "shape") and hasattr(x, "dtype"):
-    return tuple(x.shape), np.dtype(x.dtype)
+    try:
+      return tuple(int(s) for s in x.shape), canonical_dtype(x.dtype)
+    except TypeError:
+      pass  # e.g. a dtype numpy cannot interpret: reported below
   if isinstance(x, (bool, int, float, complex)):
     arr = np.asarray(x)
     return tuple(arr.shape), arr.dtype
   raise TypeError(
-      f"{what} leaf {path or '<root>'!r} is a {type(x).__name__}, not an array. Every {what} "
+      f"{what} leaf {path or '<root>'!r} is a {type(x).__name__} ({_short(x)}), not an array. Every {what} "
       f"leaf must be a jax/numpy array or a jax.ShapeDtypeStruct. Wrap static configuration in "
       f"`fn` (e.g. with functools.partial) instead of passing it as a leaf.")
+
+
+def _short(x: Any) -> str:
+  r = repr(x)
+  return r if len(r) <= 60 else r[:57] + "..."
 
 
 def resolve(features: Any, inputs: Any) -> ResolvedSpec:

@@ -48,16 +48,37 @@ class Lazy:
   def __init__(self, eqn, args, index, cache):
     self.eqn, self.args, self.index, self._cache = eqn, args, index, cache
 
+  def _done(self) -> bool:
+    return "value" in self._cache
+
+  def _evaluate(self) -> None:
+    args = [a.get() if isinstance(a, Lazy) else a for a in self.args]  # all already cached
+    value = None
+    if not any(a is None for a in args):
+      try:
+        value = [np.asarray(o) for o in compat.bind(self.eqn, args)]
+      except Exception:  # folding is an optimisation; "unknown" is always sound
+        value = None
+    self._cache["value"] = value
+
   def get(self) -> np.ndarray | None:
-    if "value" not in self._cache:
-      args = [a.get() if isinstance(a, Lazy) else a for a in self.args]
-      if any(a is None for a in args):
-        self._cache["value"] = None
-      else:
-        try:
-          self._cache["value"] = [np.asarray(o) for o in compat.bind(self.eqn, args)]
-        except Exception:  # folding is an optimisation; unknown is always sound
-          self._cache["value"] = None
+    """The folded value (``None`` if it cannot be computed, e.g. typed PRNG keys).
+
+    Dependencies are evaluated with an explicit stack, so long chains of
+    constant operations cannot exhaust Python's recursion limit.
+    """
+    stack = [self]
+    while stack:
+      node = stack[-1]
+      if node._done():
+        stack.pop()
+        continue
+      pending = [a for a in node.args if isinstance(a, Lazy) and not a._done()]
+      if pending:
+        stack.extend(pending)
+        continue
+      node._evaluate()
+      stack.pop()
     value = self._cache["value"]
     return None if value is None else value[self.index]
 

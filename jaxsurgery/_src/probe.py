@@ -1,16 +1,1148 @@
-"""Gradient mapping (the paper's second method) and the cross-check against the boolean table."""
+"""Gradient mapping (the paper's second method) and the cross-check against the boolean table.
+
+:func:`gradient_table` builds a :class:`FeatureTable` from gradients: from a base
+input (zeros unless given), each feature is switched on alone and a random
+projection of the outputs is differentiated with respect to every parameter;
+the parameter elements whose gradient changes are marked with the feature.
+Parameters are random (fresh draws, union over draws) so that dead units or
+zero-initialised weights cannot hide an interaction.
+
+:func:`cross_check` compares that probe with the boolean table. The expected
+relation is probe ⊆ table. A probe entry the table lacks is *legitimate* only
+by a checkable criterion (see :func:`cross_check` and docs/probe.md); every
+other one is reported as missed.
+
+Besides the output gradients, the probe records two pieces of evidence per
+draw that the cross-check uses to classify differences:
+
+* the *contact-local gradient*: the jaxpr is re-evaluated with every value that
+  depends on a named feature detached from autodiff (``stop_gradient``) after
+  the operation where a feature-free, parameter-derived value first meets it
+  (the "first contact" of design §4). Its gradient is ``sum_c J_c^T u_c`` over
+  those contacts ``c`` with fixed random cotangents ``u_c``: it sees the
+  first-contact Jacobians and nothing downstream of them. It changes with a
+  feature exactly when a first-contact partner of the element changes with it;
+* whether that contact-local gradient is nonzero at the base ("live"): a
+  parameter whose first contact is annihilated at the base (a kernel row times
+  a zero input) cannot have its output gradient changed by anything but its own
+  first-contact features.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import sys
+import time
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
-def gradient_table(fn, params, inputs, features, *, key, base=None, draws=2, chunk_size=None,
-                   progress=None):
-  raise NotImplementedError("being written")
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsurgery._src import compat
+from jaxsurgery._src import features as feats
+from jaxsurgery._src import masks as M
+from jaxsurgery._src.table import FeatureTable, trace
+
+__all__ = ["gradient_table", "cross_check", "CrossCheck", "Miss", "Difference", "LeafAgreement"]
+
+# Primitives whose sub-jaxpr is evaluated in place by both walks below.
+_CALLS = frozenset(compat.JIT_NAMES + compat.CALL_NAMES)
+# Compound primitives evaluated as one unit by the contact-local evaluation.
+_COMPOUND = frozenset({"scan", "while", "cond", "shard_map"})
+
+# ---------------------------------------------------------------------------
+# Primitive classes used to explain differences (how an operation's local
+# derivative w.r.t. one operand depends on the other operands).
+
+_ZERO_GRAD = frozenset({
+    "stop_gradient", "eq", "ne", "lt", "le", "gt", "ge", "floor", "ceil", "round", "sign",
+    "is_finite", "and", "or", "not", "xor", "argmax", "argmin", "population_count", "clz",
+    "shift_left", "shift_right_arithmetic", "shift_right_logical", "iota", "random_bits",
+    "random_seed", "random_wrap", "random_unwrap", "rng_bit_generator", "threefry2x32",
+})
+_LINEAR = frozenset({
+    "add", "sub", "neg", "add_any", "reshape", "transpose", "broadcast_in_dim", "squeeze",
+    "expand_dims", "slice", "concatenate", "pad", "reduce_sum", "convert_element_type", "copy",
+    "copy_p", "rev", "real", "imag", "conj", "complex", "cumsum", "reduce_precision", "split",
+    "reduce_window_sum", "psum", "device_put", "optimization_barrier", "pvary", "pbroadcast",
+    "sharding_constraint", "mesh_cast", "reshard", "name", "tie",
+})
+_MULTIPLICATIVE = frozenset({"mul", "dot_general", "conv_general_dilated"})
+_SELECTION = frozenset({"max", "min", "reduce_max", "reduce_min", "cummax", "cummin", "sort",
+                        "reduce_window_max", "reduce_window_min", "top_k", "clamp"})
+_INDEXED = frozenset({"gather", "dynamic_slice", "dynamic_update_slice", "scatter", "scatter-add",
+                      "scatter_add", "select_n"})
+_ADDITIVE_CONTACT = frozenset({"add", "sub", "add_any", "concatenate", "pad", "dynamic_update_slice",
+                               "scatter", "scatter-add", "scatter_add", "select_n"})
 
 
+def _derivative_features(name: str, params: Mapping[str, Any], i: int, fs: Sequence[int]) -> tuple[int, str]:
+  """Features the local derivative w.r.t. operand ``i`` depends on, and how (a phrase)."""
+  allf = 0
+  for f in fs:
+    allf |= f
+  others = 0
+  for j, f in enumerate(fs):
+    if j != i:
+      others |= f
+  if name in _ZERO_GRAD:
+    return 0, ""
+  if name in _LINEAR:
+    return 0, ""
+  if name in _MULTIPLICATIVE:
+    return others, "multiplies it by a value that depends on"
+  if name == "div":
+    return (fs[1], "divides it by a value that depends on") if i == 0 else (allf, "divides by it, nonlinearly in")
+  if name == "select_n":
+    return (0, "") if i == 0 else (fs[0], "selects it by a predicate that depends on")
+  if name in ("gather", "dynamic_slice"):
+    idx = 0
+    for f in fs[1:]:
+      idx |= f
+    return (idx, "indexes it by an index that depends on") if i == 0 else (0, "")
+  if name == "dynamic_update_slice":
+    idx = 0
+    for f in fs[2:]:
+      idx |= f
+    return (idx, "places it at an index that depends on") if i in (0, 1) else (0, "")
+  if name in ("scatter-add", "scatter_add", "scatter"):
+    return (fs[1] if len(fs) > 1 else 0, "scatters it at indices that depend on") if i != 1 else (0, "")
+  if name == "integer_pow" and params.get("y") in (0, 1):
+    return 0, ""
+  if name in _SELECTION:
+    return allf, "selects between values that depend on"
+  return allf, "is nonlinear in"
+
+
+# ---------------------------------------------------------------------------
+# Static walk: per-variable feature / parameter flow at whole-array granularity.
+
+
+class _St(NamedTuple):
+  F: int = 0      # named features the value may depend on
+  P: int = 0      # parameter leaves it is derived from
+  post: int = 0   # parameter leaves whose influence reaches it past their first contact
+  T: int = 0      # integer input leaves (categorical range inference)
+  iota: int = 0   # size of the iota it is a view of (one_hot detection)
+
+
+_Z = _St()
+
+
+def _join(a: _St, b: _St) -> _St:
+  return _St(a.F | b.F, a.P | b.P, a.post | b.post, a.T | b.T, a.iota or b.iota)
+
+
+def _source(eqn) -> str:
+  try:
+    from jax._src import source_info_util
+    s = source_info_util.summarize(eqn.source_info)
+  except Exception:  # pragma: no cover - private API
+    return ""
+  return "" if not s or s.startswith("<unknown") else s
+
+
+@dataclasses.dataclass
+class _Record:
+  desc: str
+  prim: str
+  params: int     # parameter leaves concerned (bitmask)
+  features: int   # features concerned (bitmask)
+  how: str = ""
+
+
+class _Static:
+  """Walks a jaxpr once, recording first contacts, downstream derivative dependences and gathers."""
+
+  def __init__(self):
+    self.contacts: dict[tuple, _Record] = {}
+    self.downs: dict[tuple, _Record] = {}
+    self.bounds: list[tuple[int, int]] = []  # (integer input leaves, number of valid ids)
+
+  def run(self, jaxpr, consts: Sequence[_St], ins: Sequence[_St], where: str = "") -> list[_St]:
+    env: dict[Any, _St] = {}
+
+    def read(v):
+      return _Z if isinstance(v, compat.Literal) else env.get(v, _Z)
+
+    for v, s in zip(jaxpr.constvars, consts):
+      env[v] = s
+    for v, s in zip(jaxpr.invars, ins):
+      env[v] = s
+    for eqn in jaxpr.eqns:
+      outs = self.eqn(eqn, [read(v) for v in eqn.invars], where)
+      for v, s in zip(eqn.outvars, outs):
+        if not isinstance(v, compat.DropVar):
+          env[v] = s
+    return [read(v) for v in jaxpr.outvars]
+
+  def _desc(self, eqn, where: str) -> str:
+    src = _source(eqn)
+    return f"`{eqn.primitive.name}`" + (f" (in {where})" if where else "") + (f" at {src}" if src else "")
+
+  def _fixed(self, body, consts, carry, rest, ncarry, extra=lambda outs: 0):
+    carry = list(carry)
+    outs = []
+    for _ in range(64):
+      outs = body(list(consts) + carry + list(rest))
+      xf = extra(outs)
+      new = [_join(c, o)._replace(F=_join(c, o).F | xf) for c, o in zip(carry, outs[:ncarry])]
+      if new == carry:
+        break
+      carry = new
+    return carry, outs
+
+  def eqn(self, eqn, ins: list[_St], where: str) -> list[_St]:
+    name = eqn.primitive.name
+    p = eqn.params
+    n_out = len(eqn.outvars)
+    inner = f"{where}/{name}" if where else name
+    if name in _CALLS:
+      try:
+        jaxpr, consts = compat.sub_jaxpr(p)
+      except KeyError:
+        jaxpr = None
+      if jaxpr is not None:
+        label = p.get("name")
+        return self.run(jaxpr, [_Z] * len(consts), ins, f"{inner} {label}" if label else inner)
+    if name == "scan":
+      nc, ncarry = compat.scan_counts(p)
+      body_j, body_c = compat.open_jaxpr(p["jaxpr"])
+      run = lambda a: self.run(body_j, [_Z] * len(body_c), a, inner)
+      carry, outs = self._fixed(run, ins[:nc], ins[nc:nc + ncarry], ins[nc + ncarry:], ncarry)
+      return carry + list(outs[ncarry:])
+    if name == "while":
+      cn, bn = p["cond_nconsts"], p["body_nconsts"]
+      cj, cc = compat.open_jaxpr(p["cond_jaxpr"])
+      bj, bc = compat.open_jaxpr(p["body_jaxpr"])
+      cconsts, bconsts, init = ins[:cn], ins[cn:cn + bn], ins[cn + bn:]
+      preds = []
+
+      def body(a):
+        carry = a[bn:]
+        pred = self.run(cj, [_Z] * len(cc), list(cconsts) + carry, inner)[0]
+        preds.append(pred)
+        for k, c in enumerate(carry):
+          if c.post and pred.F:
+            self._down((id(eqn), "pred", k), self._desc(eqn, where), name, c.post, pred.F,
+                       "repeats it a number of times that depends on")
+        return self.run(bj, [_Z] * len(bc), a, inner)
+
+      carry, _ = self._fixed(body, bconsts, init, [], len(init), extra=lambda outs: preds[-1].F)
+      return carry
+    if name == "cond":
+      index, ops = ins[0], ins[1:]
+      for k, s in enumerate(ops):
+        if s.post and index.F:
+          self._down((id(eqn), k), self._desc(eqn, where), name, s.post, index.F,
+                     "picks a branch for it by an index that depends on")
+      results = [self.run(b.jaxpr, [_Z] * len(b.consts), ops, inner) for b in p["branches"]]
+      outs = []
+      for k in range(n_out):
+        s = _Z
+        for r in results:
+          s = _join(s, r[k])
+        outs.append(s._replace(F=s.F | index.F, T=s.T | index.T))
+      return outs
+    # Generic (first-order) primitive.
+    F = P = post = T = 0
+    for s in ins:
+      F, P, post, T = F | s.F, P | s.P, post | s.post, T | s.T
+    free = 0
+    for s in ins:
+      if s.P and not s.F:
+        free |= s.P
+    if free and F:
+      key = (id(eqn),)
+      rec = self.contacts.get(key)
+      if rec is None:
+        self.contacts[key] = _Record(self._desc(eqn, where), name, free, F)
+      else:
+        rec.params |= free
+        rec.features |= F
+      post |= free
+    fs = [s.F for s in ins]
+    for i, s in enumerate(ins):
+      if s.post:
+        d, how = _derivative_features(name, p, i, fs)
+        if d:
+          self._down((id(eqn), i), self._desc(eqn, where), name, s.post, d, how)
+    if name in _ZERO_GRAD:
+      post = 0
+    self._categorical(eqn, ins)
+    iota = 0
+    if name == "iota":
+      iota = int(eqn.outvars[0].aval.shape[p["dimension"]])
+    elif name in ("broadcast_in_dim", "reshape", "convert_element_type", "squeeze", "expand_dims") and ins:
+      iota = ins[0].iota
+    return [_St(F, P, post, T, iota)] * n_out
+
+  def _down(self, key, desc, prim, params, features, how):
+    rec = self.downs.get(key)
+    if rec is None:
+      self.downs[key] = _Record(desc, prim, params, features, how)
+    else:
+      rec.params |= params
+      rec.features |= features
+
+  def _categorical(self, eqn, ins):
+    name = eqn.primitive.name
+    p = eqn.params
+    try:
+      if name == "gather" and len(ins) > 1 and ins[1].T:
+        shape = eqn.invars[0].aval.shape
+        dn = p["dimension_numbers"]
+        sizes = p["slice_sizes"]
+        for d in dn.start_index_map:
+          self.bounds.append((ins[1].T, int(shape[d]) - int(sizes[d]) + 1))
+      elif name == "dynamic_slice":
+        shape = eqn.invars[0].aval.shape
+        for d, s in enumerate(ins[1:]):
+          if s.T:
+            self.bounds.append((s.T, int(shape[d]) - int(p["slice_sizes"][d]) + 1))
+      elif name == "eq" and len(ins) == 2:
+        a, b = ins
+        if a.T and b.iota:
+          self.bounds.append((a.T, b.iota))
+        elif b.T and a.iota:
+          self.bounds.append((b.T, a.iota))
+    except (KeyError, AttributeError, TypeError, IndexError):  # pragma: no cover - odd params
+      pass
+
+
+def _static(closed, n_params: int, spec: feats.ResolvedSpec) -> _Static:
+  walk = _Static()
+  ins = [_St(P=1 << j) for j in range(n_params)]
+  for li, leaf in enumerate(spec.leaves):
+    F = 0
+    for k in leaf.feature_ids:
+      F |= 1 << k
+    integer = F and not np.issubdtype(leaf.dtype, np.inexact)
+    ins.append(_St(F=F, T=(1 << li) if integer else 0))
+  walk.run(closed.jaxpr, [_Z] * len(closed.consts), ins)
+  return walk
+
+
+# ---------------------------------------------------------------------------
+# Contact-local evaluation (autodiff cut after every first contact).
+
+
+class _ContactSum:
+
+  def __init__(self, key):
+    self.key = key
+    self.count = 0
+    self.simple = jnp.zeros((), jnp.float32)
+    self.compound = jnp.zeros((), jnp.float32)
+
+  def add(self, outs, compound: bool):
+    for o in outs:
+      o = jnp.asarray(o)
+      if not jnp.issubdtype(o.dtype, jnp.inexact) or o.size == 0:
+        continue
+      # Generic nonzero weights without a PRNG (threefry is slow to compile): a cosine hash.
+      n = jnp.arange(o.size, dtype=jnp.float32).reshape(o.shape)
+      w = jnp.cos(n * 12.9898 + 78.233 * (self.count + 1) + self.key)
+      self.count += 1
+      term = jnp.sum(w * jnp.real(o).astype(jnp.float32))
+      if compound:
+        self.compound = self.compound + term
+      else:
+        self.simple = self.simple + term
+
+
+def _contact_eval(jaxpr, consts, args, flags, acc: _ContactSum):
+  """Evaluates ``jaxpr``; values meeting named features are detached after their first contact.
+
+  ``flags`` holds ``(param_derived, feature_dependent)`` per argument.
+  """
+  env: dict[Any, Any] = {}
+  fenv: dict[Any, tuple[bool, bool]] = {}
+
+  def read(v):
+    if isinstance(v, compat.Literal):
+      return v.val, (False, False)
+    return env[v], fenv[v]
+
+  for v, c in zip(jaxpr.constvars, consts):
+    env[v], fenv[v] = c, (False, False)
+  for v, a, f in zip(jaxpr.invars, args, flags):
+    env[v], fenv[v] = a, f
+  for eqn in jaxpr.eqns:
+    pairs = [read(v) for v in eqn.invars]
+    vals = [a for a, _ in pairs]
+    fl = [f for _, f in pairs]
+    name = eqn.primitive.name
+    outs = None
+    if name in _CALLS:
+      try:
+        sub, sub_consts = compat.sub_jaxpr(eqn.params)
+      except KeyError:
+        sub = None
+      if sub is not None:
+        outs, oflags = _contact_eval(sub, sub_consts, vals, fl, acc)
+    if outs is None:
+      any_fd = any(f[1] for f in fl)
+      any_pd = any(f[0] for f in fl)
+      contact = any_fd and any(f[0] and not f[1] for f in fl)
+      if not any_fd:
+        outs = compat.bind(eqn, vals)
+        oflags = [(any_pd, False)] * len(outs)
+      else:
+        vals = [jax.lax.stop_gradient(a) if f[1] else a for a, f in zip(vals, fl)]
+        outs = compat.bind(eqn, vals)
+        if contact:
+          acc.add(outs, compound=name in _COMPOUND)
+        outs = [jax.lax.stop_gradient(o) for o in outs]
+        oflags = [(any_pd, True)] * len(outs)
+    for v, o, f in zip(eqn.outvars, outs, oflags):
+      if not isinstance(v, compat.DropVar):
+        env[v], fenv[v] = o, f
+  res = [read(v) for v in jaxpr.outvars]
+  return [a for a, _ in res], [f for _, f in res]
+
+
+# ---------------------------------------------------------------------------
+# The probe.
+
+
+@dataclasses.dataclass
+class _Evidence:
+  """What the probe measured besides the table (used by :func:`cross_check`)."""
+
+  contact_change: dict[str, np.ndarray]   # packed (shape..., W): contact-local gradient changed
+  live: dict[str, np.ndarray]             # bool (shape): contact-local base gradient nonzero
+  num_ids: dict[str, int]                 # categorical feature -> ids probed
+  ids_capped: tuple[str, ...]             # categorical features whose ids were sampled
+  draws: int
+  positive_draws: int                     # draws redrawn positive after non-finite values
+  nonfinite: dict[str, int]               # leaf -> elements skipped (non-finite gradient)
+
+
+_EVIDENCE: "weakref.WeakKeyDictionary[FeatureTable, _Evidence]" = weakref.WeakKeyDictionary()
+
+
+class _Progress:
+
+  def __init__(self, total: int, enabled: bool | None, what: str):
+    self.total = total
+    self.enabled = total >= 16 if enabled is None else bool(enabled)
+    self.what = what
+    self.start = self.last = time.monotonic()
+    self.done = 0
+
+  def step(self, label: str):
+    self.done += 1
+    if not self.enabled:
+      return
+    now = time.monotonic()
+    if self.done == self.total or now - self.last >= 1.0 or self.done == 1:
+      self.last = now
+      pct = 100.0 * self.done / max(self.total, 1)
+      print(f"jaxsurgery.gradient_table({self.what}): {label}, chunk {self.done}/{self.total} "
+            f"({pct:.0f}%), {now - self.start:.1f}s", file=sys.stderr, flush=True)
+
+
+def _as_key(key):
+  if key is None:
+    raise ValueError(
+        "gradient_table needs a random key for its parameter draws: pass key=jax.random.key(0) "
+        "(any seed). The probe draws fresh random parameters so that dead units and zero weights "
+        "cannot hide an interaction.")
+  try:
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+      return key
+    return jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
+  except Exception:
+    raise TypeError(f"key must be a jax random key (jax.random.key(seed)); got {key!r}.") from None
+
+
+def _np_rng(key) -> np.random.Generator:
+  return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().astype(np.uint64))
+
+
+def _check_base(base, inputs, ipaths, ileaves):
+  if base is None:
+    return [np.zeros(tuple(l.shape), l.dtype) for l in ileaves]
+  bleaves, bdef = jax.tree_util.tree_flatten_with_path(base)
+  idef = jax.tree_util.tree_structure(inputs)
+  bpaths = [feats.keystr(p) for p, _ in bleaves]
+  if bdef != idef:
+    raise ValueError(
+        "`base` must be a pytree with the same structure as `inputs`.\n"
+        f"  base leaves:   {[p or '<root>' for p in bpaths]}\n"
+        f"  inputs leaves: {[p or '<root>' for p in ipaths]}")
+  out = []
+  for path, (_, b), l in zip(ipaths, bleaves, ileaves):
+    shape, dtype = feats.leaf_shape_dtype(b, "base", path)
+    if isinstance(b, jax.ShapeDtypeStruct):
+      raise TypeError(f"base leaf {path or '<root>'!r} is a ShapeDtypeStruct; the base must be concrete.")
+    if tuple(shape) != tuple(l.shape):
+      raise ValueError(f"base leaf {path or '<root>'!r} has shape {tuple(shape)} but the input leaf has "
+                       f"shape {tuple(l.shape)}.")
+    out.append(np.asarray(b).astype(l.dtype))
+  return out
+
+
+def _draw_params(key, pleaves, concrete, positive: bool):
+  out = []
+  keys = jax.random.split(key, max(len(pleaves), 1))
+  for i, (l, c) in enumerate(zip(pleaves, concrete)):
+    if jnp.issubdtype(l.dtype, jnp.inexact):
+      x = jax.random.normal(keys[i], tuple(l.shape), jnp.float32)
+      if positive:
+        x = jnp.abs(x) + 0.1
+      out.append(x.astype(l.dtype))
+    else:  # integer / bool parameters: kept (or zeros for abstract leaves); never differentiated
+      out.append(jnp.zeros(tuple(l.shape), l.dtype) if c is None else jnp.asarray(c))
+  return out
+
+
+def _feature_sites(spec: feats.ResolvedSpec):
+  """feature index -> [(input leaf index, position along the feature axis or None)]."""
+  sites: dict[int, list[tuple[int, int | None]]] = {k: [] for k in range(spec.num_features)}
+  for li, leaf in enumerate(spec.leaves):
+    if not leaf.feature_ids:
+      continue
+    if leaf.axis is None:
+      sites[leaf.feature_ids[0]].append((li, None))
+    else:
+      for pos, k in enumerate(leaf.feature_ids):
+        sites[k].append((li, pos))
+  return sites
+
+
+def _resolve_num_ids(num_ids, spec, sites, walk: _Static) -> dict[int, int]:
+  """Number of ids to probe per categorical feature."""
+  names = spec.names
+  cat = [k for k in range(spec.num_features)
+         if any(not np.issubdtype(spec.leaves[li].dtype, np.inexact) for li, _ in sites[k])]
+  given: dict[str, int] = {}
+  if isinstance(num_ids, Mapping):
+    unknown = sorted(set(num_ids) - {names[k] for k in cat})
+    if unknown:
+      raise KeyError(f"num_ids names {unknown}, which are not integer (categorical) features. "
+                     f"Categorical features: {[names[k] for k in cat]}")
+    given = {str(k): int(v) for k, v in num_ids.items()}
+  elif num_ids is not None:
+    given = {names[k]: int(num_ids) for k in cat}
+  out = {}
+  for k in cat:
+    if names[k] in given:
+      n = given[names[k]]
+    else:
+      leaves = 0
+      for li, _ in sites[k]:
+        leaves |= 1 << li
+      found = [b for t, b in walk.bounds if t & leaves]
+      n = min(found) if found else 2
+    if any(spec.leaves[li].dtype == np.bool_ for li, _ in sites[k]):
+      n = min(n, 2)
+    if n < 2:
+      raise ValueError(f"Categorical feature {names[k]!r}: need at least 2 ids to compare, got {n}.")
+    out[k] = n
+  return out
+
+
+def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key=None, base: Any = None,
+                   draws: int = 3, chunk_size: int = 16, progress: bool | None = None,
+                   num_ids: int | Mapping[str, int] | None = None, max_ids: int = 256,
+                   rtol: float = 1e-4, atol: float = 1e-6) -> FeatureTable:
+  """Builds the feature→parameter table by gradient mapping (the probe).
+
+  For each draw of random parameters and each feature ``f``: the inputs are set
+  to ``base`` (zeros unless given) except feature ``f``, which is switched on;
+  a random projection of the outputs is differentiated w.r.t. every float
+  parameter, and the elements whose gradient differs from the base gradient
+  (``|g_on - g_base| > rtol * max(|g_on|, |g_base|) + atol * max|g_base|``,
+  the last maximum over the leaf) are marked with ``f``. The table is the
+  union over draws.
+
+  * Float features are switched on to ``base + v`` with ``v`` random, nonzero
+    (``±U(0.5, 1.5)``), drawn per element (every replica position of the
+    feature) and per draw.
+  * Integer (categorical) features are compared at every id ``0 .. n-1``
+    against the base id (0 unless ``base`` says otherwise). ``n`` is taken from
+    ``num_ids`` or inferred from the jaxpr: the smallest table size of a
+    ``gather``/``dynamic_slice`` indexed by the feature, or the size of an
+    ``iota`` it is compared with (``one_hot``); 2 (ids 0 and 1) when nothing
+    bounds it; 2 for ``bool``. At most ``max_ids`` ids per draw are probed
+    (a random sample when ``n`` is larger).
+  * Parameters are fresh draws for every float leaf: draw 0 is all-positive
+    (``|normal| + 0.1``, with positive "on" values too, so no ReLU is dead at
+    a zero base), later draws are ``normal(0, 1)`` (redrawn positive when the
+    base gives non-finite values, e.g. a negative variance). Integer parameter
+    leaves keep their concrete values (zeros for abstract leaves) and are
+    never marked.
+  * Output masks are filled by forward differences from the same runs: an
+    output element depends on ``f`` if it changes when ``f`` is switched on.
+
+  Features (and categorical ids) are vmapped in chunks of ``chunk_size``; the
+  per-chunk computation is jitted once.
+
+  Args:
+    fn: a pure function ``fn(params, inputs) -> outputs``.
+    params: a pytree of arrays or ``jax.ShapeDtypeStruct`` (only shapes and
+      dtypes of float leaves are used; values are drawn).
+    inputs: a pytree of arrays or ``jax.ShapeDtypeStruct``.
+    features: a feature spec matching ``inputs`` (see :func:`dependency_table`).
+    key: a ``jax.random.key``; required.
+    base: a concrete pytree like ``inputs``; defaults to zeros.
+    draws: number of independent parameter draws (union of patterns).
+    chunk_size: number of feature columns vmapped together.
+    progress: print progress lines to stderr; ``None`` prints them only when
+      there are 16 chunks or more.
+    num_ids: number of valid ids of the categorical features (an int for all
+      of them, or ``{feature name: n}``); inferred when omitted.
+    max_ids: at most this many ids of one categorical feature per draw.
+    rtol: relative tolerance of a gradient change.
+    atol: absolute tolerance, relative to the leaf's largest base gradient.
+
+  Returns:
+    A :class:`FeatureTable` with ``method="gradient"``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js
+    >>> fn = lambda p, x: jnp.tanh(x @ p["w"])
+    >>> params = {"w": jax.ShapeDtypeStruct((3, 4), jnp.float32)}
+    >>> x = jax.ShapeDtypeStruct((2, 3), jnp.float32)
+    >>> probe = js.gradient_table(fn, params, x, js.Features(["a", "b", "c"]),
+    ...                           key=jax.random.key(0))
+    >>> probe.lookup("b")["w"][1].all(), probe.lookup("b")["w"][0].any()
+    (True, False)
+  """
+  key = _as_key(key)
+  if draws < 1:
+    raise ValueError(f"draws must be >= 1, got {draws}.")
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+  spec = feats.resolve(features, inputs)
+  closed, out_shape, (ppaths, pleaves, pdef) = trace(fn, params, inputs)
+  n_params = len(pleaves)
+  shapes = [tuple(l.shape) for l in pleaves]
+  concrete = [None if isinstance(x, jax.ShapeDtypeStruct) else x for x in jax.tree.leaves(params)]
+  ileaves_src, idef = jax.tree_util.tree_flatten_with_path(inputs)
+  ipaths = [feats.keystr(p) for p, _ in ileaves_src]
+  ileaves = list(spec.leaves)
+  base_np = _check_base(base, inputs, ipaths, ileaves)
+  out_leaves = jax.tree_util.tree_flatten_with_path(out_shape)[0]
+  opaths = tuple(feats.keystr(p) for p, _ in out_leaves)
+  oshapes = {p: tuple(l.shape) for p, (_, l) in zip(opaths, out_leaves)}
+  F = spec.num_features
+  W = M.num_words(F)
+
+  walk = _static(closed, n_params, spec)
+  sites = _feature_sites(spec)
+  n_ids = _resolve_num_ids(num_ids, spec, sites, walk)
+  float_idx = [i for i, l in enumerate(pleaves) if jnp.issubdtype(l.dtype, jnp.inexact)]
+  other_idx = [i for i in range(n_params) if i not in float_idx]
+
+  def merge(pf, po):
+    flat: list[Any] = [None] * n_params
+    for i, x in zip(float_idx, pf):
+      flat[i] = x
+    for i, x in zip(other_idx, po):
+      flat[i] = x
+    return flat
+
+  def projection(pf, po, x_flat, r):
+    out = fn(jax.tree_util.tree_unflatten(pdef, merge(pf, po)), jax.tree_util.tree_unflatten(idef, x_flat))
+    outs = jax.tree.leaves(out)
+    s = jnp.zeros((), jnp.float32)
+    for o, ri in zip(outs, r):
+      if jnp.issubdtype(o.dtype, jnp.inexact):
+        s = s + jnp.sum(ri * jnp.real(o).astype(jnp.float32))
+    return s, outs
+
+  in_flags = [(True, False)] * n_params + [(False, bool(l.feature_ids)) for l in ileaves]
+
+  def contact_sums(pf, po, x_flat, ckey):
+    acc = _ContactSum(ckey)
+    _contact_eval(closed.jaxpr, closed.consts, merge(pf, po) + list(x_flat), in_flags, acc)
+    return acc
+
+  grad_proj = jax.grad(projection, has_aux=True)
+  has_compound = any(e.primitive.name in _COMPOUND for e in closed.jaxpr.eqns)
+  grad_simple = jax.grad(lambda pf, po, x, k: contact_sums(pf, po, x, k).simple)
+  grad_compound = jax.grad(lambda pf, po, x, k: contact_sums(pf, po, x, k).compound)
+
+  def changed(a, b):
+    """Elements of ``a`` (columns) that differ from ``b`` (the base column), and non-finite ones."""
+    if not jnp.issubdtype(a.dtype, jnp.inexact):
+      return a != b, jnp.zeros(a.shape, bool)
+    fin = jnp.isfinite(a) & jnp.isfinite(b)
+    scale = jnp.max(jnp.where(jnp.isfinite(b), jnp.abs(b), 0.0), initial=0.0)
+    tol = rtol * jnp.maximum(jnp.abs(a), jnp.abs(b)) + atol * scale
+    return fin & (jnp.abs(a - b) > tol), ~fin
+
+  @jax.jit
+  def chunk_fn(pf, po, sel, val, base_flat, r, phase):
+    """Column 0 of ``sel``/``val`` is the base; columns 1.. switch one feature (or id) on."""
+    def one(s, v):
+      x = [jnp.where(si, vi, bi) for si, vi, bi in zip(s, v, base_flat)]
+      g, outs = grad_proj(pf, po, x, r)
+      gc = grad_simple(pf, po, x, phase)
+      return g, gc, outs
+    G, GC, O = jax.vmap(one)(sel, val)
+    g_ch, g_nf = [], []
+    for t in G:
+      a, b = changed(t, t[:1])
+      g_ch.append(a)
+      g_nf.append(jnp.sum(b, axis=0))
+    c_ch = [changed(t, t[:1])[0] for t in GC]
+    o_ch = [changed(t, t[:1])[0] for t in O]
+    base_live = [jnp.abs(t[0]) > 0 for t in GC]
+    if has_compound:  # base only: liveness of first contacts inside scan/while/cond
+      gcomp = grad_compound(pf, po, list(base_flat), phase)
+      base_live = [a | (jnp.abs(b) > 0) for a, b in zip(base_live, gcomp)]
+    finite = jnp.array(True)
+    for t in list(G) + [o for o in O if jnp.issubdtype(o.dtype, jnp.inexact)]:
+      finite = finite & jnp.all(jnp.isfinite(t[0]))
+    return g_ch, g_nf, c_ch, o_ch, base_live, finite
+
+  # Columns: (feature, id index or None). One column per float feature; one per probed id.
+  columns: list[tuple[int, int | None]] = []
+  capped: list[str] = []
+  for k in range(F):
+    if k in n_ids:
+      n = n_ids[k]
+      if n > max_ids:
+        capped.append(spec.names[k])
+      columns.extend((k, j) for j in range(min(n, max_ids)))
+    else:
+      columns.append((k, None))
+  C = len(columns)
+  chunk = max(1, min(chunk_size, C))
+  n_chunks = max(1, -(-C // chunk))
+  prog = _Progress(draws * n_chunks, progress, f"{C} columns x {draws} draws")
+
+  g_packed = [np.zeros(s + (W,), np.uint32) for s in shapes]
+  c_packed = [np.zeros(s + (W,), np.uint32) for s in shapes]
+  o_packed = [np.zeros(oshapes[p] + (W,), np.uint32) for p in opaths]
+  live = [np.zeros(s, bool) for s in shapes]
+  nonfinite = [0] * n_params
+  redrawn = 0
+  po = [jnp.asarray(concrete[i]) if concrete[i] is not None else jnp.zeros(shapes[i], pleaves[i].dtype)
+        for i in other_idx]
+  base_j = [jnp.asarray(b) for b in base_np]
+
+  def columns_input(part, rng, positive):
+    sel = [np.zeros((chunk + 1,) + b.shape, bool) for b in base_np]
+    val = [np.broadcast_to(b, (chunk + 1,) + b.shape).copy() for b in base_np]
+    for c, (k, idv) in enumerate(part, start=1):
+      for li, pos in sites[k]:
+        leaf = ileaves[li]
+        idx = (c,) if pos is None else (c,) + (slice(None),) * leaf.axis + (pos,)
+        sel[li][idx] = True
+        if np.issubdtype(leaf.dtype, np.inexact):
+          shape = sel[li][idx].shape
+          v = rng.uniform(0.5, 1.5, shape)
+          if not positive:
+            v = v * rng.choice([-1.0, 1.0], shape)
+          val[li][idx] = base_np[li][idx[1:]] + v.astype(leaf.dtype)
+        else:
+          val[li][idx] = np.asarray(idv).astype(leaf.dtype)
+    return sel, val
+
+  for d, dkey in enumerate(jax.random.split(key, draws)):
+    pkey, rkey, nkey = jax.random.split(dkey, 3)
+    rng = _np_rng(nkey)
+    phase = jnp.float32(rng.uniform(0.0, 2 * np.pi))  # of the contact-local cotangents
+    r = [jax.random.normal(k_, oshapes[p], jnp.float32)
+         for k_, p in zip(jax.random.split(rkey, max(len(opaths), 1)), opaths)]
+    ids = {k: (np.arange(n) if n <= max_ids else np.sort(rng.choice(n, max_ids, replace=False)))
+           for k, n in n_ids.items()}
+    cols = [(k, None if j is None else int(ids[k][j])) for k, j in columns]
+    # Draw 0 is all-positive (parameters and "on" values): no dead ReLUs at a zero base.
+    positive = d == 0
+    flat = _draw_params(pkey, pleaves, concrete, positive)
+    pf = [flat[i] for i in float_idx]
+    for c0 in range(0, max(C, 1), chunk):
+      part = cols[c0:c0 + chunk]
+      sel, val = columns_input(part, rng, positive)
+      out = chunk_fn(pf, po, sel, val, base_j, r, phase)
+      if c0 == 0 and not bool(out[-1]) and not positive:
+        # Non-finite at the base (e.g. a negative variance): redraw this draw positive.
+        redrawn += 1
+        positive = True
+        flat = _draw_params(pkey, pleaves, concrete, True)
+        pf = [flat[i] for i in float_idx]
+        out = chunk_fn(pf, po, sel, val, base_j, r, phase)
+      if c0 == 0:
+        for i, m in zip(float_idx, out[4]):
+          live[i] |= np.asarray(m)
+      g_ch, g_nf, c_ch, o_ch = ([np.asarray(t) for t in ts] for ts in out[:4])
+      for c, (k, _) in enumerate(part, start=1):
+        word, bit = k // M.BITS, np.uint32(1) << np.uint32(k % M.BITS)
+        for t, i in enumerate(float_idx):
+          g_packed[i][..., word] |= g_ch[t][c].astype(np.uint32) * bit
+          c_packed[i][..., word] |= c_ch[t][c].astype(np.uint32) * bit
+        for t in range(len(opaths)):
+          o_packed[t][..., word] |= o_ch[t][c].astype(np.uint32) * bit
+      for t, i in enumerate(float_idx):
+        nonfinite[i] += int(g_nf[t][1:len(part) + 1].sum())
+      prog.step(f"draw {d + 1}/{draws}")
+
+  packed = {p: (None if not g.any() else M.compress(g)) for p, g in zip(ppaths, g_packed)}
+  table = FeatureTable(
+      features=spec.names, paths=tuple(ppaths), shapes=dict(zip(ppaths, shapes)),
+      dtypes={p: l.dtype for p, l in zip(ppaths, pleaves)}, packed=packed,
+      output_paths=opaths, output_shapes=oshapes,
+      output_packed={p: (None if not o.any() else M.compress(o)) for p, o in zip(opaths, o_packed)},
+      spec=spec, method="gradient", jaxpr=closed, param_treedef=pdef)
+  _EVIDENCE[table] = _Evidence(
+      contact_change={p: c for p, c in zip(ppaths, c_packed)},
+      live=dict(zip(ppaths, live)),
+      num_ids={spec.names[k]: n for k, n in n_ids.items()}, ids_capped=tuple(capped),
+      draws=draws, positive_draws=redrawn,
+      nonfinite={p: n for p, n in zip(ppaths, nonfinite) if n})
+  return table
+
+
+# ---------------------------------------------------------------------------
+# The cross-check.
+
+
+class Miss(NamedTuple):
+  """A probe entry the boolean table lacks and that no legitimate difference explains."""
+
+  path: str
+  index: tuple[int, ...]
+  feature: str
+  explanation: str
+
+
+class Difference(NamedTuple):
+  """A probe entry the table lacks, explained by a named downstream operation (legitimate)."""
+
+  path: str
+  index: tuple[int, ...]
+  feature: str
+  op: str
+  explanation: str
+
+
+class LeafAgreement(NamedTuple):
+  """Counts of (element, feature) pairs of one leaf."""
+
+  both: int
+  table_only: int
+  probe_only: int
+  total: int
+  legitimate: int = 0
+  missed: int = 0
+
+  @property
+  def exact(self) -> bool:
+    """True iff table and probe agree on every element and feature of the leaf."""
+    return self.table_only == 0 and self.probe_only == 0
+
+
+def _fmt_index(index) -> str:
+  return "[" + ", ".join(str(i) for i in index) + "]" if index else ""
+
+
+def _compact(items: Sequence[Any], limit: int = 6) -> str:
+  items = [str(i) for i in items]
+  if len(items) > limit:
+    return ", ".join(items[:limit]) + f", ... (+{len(items) - limit})"
+  return ", ".join(items)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class CrossCheck:
-  pass
+  """The result of :func:`cross_check`.
+
+  Attributes:
+    features: feature names.
+    missed: probe entries the table lacks with no legitimate explanation.
+    legitimate: probe entries the table lacks, each explained by the operation
+      after the parameter's first contact that makes its gradient depend on
+      the feature.
+    per_leaf: per parameter leaf, agreement counts over (element, feature) pairs.
+    table_only_notes: per leaf with table-only entries, why the gradient does
+      not see them (boolean over-approximation relative to the gradient).
+    output_missed: output elements that change numerically with a feature
+      that their forward mask lacks (always a real bug).
+    output_per_leaf: agreement counts of the output masks.
+    notes: general remarks (missing evidence, capped categorical ids...).
+  """
+
+  features: tuple[str, ...]
+  missed: tuple[Miss, ...]
+  legitimate: tuple[Difference, ...]
+  per_leaf: Mapping[str, LeafAgreement]
+  table_only_notes: Mapping[str, str]
+  output_missed: tuple[Miss, ...]
+  output_per_leaf: Mapping[str, LeafAgreement]
+  notes: tuple[str, ...] = ()
+
+  @property
+  def ok(self) -> bool:
+    """True iff nothing is missed (parameters and outputs)."""
+    return not self.missed and not self.output_missed
+
+  def agrees(self, path: str) -> bool:
+    """True iff table and probe agree exactly on leaf ``path``."""
+    if path not in self.per_leaf:
+      raise KeyError(f"No parameter leaf {path!r}. Known: {list(self.per_leaf)}")
+    return self.per_leaf[path].exact
+
+  def report(self, max_rows: int = 12) -> str:
+    """A readable report: verdict, per-leaf agreement, misses, legitimate differences, table-only notes."""
+    n_missed = len(self.missed) + len(self.output_missed)
+    head = (f"CrossCheck: {'OK' if self.ok else 'FAILED'} -- {len(self.missed)} missed parameter "
+            f"entries, {len(self.output_missed)} missed output entries, {len(self.legitimate)} "
+            f"legitimate differences, {len(self.features)} features")
+    lines = [head]
+    from jaxsurgery._src import display
+    rows = []
+    for p, a in self.per_leaf.items():
+      rows.append([p or "<root>", f"{a.both}", f"{a.table_only}",
+                   f"{a.probe_only}" + (f" ({a.legitimate} legit, {a.missed} missed)" if a.probe_only else ""),
+                   "exact" if a.exact else ""])
+    lines.append(display.columns(rows, ["parameter", "both", "table-only", "probe-only", ""]))
+    if n_missed:
+      lines.append("Missed (probe found, table lacks, not explained):")
+      for m in (self.missed + self.output_missed)[:max_rows]:
+        lines.append(f"  {m.path}{_fmt_index(m.index)} x {m.feature}: {m.explanation}")
+      if n_missed > max_rows:
+        lines.append(f"  ... {n_missed - max_rows} more")
+    if self.legitimate:
+      lines.append("Legitimate differences (probe only; the gradient sees effects after the first contact):")
+      groups: dict[tuple[str, str], list[Difference]] = {}
+      for d in self.legitimate:
+        groups.setdefault((d.path, d.explanation), []).append(d)
+      for (path, expl), ds in list(groups.items())[:max_rows]:
+        elems = sorted({d.index for d in ds})
+        fnames = sorted({d.feature for d in ds}, key=self.features.index)
+        lines.append(f"  {path}: {len(ds)} entries, elements {_compact([_fmt_index(e) for e in elems], 4)}; "
+                     f"features {_compact(fnames)}\n    {expl}")
+      if len(groups) > max_rows:
+        lines.append(f"  ... {len(groups) - max_rows} more groups")
+    if self.table_only_notes:
+      lines.append("Table only (boolean over-approximation relative to the gradient):")
+      for p, note in self.table_only_notes.items():
+        lines.append(f"  {p}: {note}")
+    for n in self.notes:
+      lines.append(f"Note: {n}")
+    return "\n".join(lines)
+
+  def __repr__(self) -> str:
+    return self.report()
 
 
-def cross_check(table, probe):
-  raise NotImplementedError("being written")
+def _bits(mask: int) -> list[int]:
+  out = []
+  k = 0
+  while mask:
+    if mask & 1:
+      out.append(k)
+    mask >>= 1
+    k += 1
+  return out
+
+
+def _contact_phrase(rec: _Record) -> str:
+  if rec.prim in _MULTIPLICATIVE:
+    return "multiplicative"
+  if rec.prim in _ADDITIVE_CONTACT:
+    return "additive"
+  if rec.prim in _SELECTION or rec.prim in _INDEXED:
+    return "selection"
+  if rec.prim in _ZERO_GRAD:
+    return "zero-gradient"
+  return "other"
+
+
+_KIND_NOTE = {
+    "additive": "the gradient of an added/placed parameter does not depend on its partner, so the probe "
+                "sees the contact only through later operations",
+    "selection": "the gradient flows only to the selected element/row (max, select, gather), so other "
+                 "candidates keep their gradient",
+    "zero-gradient": "a comparison or rounding has zero gradient",
+    "multiplicative": "the partner (or everything downstream) stayed zero or inactive in every draw "
+                      "(e.g. padding-only taps, dead units)",
+    "other": "the operation's gradient did not change in the draws",
+}
+
+
+def cross_check(table: FeatureTable, probe: FeatureTable) -> CrossCheck:
+  """Checks the boolean table against the gradient probe: nothing the probe finds may be missing.
+
+  Every (element, feature) pair is counted per parameter leaf as ``both``,
+  ``table_only`` or ``probe_only``. A probe-only entry ``(p[e], f)`` is
+  *legitimate* when all of these hold (else it is *missed*):
+
+  1. the contact-local gradient of ``p[e]`` (autodiff cut right after the
+     operations where ``p``'s feature-free chain first meets feature-dependent
+     values) does not change when ``f`` is switched on: ``f`` does not reach
+     ``p[e]``'s first contacts;
+  2. that contact-local gradient is nonzero at the base in some draw: the first
+     contact is not annihilated at the base, so the output gradient of ``p[e]``
+     carries the cotangent from later operations;
+  3. some operation after ``p``'s first contact has a local derivative that
+     depends on ``f`` (a multiplication by, division by, nonlinearity of,
+     selection or indexing by an ``f``-dependent value); it is named in the
+     report.
+
+  Output masks are checked too: an output element that changes when ``f`` is
+  switched on must have ``f`` in its forward mask (no legitimate exception).
+
+  Table-only entries are not errors (the boolean table over-approximates); the
+  report summarises them per leaf with the kind of contact that hides them
+  from gradients.
+
+  Args:
+    table: the boolean table (:func:`dependency_table`).
+    probe: the gradient table (:func:`gradient_table`) of the same function,
+      params, inputs and features.
+
+  Returns:
+    A :class:`CrossCheck`; ``.ok`` is True iff nothing is missed.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js
+    >>> fn = lambda p, x: jnp.tanh(x @ p["w"] + p["b"])
+    >>> params = {"w": jnp.ones((3, 4)), "b": jnp.ones(4)}
+    >>> x, spec = jnp.ones((2, 3)), js.Features(["a", "b", "c"])
+    >>> table = js.dependency_table(fn, params, x, spec)
+    >>> probe = js.gradient_table(fn, params, x, spec, key=jax.random.key(0))
+    >>> js.cross_check(table, probe).ok
+    True
+  """
+  for name, t in (("table", table), ("probe", probe)):
+    if not isinstance(t, FeatureTable):
+      raise TypeError(f"cross_check: {name} must be a FeatureTable, got {type(t).__name__}.")
+  if tuple(table.features) != tuple(probe.features):
+    raise ValueError("cross_check: the two tables have different features.\n"
+                     f"  table: {list(table.features)}\n  probe: {list(probe.features)}")
+  if tuple(table.paths) != tuple(probe.paths) or any(
+      tuple(table.shapes[p]) != tuple(probe.shapes[p]) for p in table.paths):
+    raise ValueError("cross_check: the two tables have different parameter leaves or shapes.\n"
+                     f"  table: {[(p, table.shapes[p]) for p in table.paths]}\n"
+                     f"  probe: {[(p, probe.shapes[p]) for p in probe.paths]}")
+  notes: list[str] = []
+  F = table.num_features
+  names = table.features
+  ev = _EVIDENCE.get(probe)
+  if ev is None:
+    notes.append("the probe carries no evidence from gradient_table in this process (contact-local "
+                 "gradients); every probe-only entry is reported as missed.")
+  elif ev.ids_capped:
+    notes.append(f"categorical features with more than max_ids ids were sampled: {list(ev.ids_capped)}; "
+                 "their unsampled rows appear as table-only.")
+  if ev is not None and ev.positive_draws:
+    notes.append(f"{ev.positive_draws} of {ev.draws} draws were redrawn with positive parameters "
+                 "because the base gave non-finite values.")
+  if ev is not None and ev.nonfinite:
+    notes.append(f"non-finite gradients skipped (element-columns): {dict(ev.nonfinite)}")
+  walk = None
+  if table.jaxpr is not None and table.spec is not None:
+    walk = _static(table.jaxpr, len(table.paths), table.spec)
+  elif table.jaxpr is None:
+    notes.append("the boolean table has no jaxpr: operations cannot be named.")
+
+  # Per parameter leaf: first downstream op explaining each feature; contact records.
+  downs_by_leaf: list[list[_Record]] = [[] for _ in table.paths]
+  contacts_by_leaf: list[list[_Record]] = [[] for _ in table.paths]
+  if walk is not None:
+    for rec in walk.downs.values():
+      for j in _bits(rec.params):
+        if j < len(table.paths):
+          downs_by_leaf[j].append(rec)
+    for rec in walk.contacts.values():
+      for j in _bits(rec.params):
+        if j < len(table.paths):
+          contacts_by_leaf[j].append(rec)
+
+  missed: list[Miss] = []
+  legit: list[Difference] = []
+  per_leaf: dict[str, LeafAgreement] = {}
+  notes_leaf: dict[str, str] = {}
+  for j, path in enumerate(table.paths):
+    shape = tuple(table.shapes[path])
+    T = table.mask(path)
+    P = probe.mask(path)
+    both = int((T & P).sum())
+    t_only = T & ~P
+    p_only = P & ~T
+    total = int(np.prod(shape, dtype=np.int64)) * F
+    down = np.zeros(F, bool)
+    first_down: dict[int, _Record] = {}
+    for rec in downs_by_leaf[j]:
+      for k in _bits(rec.features):
+        if k < F and k not in first_down:
+          first_down[k] = rec
+          down[k] = True
+    if ev is not None:
+      cchange = M.unpack(ev.contact_change[path], shape, F)
+      live = ev.live[path]
+    else:
+      cchange = np.zeros(shape + (F,), bool)
+      live = np.zeros(shape, bool)
+    ok_entry = p_only & ~cchange & live[..., None] & down
+    miss_entry = p_only & ~ok_entry
+    contacts = contacts_by_leaf[j]
+    via = _compact(sorted({r.desc for r in contacts}), 3) if contacts else "no first contact found"
+    kinds = sorted({_contact_phrase(r) for r in contacts})
+    if miss_entry.any():
+      for idx in zip(*np.nonzero(miss_entry)):
+        e, k = tuple(int(i) for i in idx[:-1]), int(idx[-1])
+        if cchange[idx]:
+          why = (f"the contact-local gradient (autodiff cut after the first contact via {via}) changes "
+                 f"when {names[k]!r} is switched on: a first-contact touch the table lacks")
+        elif not live[e]:
+          why = (f"its first contact ({via}) is annihilated at the base (contact-local gradient 0 in "
+                 f"every draw), so only a first contact with {names[k]!r} can change its gradient; the "
+                 f"table lacks it")
+        else:
+          why = (f"no operation after its first contact ({via}) depends on {names[k]!r}, so nothing "
+                 f"explains the gradient change")
+        missed.append(Miss(path, e, names[k], why))
+    if ok_entry.any():
+      cache: dict[int, str] = {}
+      for idx in zip(*np.nonzero(ok_entry)):
+        e, k = tuple(int(i) for i in idx[:-1]), int(idx[-1])
+        rec = first_down[k]
+        if k not in cache:
+          cache[k] = (f"`{path}` enters via {via} ({'/'.join(kinds) or 'unknown'} contact, not annihilated "
+                      f"at the base), then {rec.desc} {rec.how} the feature: its cotangent, hence its "
+                      f"gradient, changes")
+        legit.append(Difference(path, e, names[k], rec.prim, cache[k]))
+    n_t = int(t_only.sum())
+    if n_t:
+      confirmed = int((t_only & cchange).sum())
+      parts = [f"{n_t} entries"]
+      if confirmed:
+        parts.append(f"{confirmed} of them confirmed by the contact-local gradient (the output gradient "
+                     f"did not change: downstream dead, saturated or cut in every draw)")
+      ktxt = "; ".join(f"{k}: {_KIND_NOTE[k]}" for k in kinds) if kinds else "no first contact found"
+      parts.append(f"contacts via {via} -- {ktxt}")
+      notes_leaf[path] = "; ".join(parts)
+    n_m = int(miss_entry.sum())
+    per_leaf[path] = LeafAgreement(both, n_t, int(p_only.sum()), total, int(ok_entry.sum()), n_m)
+
+  # Outputs: forward differences must be inside the forward masks.
+  out_missed: list[Miss] = []
+  out_leaf: dict[str, LeafAgreement] = {}
+  if tuple(table.output_paths) == tuple(probe.output_paths):
+    for path in table.output_paths:
+      T = table.output_mask(path)
+      P = probe.output_mask(path)
+      miss = P & ~T
+      for idx in zip(*np.nonzero(miss)):
+        e, k = tuple(int(i) for i in idx[:-1]), int(idx[-1])
+        out_missed.append(Miss(path, e, names[k],
+                               f"the output changes when {names[k]!r} is switched on but its forward "
+                               f"mask lacks it: a forward rule drops a dependence"))
+      out_leaf[path] = LeafAgreement(int((T & P).sum()), int((T & ~P).sum()), int(miss.sum()),
+                                     int(T[..., 0].size) * F, 0, int(miss.sum()))
+  else:
+    notes.append("output leaves differ between the tables; outputs not compared.")
+  return CrossCheck(tuple(names), tuple(missed), tuple(legit), per_leaf, notes_leaf, tuple(out_missed),
+                    out_leaf, tuple(notes))

@@ -134,8 +134,37 @@ def _abstract(tree, what: str):
   return [feats.keystr(p) for p, _ in leaves], out, treedef
 
 
-def _describe(paths, leaves) -> str:
-  return "\n".join(f"    {p or '<root>'}: {tuple(l.shape)} {np.dtype(l.dtype).name}" for p, l in zip(paths, leaves))
+def _shape_forms(shape) -> tuple[str, ...]:
+  """Ways an error message may spell ``shape``: ``(2, 3)``, ``[2,3]``, ``(2,3)``."""
+  shape = tuple(int(s) for s in shape)
+  if not shape:
+    return ()
+  return (str(shape), "[" + ",".join(map(str, shape)) + "]", "(" + ",".join(map(str, shape)) + ")")
+
+
+def _describe(paths, leaves, message: str = "") -> str:
+  lines = []
+  for p, l in zip(paths, leaves):
+    dtype = l.dtype.name if isinstance(l.dtype, np.dtype) else str(l.dtype)
+    hit = any(form in message for form in _shape_forms(l.shape))
+    lines.append(f"    {p or '<root>'}: {tuple(l.shape)} {dtype}" + ("   <-- shape appears in the error" if hit else ""))
+  return "\n".join(lines) if lines else "    (none)"
+
+
+def _user_frame(exc: BaseException) -> str | None:
+  """The innermost traceback frame outside jax, flax and jaxsurgery (where ``fn`` failed)."""
+  import os
+  import traceback
+  skip = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+  for mod in ("jax", "flax"):
+    m = __import__(mod)
+    skip.append(os.path.dirname(os.path.abspath(m.__file__)))
+  frames = [f for f in traceback.extract_tb(exc.__traceback__)
+            if not any(os.path.abspath(f.filename).startswith(d + os.sep) for d in skip)]
+  if not frames:
+    return None
+  f = frames[-1]
+  return f"{f.filename}:{f.lineno} in {f.name}" + (f": {f.line.strip()}" if f.line else "")
 
 
 def trace(fn: Callable, params: Any, inputs: Any):
@@ -147,10 +176,14 @@ def trace(fn: Callable, params: Any, inputs: Any):
   try:
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(aparams, ainputs)
   except Exception as e:
+    msg = str(e)
+    where = _user_frame(e)
     raise TraceError(
-        f"fn(params, inputs) failed to trace: {type(e).__name__}: {e}\n"
-        f"  It was called with abstract arrays of these shapes:\n  params:\n{_describe(ppaths, pleaves)}\n"
-        f"  inputs:\n{_describe(ipaths, ileaves)}\n"
+        f"fn(params, inputs) failed to trace: {type(e).__name__}: {msg}\n"
+        + (f"  It failed at {where}\n" if where else "")
+        + f"  It was called with abstract arrays of these shapes (leaf path: shape dtype):\n"
+        f"  params:\n{_describe(ppaths, pleaves, msg)}\n"
+        f"  inputs:\n{_describe(ipaths, ileaves, msg)}\n"
         f"  Check that `fn` takes (params, inputs) in that order and that these shapes are the ones "
         f"the model expects.") from e
   return closed, out_shape, (ppaths, pleaves, pdef)

@@ -1,19 +1,36 @@
 """Higher-order primitives: calls, cond, while, scan, shard_map.
 
-* jit / closed_call / custom_jvp_call / custom_vjp_call / remat: interpret the
-  callee with the caller's values (masks *and* provenance flow through).
-* cond: union over the branches that can run, plus the index's mask on every
-  output; a statically known index runs only its branch.
-* while / scan: iterate the body until the carry masks and the touch table stop
-  growing. The first iteration runs on the exact initial carry (so parameter
-  initial states get their first contacts), later ones on the join of every
-  carry seen so far. Per-step inputs use the OR over time; per-step outputs get
-  the join over iterations. Forward and reverse scans are the same fixed point.
+* jit / closed_call / custom_jvp_call / custom_vjp_call / remat / linear_call /
+  eval_jaxpr: interpret the callee with the caller's values (masks, provenance
+  and constants flow through unchanged).
+* cond: ``out`` depends on the branch that runs and on the index. Union over the
+  branches that can run, plus the index's mask on every output; the operands
+  are touched by the index's mask (selection). A statically known index runs
+  only its branch (and keeps constants foldable).
+* while / scan: the fixed point of the carry masks over *levels*. Level 0 is
+  the exact initial carry (constants included, so first contacts at step 0 are
+  recorded exactly); level ``k + 1`` is level ``k`` joined with the body's
+  outputs on level ``k`` (so level ``k`` covers every step ``<= k``... and
+  over-approximates step ``k``). Iteration stops at the first level whose body
+  outputs add nothing (that level is *steady*: it stands for every later step),
+  at the scan's length, and a level is widened to the union of everything that
+  enters the loop after ``WIDEN_AFTER`` levels, so every loop terminates.
+  - while: the predicate's mask joins every carry (it decides the trip count),
+    and the body's operands are touched by it (selection, as in cond).
+  - scan: iteration ``k`` reads the OR of ``xs`` over steps ``>= k``; ``ys[s]``
+    is the output of iteration ``min(s, last)``. Reverse scans are the same with
+    the time axis read backwards.
+  - provenance: touches on a level's carry are carried to the level below and
+    back through the body's outputs of the level below (the boolean transpose
+    of one step), down to the initial carry; a steady level also feeds back
+    into itself. Touches are propagated once per new bit, with a worklist.
 * shard_map: the body sees the union of all shards (masks ORed over sharded
   axes), so collectives inside are identities or dense.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -23,7 +40,8 @@ from jaxsurgery._src.interpreter import Val
 from jaxsurgery._src.rules.common import all_words, join_pulls, out_val, same_mask
 from jaxsurgery._src.rules.registry import register
 
-MAX_ITERATIONS = 1000
+# Levels computed precisely before a loop's carry masks are widened.
+WIDEN_AFTER = 64
 
 
 def const_vals(consts):
@@ -35,13 +53,14 @@ def const_vals(consts):
 
 
 def call(ctx, eqn, invals):
-  """Interpret the callee in place."""
+  """Interpret the callee in place: ``out = callee(*in)``."""
   jaxpr, consts = compat.sub_jaxpr(eqn.params)
   outs = ctx.run(jaxpr, const_vals(consts), invals)
   return [Val(tuple(o.aval.shape), o.aval.dtype, v.mask, v.pull, v.const) for o, v in zip(eqn.outvars, outs)]
 
 
 def cond(ctx, eqn, invals):
+  """``out = branches[index](*ops)``: union of the branches, plus the index's mask."""
   index, ops = invals[0], invals[1:]
   branches = eqn.params["branches"]
   known = index.concrete()
@@ -56,28 +75,129 @@ def cond(ctx, eqn, invals):
   for k, o in enumerate(eqn.outvars):
     rank = len(o.aval.shape)
     mask = M.orr(*(M.lift(r[k].mask, rank) for r in results), M.uniform(words, rank))
-    outs.append(out_val(o, mask, join_pulls(*(r[k].pull for r in results))))
+    const = results[0][k].const if len(results) == 1 else None
+    outs.append(Val(tuple(o.aval.shape), o.aval.dtype, mask,
+                    join_pulls(*(r[k].pull for r in results)), const))
   return outs
 
 
-def _join(a: Val, b: Val, extra=None) -> Val:
-  rank = a.ndim
-  return Val(a.shape, a.dtype, M.orr(M.lift(a.mask, rank), M.lift(b.mask, rank), extra),
-             join_pulls(a.pull, b.pull))
+# -- loops ----------------------------------------------------------------------
+
+def _minus(t, acc):
+  """Bits of ``t`` not in ``acc`` (``None`` if none)."""
+  if t is None:
+    return None
+  new = t if acc is None else np.bitwise_and(t, np.bitwise_not(acc))
+  return None if not new.any() else M.compress(new)
 
 
-def _fixed_point(ctx, eqn, carry, step):
-  """Iterates ``step(carry) -> (carry_out, extra_mask)`` until nothing grows."""
-  for _ in range(MAX_ITERATIONS):
-    version = ctx.version
-    outs, extra = step(carry)
-    new = [_join(c, o, M.uniform(extra, c.ndim)) for c, o in zip(carry, outs)]
-    stable = ctx.version == version and all(same_mask(c.mask, n.mask) for c, n in zip(carry, new))
-    carry = new
-    if stable:
-      return carry
-  raise RuntimeError(f"{eqn.primitive.name}: dependency masks did not reach a fixed point in "
-                     f"{MAX_ITERATIONS} iterations; please report this model.")
+class Levels:
+  """Provenance of a loop's carries across the levels of its fixed point.
+
+  ``enter(k, i, t)`` records touch ``t`` on carry ``i`` of level ``k``. Level
+  ``k > 0`` is level ``k - 1`` joined with ``outs[k - 1]`` (the body's carry
+  outputs on level ``k - 1``), so a touch goes to level ``k - 1`` as is and
+  through ``outs[k - 1][i].pull`` (which reaches level ``k - 1`` carries, body
+  constants and ``xs``). Level 0 is the initial carry. The steady level also
+  feeds its own outputs back. Each level remembers what it already propagated,
+  so every bit travels once, and a worklist (highest level first) replaces
+  recursion.
+  """
+
+  def __init__(self, init: Sequence[Val]):
+    self.init = list(init)
+    self.ranks = [v.ndim for v in init]
+    self.outs: list[list[Val]] = []
+    self.acc: list[list] = []
+    self.pending: dict[int, dict[int, np.ndarray]] = {}
+    self.steady: int | None = None
+    self._draining = False
+
+  def level(self, k: int, masks, consts=None, provenance: bool = True) -> list[Val]:
+    while len(self.acc) <= k:
+      self.acc.append([None] * len(self.init))
+    vals = []
+    for i, (v, m) in enumerate(zip(self.init, masks)):
+      pull = (lambda t, i=i: self.enter(k, i, t)) if provenance else None
+      vals.append(Val(v.shape, v.dtype, m, pull, None if consts is None else consts[i]))
+    return vals
+
+  def enter(self, k: int, i: int, t) -> None:
+    if M.is_empty(t):
+      return
+    t = M.lift(t, self.ranks[i])
+    p = self.pending.setdefault(k, {})
+    p[i] = t if p.get(i) is None else np.bitwise_or(p[i], t)
+    if not self._draining:
+      self._drain()
+
+  def close(self, k: int) -> None:
+    """Makes level ``k`` steady: its body outputs feed back into it."""
+    self.steady = k
+    self._draining = True
+    try:
+      for i, o in enumerate(self.outs[k]):
+        if o.pull is not None and self.acc[k][i] is not None:
+          o.pull(self.acc[k][i])
+    finally:
+      self._draining = False
+    self._drain()
+
+  def _drain(self) -> None:
+    self._draining = True
+    try:
+      while self.pending:
+        k = max(self.pending)
+        touches = self.pending.pop(k)
+        for i, t in touches.items():
+          new = _minus(t, self.acc[k][i])
+          if new is None:
+            continue
+          old = self.acc[k][i]
+          self.acc[k][i] = new if old is None else M.compress(np.bitwise_or(old, new))
+          if k == 0:
+            if self.init[i].pull is not None:
+              self.init[i].pull(new)
+          else:
+            below = self.pending.setdefault(k - 1, {})
+            below[i] = new if below.get(i) is None else np.bitwise_or(below[i], new)
+            o = self.outs[k - 1][i]
+            if o.pull is not None:
+              o.pull(new)
+          if self.steady == k:
+            o = self.outs[k][i]
+            if o.pull is not None:
+              o.pull(new)
+    finally:
+      self._draining = False
+
+
+def _iterate(ctx, eqn, init: Sequence[Val], step: Callable, *, length: int | None,
+             entering: Sequence[Val]):
+  """Runs ``step(k, carry) -> (carry_outs, extra_words)`` over levels until steady.
+
+  Returns ``(final carry Vals, number of body runs)``.
+  """
+  provenance = any(v.pull is not None for v in list(init) + list(entering))
+  levels = Levels(init)
+  cur = levels.level(0, [M.lift(v.mask, v.ndim) for v in init], [v.const for v in init], provenance)
+  k = 0
+  while True:
+    outs, extra = step(k, cur)
+    levels.outs.append(list(outs))
+    masks = [M.orr(c.mask, M.lift(o.mask, c.ndim), M.uniform(extra, c.ndim)) for c, o in zip(cur, outs)]
+    folded = any(c.const is not None for c in cur)
+    if not folded and all(same_mask(c.mask, m) for c, m in zip(cur, masks)):
+      if provenance:
+        levels.close(k)
+      return cur, k + 1
+    if length is not None and k + 1 >= length:
+      return levels.level(k + 1, masks, None, provenance), k + 1
+    if k + 1 >= WIDEN_AFTER:
+      words = M.orr(all_words(cur), all_words(outs), all_words(entering), extra)
+      masks = [M.uniform(words, c.ndim) for c in cur]
+    k += 1
+    cur = levels.level(k, masks, None, provenance)
 
 
 def while_loop(ctx, eqn, invals):
@@ -86,18 +206,25 @@ def while_loop(ctx, eqn, invals):
   cconsts, bconsts, init = invals[:nc], invals[nc:nc + nb], invals[nc + nb:]
   cj, cc = compat.open_jaxpr(p["cond_jaxpr"])
   bj, bc = compat.open_jaxpr(p["body_jaxpr"])
-  preds: list = []
 
-  def step(carry):
+  def step(k, carry):
     pred = ctx.run(cj, const_vals(cc), list(cconsts) + list(carry))[0]
     words = M.reduce_all(pred.mask)  # the trip count depends on the predicate
-    preds.append(pred)
-    for v in cconsts:
-      ctx.touch(v, M.uniform(all_words(carry), v.ndim))
+    for v in list(bconsts) + list(carry):
+      ctx.touch(v, M.uniform(words, v.ndim))
     return ctx.run(bj, const_vals(bc), list(bconsts) + list(carry)), words
 
-  carry = _fixed_point(ctx, eqn, list(init), step)
+  carry, _ = _iterate(ctx, eqn, init, step, length=None, entering=list(cconsts) + list(bconsts))
   return [Val(tuple(o.aval.shape), o.aval.dtype, c.mask, c.pull) for o, c in zip(eqn.outvars, carry)]
+
+
+def _suffix_or(m, reverse: bool):
+  """``out[s]`` = OR of ``m`` over the steps ``>= s`` (time axis 0, step order)."""
+  if m is None or m.shape[0] == 1:
+    return m
+  steps = m if reverse else m[::-1]  # steps in reverse order of execution
+  acc = np.bitwise_or.accumulate(steps, axis=0)
+  return acc if reverse else acc[::-1]
 
 
 def scan(ctx, eqn, invals):
@@ -105,32 +232,73 @@ def scan(ctx, eqn, invals):
   nc, ncarry = compat.scan_counts(p)
   jaxpr, consts = compat.open_jaxpr(p["jaxpr"])
   sconsts, init, xs = invals[:nc], invals[nc:nc + ncarry], invals[nc + ncarry:]
-  x_steps = []
-  for x in xs:
+  length, reverse = int(p["length"]), bool(p.get("reverse", False))
+  row = (lambda s: length - 1 - s) if reverse else (lambda s: s)  # step -> time index
+
+  suffix = [_suffix_or(M.lift(x.mask, x.ndim), reverse) for x in xs]
+
+  def x_step(x, sfx, k):
+    """``xs`` as read by iteration ``k``: the steps ``>= k``."""
+    if sfx is None or sfx.shape[0] == 0:
+      mask = None
+    else:
+      mask = sfx[0] if sfx.shape[0] == 1 else sfx[row(min(k, length - 1))]
     pull = None
     if x.pull is not None:
-      pull = (lambda t, x=x: x.pull(M.lift(t, x.ndim - 1)[None]))
-    x_steps.append(Val(x.shape[1:], x.dtype, M.reduce_or(M.lift(x.mask, x.ndim), [0]), pull))
-  n_ys = len(eqn.outvars) - ncarry
-  ys_masks: list = [None] * n_ys
-  ys_pulls: list[list] = [[] for _ in range(n_ys)]
+      def pull(t, x=x, k=k):
+        t = M.lift(t, x.ndim - 1)[None]
+        if k > 0:  # iteration k stands for the steps >= k only
+          t = np.repeat(t, length, axis=0)
+          t[row(np.arange(min(k, length)))] = 0
+        x.pull(t)
+    return Val(x.shape[1:], x.dtype, mask, pull)
 
-  def step(carry):
-    outs = ctx.run(jaxpr, const_vals(consts), list(sconsts) + list(carry) + x_steps)
-    for k, y in enumerate(outs[ncarry:]):
-      ys_masks[k] = M.orr(ys_masks[k], M.lift(y.mask, y.ndim))
-      if y.pull is not None:
-        ys_pulls[k].append(y.pull)
+  n_ys = len(eqn.outvars) - ncarry
+  ys_runs: list[list[Val]] = []
+
+  def step(k, carry):
+    steps_x = [x_step(x, s, k) for x, s in zip(xs, suffix)]
+    outs = ctx.run(jaxpr, const_vals(consts), list(sconsts) + list(carry) + steps_x)
+    ys_runs.append(outs[ncarry:])
     return outs[:ncarry], None
 
-  carry = _fixed_point(ctx, eqn, list(init), step)
+  carry, runs = _iterate(ctx, eqn, init, step, length=max(length, 1),
+                         entering=list(sconsts) + list(xs))
   outs = [Val(tuple(o.aval.shape), o.aval.dtype, c.mask, c.pull)
           for o, c in zip(eqn.outvars[:ncarry], carry)]
-  for k, o in enumerate(eqn.outvars[ncarry:]):
-    m = ys_masks[k]
-    step_pull = join_pulls(*ys_pulls[k])
-    pull = None if step_pull is None else (lambda t, f=step_pull: f(M.reduce_or(t, [0])))
-    outs.append(out_val(o, None if m is None else m[None], pull))
+  # ys[row(s)] comes from iteration min(s, runs - 1).
+  which = np.minimum(np.arange(length), runs - 1)  # iteration per step
+  for j, o in enumerate(eqn.outvars[ncarry:]):
+    shape = tuple(o.aval.shape)
+    per_run = [M.lift(r[j].mask, len(shape) - 1) for r in ys_runs]
+    if all(same_mask(per_run[0], m) for m in per_run[1:]):
+      mask = None if per_run[0] is None else per_run[0][None]
+    else:
+      W = ctx.W
+      common = np.broadcast_shapes(*(m.shape for m in per_run if m is not None))
+      full = [np.zeros(common, M.WORD) if m is None else np.broadcast_to(m, common) for m in per_run]
+      by_step = np.stack([full[int(w)] for w in which], axis=0)
+      mask = by_step[::-1] if reverse else by_step
+      assert mask.shape[-1] == W
+    pulls = [r[j].pull for r in ys_runs]
+    pull = None
+    if any(q is not None for q in pulls):
+      def pull(t, pulls=pulls, rank=len(shape)):
+        t = M.lift(t, rank)
+        if t.shape[0] == 1:
+          for q in pulls:
+            if q is not None:
+              q(t[0])
+          return
+        by_step = t[::-1] if reverse else t
+        for k, q in enumerate(pulls):
+          if q is None:
+            continue
+          part = by_step[k:k + 1] if k < len(pulls) - 1 else by_step[k:]
+          part = M.reduce_or(part, [0])
+          if not M.is_empty(part):
+            q(part)
+    outs.append(out_val(o, mask, pull))
   return outs
 
 
@@ -155,7 +323,7 @@ def shard_map(ctx, eqn, invals):
     mask = M.reduce_or(M.lift(v.mask, len(shape)), sharded, keepdims=True)
     pull = None
     if v.pull is not None:
-      pull = (lambda t, v=v: v.pull(M.reduce_or(M.lift(t, v.ndim), sharded, keepdims=True)))
+      pull = (lambda t, v=v, sharded=sharded: v.pull(M.reduce_or(M.lift(t, v.ndim), sharded, keepdims=True)))
     result.append(out_val(o, mask, pull))
   return result
 

@@ -43,7 +43,7 @@ UNARY = (
     "integer_pow", "is_finite", "lgamma", "log", "log1p", "logistic", "neg", "not",
     "population_count", "real", "reduce_precision", "round", "rsqrt",
     "sign", "sin", "sinh", "sqrt", "square", "stop_gradient", "tan", "tanh",
-    "frexp", "reciprocal",
+    "frexp", "reciprocal", "stage", "xla_metadata_value", "random_seed", "random_clone",
 )
 
 # One output per operand, each a copy of its operand (collectives see the shard
@@ -51,14 +51,16 @@ UNARY = (
 PASSTHROUGH = ("device_put", "optimization_barrier", "pvary", "pbroadcast", "psum", "pmax",
                "pmin", "ppermute", "psum_invariant", "sharding_constraint", "mesh_cast", "reshard",
                "name", "layout_constraint", "with_memory_space_constraint", "shard_alike", "tie",
-               "pin", "unpin", "multiple_of", "inspect_sharding", "debug_print", "check")
+               "pin", "unpin", "multiple_of", "inspect_sharding", "debug_print", "check",
+               "unreduced_psum", "preduced", "vary_unreduced_cast_p", "reduced_vary_cast_p")
 
 NARY = (
     "add", "add_any", "and", "atan2", "clamp", "complex", "div", "eq", "ge", "gt", "igamma",
     "igammac", "igamma_grad_a", "le", "lt", "max", "min", "mul", "ne", "nextafter", "or",
     "polygamma", "pow", "random_gamma_grad", "regularized_incomplete_beta", "rem",
     "select_n", "shift_left", "shift_right_arithmetic", "shift_right_logical", "sub", "xor",
-    "zeta", "mulhi", "stochastic_round",
+    "zeta", "mulhi", "stochastic_round", "eq_to", "lt_to", "le_to",
+    "random_fold_in", "threefry2x32", "threefry4x32", "philox2x32", "philox4x32", "random_gamma",
 )
 
 register(UNARY, unary)

@@ -395,5 +395,5 @@ register("bitcast_convert_type", bitcast_convert_type)
 register("stack", stack)
 register("unstack", unstack)
 register("tile", tile)
-register(("iota", "empty", "empty2", "zeros_like", "create_token", "after_all", "iota_2x32_shape"),
-         constant)
+register(("iota", "empty", "empty2", "zeros_like", "create_token", "after_all", "iota_2x32_shape",
+          "dce_sink"), constant)

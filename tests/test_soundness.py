@@ -1,0 +1,279 @@
+"""Soundness of the forward masks on randomly composed programs (hypothesis).
+
+A program is a list of (op, seed) pairs drawn by hypothesis. It runs on a flat
+input ``x`` with one feature per element, reshaped to a 2-D start value. Each
+op picks operands among the values computed so far and appends a new 2-D
+value; every value is an output. All choices inside an op (axes, indices,
+random matrices...) come from ``np.random.RandomState(seed)`` and the operand
+shapes, so tracing the program twice gives the same function.
+
+* ``test_random_programs_are_sound``: forward masks contain the Jacobian
+  sparsity pattern (jacfwd plus NaN tangents, see checks.py) for programs over
+  the whole menu.
+* ``test_dense_chains_are_exact``: programs made only of structurally dense
+  ops (reshape, transpose, slice, concatenate, static gather, dot_general with
+  random dense matrices, conv) give exactly the Jacobian pattern.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from jax import lax
+
+from checks import assert_contains, assert_equal, forward_pattern, jacobian_pattern
+
+N = 12
+MAX_SIZE = 72
+
+
+def _other(r, v, vals, same_shape=False):
+  pool = [w for w in vals if w.shape == v.shape] if same_shape else vals
+  return pool[r.randint(len(pool))] if pool else v
+
+
+def _mat(r, *shape):
+  m = r.normal(size=shape).astype(np.float32)
+  return jnp.asarray(np.where(np.abs(m) < 0.1, 0.5, m))  # no structural zeros
+
+
+# -- structurally dense ops ----------------------------------------------------
+
+def op_reshape(r, v, vals):
+  n = v.size
+  divisors = [d for d in range(1, n + 1) if n % d == 0]
+  d = divisors[r.randint(len(divisors))]
+  return v.reshape(-1).reshape(d, n // d)
+
+
+def op_transpose(r, v, vals):
+  return v.T
+
+
+def op_slice(r, v, vals):
+  axis = r.randint(2)
+  n = v.shape[axis]
+  start = r.randint(n)
+  stop = r.randint(start + 1, n + 1)
+  step = r.randint(1, 3)
+  idx = [slice(None), slice(None)]
+  idx[axis] = slice(start, stop, step)
+  return v[tuple(idx)]
+
+
+def op_concat(r, v, vals):
+  axis = r.randint(2)
+  fits = [w for w in vals if w.shape[1 - axis] == v.shape[1 - axis]]
+  w = fits[r.randint(len(fits))]
+  return jnp.concatenate([v, w[::-1]] if r.randint(2) else [w, v], axis=axis)
+
+
+def op_gather(r, v, vals):
+  axis = r.randint(2)
+  idx = r.randint(0, v.shape[axis], size=r.randint(1, 6))
+  if r.randint(2):
+    return jnp.take(v, jnp.asarray(idx), axis=axis)
+  return v[jnp.asarray(idx)] if axis == 0 else v[:, jnp.asarray(idx)]
+
+
+def op_dot(r, v, vals):
+  kind = r.randint(3)
+  if kind == 0:
+    return v @ _mat(r, v.shape[1], r.randint(1, 5))
+  if kind == 1:
+    return _mat(r, r.randint(1, 5), v.shape[0]) @ v
+  w = _other(r, v, [w for w in vals if w.shape[1] == v.shape[1]])
+  return v @ w.T  # both operands feature-dependent
+
+
+def op_conv(r, v, vals):
+  a, c = v.shape
+  k = r.randint(1, min(a, 3) + 1)
+  groups = [g for g in (1, 2, 3) if c % g == 0]
+  g = groups[r.randint(len(groups))]
+  o = g * r.randint(1, 3)
+  stride, rdil, ldil = r.randint(1, 3), r.randint(1, 3), r.randint(1, 3)
+  pad = (r.randint(0, 2), r.randint(0, 2))
+  out = lax.conv_general_dilated(
+      v[None], _mat(r, k, c // g, o), (stride,), (pad,), lhs_dilation=(ldil,), rhs_dilation=(rdil,),
+      dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=g)
+  return out[0] if out.shape[1] > 0 else v
+
+
+DENSE_OPS = {"reshape": op_reshape, "transpose": op_transpose, "slice": op_slice,
+             "concat": op_concat, "gather": op_gather, "dot": op_dot, "conv": op_conv}
+
+
+# -- the rest of the menu --------------------------------------------------------
+
+def op_unary(r, v, vals):
+  f = [jnp.tanh, jnp.sin, jnp.square, jax.nn.sigmoid, lambda y: jnp.log1p(y * y)][r.randint(5)]
+  return f(v)
+
+
+def op_binary(r, v, vals):
+  w = _other(r, v, vals, same_shape=True)
+  if w is v and r.randint(2):
+    w = v[::-1]
+  f = [jnp.add, jnp.multiply, jnp.subtract, jnp.maximum, lambda a, b: a / (1.5 + b * b)][r.randint(5)]
+  if r.randint(4) == 0:  # broadcast a row or a column
+    w = w[:1] if r.randint(2) else w[:, :1]
+  return f(v, w)
+
+
+def op_where(r, v, vals):
+  w = _other(r, v, vals, same_shape=True)
+  return jnp.where(w > 0, v, -2.0 * v[::-1])
+
+
+def op_reduce(r, v, vals):
+  axis = r.randint(2)
+  f = [jnp.sum, jnp.max, jnp.prod, jnp.min, jax.nn.logsumexp][r.randint(5)]
+  return f(v, axis=axis, keepdims=True)
+
+
+def op_cumulative(r, v, vals):
+  axis = r.randint(2)
+  f = [lax.cumsum, lax.cumprod, lax.cummax, lax.cumlogsumexp][r.randint(4)]
+  return f(v, axis=axis, reverse=bool(r.randint(2)))
+
+
+def op_scan(r, v, vals):
+  a, b = v.shape
+  s = _mat(r, b)
+  init = v[0] * 0.5 if r.randint(2) else jnp.zeros(b)
+  kind = r.randint(3)
+
+  def body(c, xt):
+    if kind == 0:
+      c = jnp.tanh(c * s + xt)
+    elif kind == 1:
+      c = jnp.roll(c, 1) + xt
+    else:
+      c = c.sum() * s + xt[::-1]
+    return c, c
+
+  return lax.scan(body, init, v, reverse=bool(r.randint(2)))[1]
+
+
+def op_fori(r, v, vals):
+  steps = r.randint(1, 5)
+  axis = r.randint(2)
+  return lax.fori_loop(0, steps, lambda i, c: c + jnp.roll(c, 1, axis=axis) * 0.5, v)
+
+
+def op_while(r, v, vals):
+  def body(c):
+    i, y = c
+    return i + 1, jnp.roll(y, 1, axis=1) * 1.1 + y
+  return lax.while_loop(lambda c: c[0] < 2, body, (0, v))[1]
+
+
+def op_pad(r, v, vals):
+  cfg = [(r.randint(-1, 2), r.randint(0, 2), r.randint(0, 2)) for _ in range(2)]
+  cfg = [(lo if n + lo > 0 else 0, hi, it) for (lo, hi, it), n in zip(cfg, v.shape)]
+  return lax.pad(v, jnp.float32(0.5) if r.randint(2) else v[0, 0], cfg)
+
+
+def op_rev(r, v, vals):
+  return lax.rev(v, (r.randint(2),))
+
+
+def op_scatter(r, v, vals):
+  idx = jnp.asarray(r.randint(0, v.shape[0], size=r.randint(1, 4)))
+  upd = jnp.tanh(v[:1]) if r.randint(2) else _mat(r, 1, v.shape[1])
+  upd = jnp.broadcast_to(upd, (idx.shape[0], v.shape[1]))
+  return v.at[idx].add(upd) if r.randint(2) else v.at[idx].set(upd)
+
+
+def op_update_slice(r, v, vals):
+  a, b = v.shape
+  h, w = r.randint(1, a + 1), r.randint(1, b + 1)
+  upd = jnp.sin(v[:h, :w][::-1]) if r.randint(2) else jnp.full((h, w), 3.0)
+  base = v if r.randint(2) else jnp.broadcast_to(v[:, :1], v.shape)  # a compressed mask
+  return lax.dynamic_update_slice(base, upd, (r.randint(a - h + 1), r.randint(b - w + 1)))
+
+
+def op_traced_index(r, v, vals):
+  i = jnp.clip((v[0, 0] * 3).astype(jnp.int32), 0, v.shape[0] - 1)
+  if r.randint(2):
+    return lax.dynamic_slice(v, (i, 0), (1, v.shape[1])) * v[-1:]
+  return v[jnp.clip((v[:, 0] * 2).astype(jnp.int32), 0, v.shape[0] - 1)]
+
+
+def op_sort(r, v, vals):
+  return jnp.sort(v, axis=r.randint(2))
+
+
+def op_pool(r, v, vals):
+  init, f = [(0.0, lax.add), (-jnp.inf, lax.max)][r.randint(2)]
+  win = (r.randint(1, min(3, v.shape[0]) + 1), 1)
+  return lax.reduce_window(v, init, f, win, (r.randint(1, 3), 1), "VALID")
+
+
+ALL_OPS = dict(DENSE_OPS, unary=op_unary, binary=op_binary, where=op_where, reduce=op_reduce,
+               cumulative=op_cumulative, scan=op_scan, fori=op_fori, pad=op_pad, rev=op_rev,
+               scatter=op_scatter, update_slice=op_update_slice, traced_index=op_traced_index,
+               sort=op_sort, pool=op_pool, while_loop=op_while)
+
+
+def build(program, ops):
+  """The function ``x -> [every value the program computes]``."""
+  def f(x):
+    r0 = np.random.RandomState(program[0][1])
+    rows = [1, 2, 3, 4, 6, 12][r0.randint(6)]
+    vals = [x.reshape(rows, N // rows)]
+    for name, seed in program:
+      r = np.random.RandomState(seed)
+      v = vals[r.randint(len(vals))]
+      out = ops[name](r, v, vals)
+      if out.ndim != 2 or 0 in out.shape:
+        out = v * 2.0
+      if out.size > MAX_SIZE:
+        out = out[:max(1, MAX_SIZE // out.shape[1]), :MAX_SIZE]
+      vals.append(out)
+    return vals[1:]
+  return f
+
+
+def programs(ops):
+  return st.lists(st.tuples(st.sampled_from(sorted(ops)), st.integers(0, 2**31 - 1)),
+                  min_size=1, max_size=6)
+
+
+def describe(program) -> str:
+  return " -> ".join(f"{name}({seed})" for name, seed in program)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(programs(ALL_OPS))
+def test_random_programs_are_sound(program):
+  f = build(program, ALL_OPS)
+  assert_contains(forward_pattern(f, N), jacobian_pattern(f, N, seeds=(0, 1)), describe(program))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(programs(DENSE_OPS))
+def test_dense_chains_are_exact(program):
+  f = build(program, DENSE_OPS)
+  assert_equal(forward_pattern(f, N), jacobian_pattern(f, N, seeds=(0,)), describe(program))
+
+
+def test_checker_detects_a_wrong_rule():
+  """The soundness check fails on a rule that drops a dependence (so the tests above can fail)."""
+  import jaxsurgery as js
+
+  def drop_second(ctx, eqn, invals):  # an unsound "add": forgets its second operand
+    from jaxsurgery._src.rules.common import out_val
+    return [out_val(eqn.outvars[0], invals[0].mask)]
+
+  f = build([("binary", 0)], ALL_OPS)
+  with js.override_rule("add", drop_second), js.override_rule("mul", drop_second), \
+      js.override_rule("sub", drop_second), js.override_rule("max", drop_second), \
+      js.override_rule("div", drop_second):
+    forward = forward_pattern(f, N)
+  jac = jacobian_pattern(f, N, seeds=(0,))
+  assert (jac & ~forward).any()
