@@ -66,3 +66,26 @@ def assert_equal(forward: np.ndarray, jac: np.ndarray, what: str = "") -> None:
   assert_contains(forward, jac, what)
   extra = forward & ~jac
   assert not extra.any(), f"{what}: over-approximates at (output, feature) {np.argwhere(extra).tolist()[:20]}"
+
+
+def perturbation_pattern(f, n: int, trials: int = 8, seed: int = 0) -> np.ndarray:
+  """Which outputs change when one input is redrawn: (out_size, n).
+
+  A value-level dependence oracle for outputs that autodiff cannot see
+  (integer and boolean outputs, indices, predicates): output ``o`` depends on
+  input ``i`` if redrawing ``x[i]`` alone changes ``o`` at some base point.
+  """
+  flat = _flat(f)
+  batched = jax.jit(jax.vmap(flat))
+  rng = np.random.RandomState(seed)
+  pattern = None
+  for _ in range(trials):
+    base = rng.normal(size=n).astype(np.float32) * 2
+    xs = np.repeat(base[None], n + 1, axis=0)
+    xs[np.arange(n), np.arange(n)] = rng.normal(size=n).astype(np.float32) * 2
+    ys = np.asarray(batched(jnp.asarray(xs)))
+    ref, moved = ys[n], ys[:n]
+    same = (moved == ref) | (np.isnan(moved) & np.isnan(ref))
+    p = (~same).T
+    pattern = p if pattern is None else pattern | p
+  return pattern

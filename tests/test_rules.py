@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from jax import lax
 
-from checks import forward_pattern, jacobian_pattern
+from checks import forward_pattern, jacobian_pattern, perturbation_pattern
+
+import jaxsurgery as js
 
 R = np.random.RandomState(0)
 W34 = jnp.asarray(R.normal(size=(3, 4)), jnp.float32)
@@ -17,6 +19,27 @@ K = jnp.asarray(R.normal(size=(3, 3, 2, 4)), jnp.float32)  # HWIO
 
 def conv(x, **kw):
   return lax.conv_general_dilated(x.reshape(1, 4, 4, 2), K, dimension_numbers=("NHWC", "HWIO", "NHWC"), **kw)
+
+
+K_OIHW = jnp.asarray(R.normal(size=(4, 2, 2, 3)), jnp.float32)     # O=4, I=2, 2x3 taps
+K_G = jnp.asarray(R.normal(size=(6, 2, 2, 1)), jnp.float32)        # O=6, I=C/G=2 (G=2)
+K_BG = jnp.asarray(R.normal(size=(4, 2, 2, 2)), jnp.float32)       # O=4 = 2 batch groups x 2
+K_3D = jnp.asarray(R.normal(size=(2, 1, 2, 2, 3)), jnp.float32)    # DHWIO, I=2, O=3
+MESH = jax.sharding.Mesh(jax.devices()[:1], ("x",))
+P = jax.sharding.PartitionSpec
+
+
+def nchw(x, k, dn=("NCHW", "OIHW", "NCHW"), **kw):
+  return lax.conv_general_dilated(x, k, dimension_numbers=dn, **kw)
+
+
+def _shard(f, in_specs, out_specs):
+  return jax.shard_map(f, mesh=MESH, in_specs=in_specs, out_specs=out_specs)
+
+
+def _shard_experimental(f, in_specs, out_specs):
+  from jax.experimental.shard_map import shard_map
+  return shard_map(f, mesh=MESH, in_specs=in_specs, out_specs=out_specs)
 
 
 # (name, f, n, exact): `exact` cases must equal the Jacobian pattern.
@@ -108,7 +131,80 @@ CASES = [
     ("custom_jvp", lambda x: jax.nn.relu(x) + jax.nn.softplus(x), 4, False),
     ("custom_vjp", lambda x: _clip_grad(x) * 2, 4, True),
     ("closed_call", lambda x: jax.named_call(lambda y: y * y, name="sq")(x), 4, True),
+    # conv: more dimension numbers, strides, dilations, groups, batch groups
+    ("conv_nchw_oihw", lambda x: nchw(x.reshape(1, 2, 4, 3), K_OIHW, window_strides=(1, 2),
+                                      padding=((1, 0), (1, 1))), 24, True),
+    ("conv_nchw_dil", lambda x: nchw(x.reshape(2, 2, 3, 2), K_OIHW, window_strides=(2, 1),
+                                     padding="SAME", rhs_dilation=(2, 1), lhs_dilation=(1, 2)), 24, True),
+    ("conv_mixed_layouts", lambda x: nchw(x.reshape(4, 3, 1, 2), jnp.transpose(K_OIHW, (2, 3, 1, 0)),
+                                          dn=("HWNC", "HWIO", "CNHW"), padding="SAME"), 24, True),
+    ("conv_groups_nchw", lambda x: nchw(x.reshape(1, 4, 3, 2), K_G, window_strides=(1, 1), padding="VALID",
+                                        feature_group_count=2), 24, True),
+    ("conv_batch_groups", lambda x: nchw(x.reshape(4, 2, 3, 1), K_BG, window_strides=(1, 1),
+                                         padding=((0, 1), (0, 1)), batch_group_count=2), 24, False),
+    ("conv_3d", lambda x: lax.conv_general_dilated(x.reshape(1, 2, 3, 2, 2), K_3D, (1, 1, 1), "SAME",
+                                                   dimension_numbers=("NDHWC", "DHWIO", "NDHWC")), 24, True),
+    ("conv_1d_stride_pad", lambda x: lax.conv_general_dilated(
+        x.reshape(1, 2, 6), K_OIHW[:, :, 0, :], (2,), ((2, 1),), dimension_numbers=("NCH", "OIH", "NCH")), 12, True),
+    # reductions / cumulative
+    ("argmin", lambda x: jnp.argmin(x.reshape(2, 3), axis=1).astype(jnp.float32) * x[:2], 6, False),
+    ("cumlogsumexp", lambda x: lax.cumlogsumexp(x.reshape(2, 3), axis=1, reverse=True), 6, True),
+    ("cummin", lambda x: lax.cummin(x.reshape(3, 2), axis=0), 6, False),
+    ("reduce_window_base_dil", lambda x: lax.reduce_window(x.reshape(2, 3), 0.0, lax.add, (1, 2), (1, 1),
+                                                           ((0, 0), (1, 1)), base_dilation=(1, 2)), 6, True),
+    # structural, indexing
+    ("select_n_3", lambda x: lax.select_n(jnp.clip(x[:2].astype(jnp.int32), 0, 2), x[2:4], x[4:6], x[6:8]), 8, False),
+    ("lax_split", lambda x: lax.split(x.reshape(2, 5), (2, 3), axis=1)[1] * 2, 10, True),
+    ("pad_negative", lambda x: lax.pad(x.reshape(2, 3), 1.0, [(0, 1, 0), (-1, 2, 1)]), 6, True),
+    ("dus_compressed", lambda x: lax.dynamic_update_slice(jnp.broadcast_to(x[:3, None], (3, 4)),
+                                                          x[3:5].reshape(1, 2), (1, 2)), 5, True),
+    ("dus_compressed_upd", lambda x: lax.dynamic_update_slice(x[:8].reshape(2, 4),
+                                                              jnp.broadcast_to(x[8], (2, 2)), (0, 1)), 9, True),
+    ("dus_clamped", lambda x: lax.dynamic_update_slice(x[:5], x[5:7], (4,)), 7, True),
+    ("gather_fill_oob", lambda x: x[:5].at[jnp.array([0, 9, -1, 4, -9])].get(mode="fill", fill_value=0.0), 6, True),
+    ("gather_clip_oob", lambda x: x[:5].at[jnp.array([0, 9, -1, 4])].get(mode="clip"), 6, True),
+    ("take_fill", lambda x: jnp.take(x.reshape(2, 3), jnp.array([2, 5, 0]), axis=1, mode="fill", fill_value=1.0), 6, True),
+    ("gather_compressed_fill", lambda x: jnp.broadcast_to(x[0], (4,)).at[jnp.array([1, 7])].get(mode="fill", fill_value=0.0), 2, True),
+    ("scatter_drop_oob", lambda x: x[:5].at[jnp.array([1, 7, 3])].set(x[5:8], mode="drop"), 8, True),
+    ("scatter_add_2d", lambda x: x[:6].reshape(2, 3).at[:, jnp.array([0, 0, 2])].add(x[6:12].reshape(2, 3)), 12, True),
+    ("gather_jit_const", lambda x: jax.jit(lambda y: y[np.array([2, 2, 0])])(x), 3, True),
+    ("dynamic_slice_folded", lambda x: lax.dynamic_slice(x, (lax.iota(jnp.int32, 3)[2],), (2,)), 5, True),
+    # linalg
+    ("eigh", lambda x: jnp.linalg.eigh(x.reshape(2, 2, 2) + jnp.swapaxes(x.reshape(2, 2, 2), 1, 2))[0], 8, False),
+    ("triangular_solve", lambda x: lax.linalg.triangular_solve(
+        jnp.tril(x[:4].reshape(2, 2)) + 3 * jnp.eye(2), x[4:].reshape(2, 2), left_side=True, lower=True), 8, False),
+    ("batched_solve", lambda x: jnp.linalg.solve(x[:8].reshape(2, 2, 2) + 3 * jnp.eye(2), x[8:].reshape(2, 2, 1)), 12, False),
+    ("rfft_2d", lambda x: jnp.abs(jnp.fft.rfft2(x.reshape(2, 2, 3))), 12, False),
+    # random: typed keys and raw uint32 keys; constant keys leave masks elementwise
+    ("random_typed_key", lambda x: x * jax.random.normal(jax.random.key(0), (5,)), 5, True),
+    ("random_raw_key", lambda x: x * jax.random.uniform(jax.random.PRNGKey(0), (5,)), 5, True),
+    ("random_split_keys", lambda x: x * jax.vmap(lambda k: jax.random.normal(k, ()))(
+        jax.random.split(jax.random.key(3), 5)), 5, True),
+    ("random_key_data", lambda x: x + jax.random.key_data(jax.random.split(jax.random.key(1), 5))[:, 0].astype(
+        jnp.float32), 5, True),
+    # higher order
+    ("cond_folded_index", lambda x: lax.cond(lax.iota(jnp.int32, 2)[1] > 0, lambda y: y * 2, lambda y: y[::-1], x), 5, True),
+    ("switch_folded", lambda x: lax.switch(lax.iota(jnp.int32, 3)[2], [jnp.sin, jnp.cos, lambda y: y[::-1]], x), 5, True),
+    ("scan_const_counter", lambda x: lax.scan(lambda i, _: (i + 1, x[i]), 0, None, length=3)[1], 3, True),
+    ("scan_shift_register", lambda x: lax.scan(lambda c, _: (jnp.roll(c, 1), c[0]), x, None, length=7)[1], 7, False),
+    ("scan_params_consts", lambda x: lax.scan(lambda c, xt: (jnp.tanh(c @ W34[:, :3] + xt), c), x[:3],
+                                               x[3:].reshape(2, 3))[1], 9, False),
+    ("fori_long_roll", lambda x: lax.fori_loop(0, 100, lambda i, c: jnp.roll(c, 1).at[0].add(c[-1]), x), 80, False),
+    ("while_long_roll", lambda x: lax.while_loop(lambda c: c[0] < 90, lambda c: (c[0] + 1, jnp.roll(c[1], 1) * 1.01),
+                                                 (0, x))[1], 80, False),
+    ("while_fixed_point_shift", lambda x: lax.while_loop(lambda c: c[0] < 4, lambda c: (c[0] + 1, c[2], c[3], c[3]),
+                                                         (0, x[0], x[1], x[2]))[1:], 3, False),
+    ("linear_call", lambda x: _linear_call(x), 4, True),
+    ("shard_map_psum", lambda x: _shard(lambda w, xb: lax.psum(jnp.tanh(xb @ w), "x"), (P(), P("x")), P())(
+        W34, x.reshape(2, 3)), 6, True),
+    ("shard_map_experimental", lambda x: _shard_experimental(lambda xb: xb[:, ::-1] * 2, (P("x"),), P("x"))(
+        x.reshape(2, 3)), 6, True),
 ]
+
+
+def _linear_call(x):
+  from jax._src.custom_derivatives import linear_call
+  return linear_call(lambda r, y: y * r, lambda r, ct: ct * r, 2.0, x)
 
 
 @jax.custom_vjp

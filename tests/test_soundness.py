@@ -17,6 +17,8 @@ shapes, so tracing the program twice gives the same function.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +30,8 @@ from checks import assert_contains, assert_equal, forward_pattern, jacobian_patt
 
 N = 12
 MAX_SIZE = 72
+# More examples for a thorough run: JAXSURGERY_EXAMPLES=500 pytest tests/test_soundness.py
+EXAMPLES = int(os.environ.get("JAXSURGERY_EXAMPLES", "40"))
 
 
 def _other(r, v, vals, same_shape=False):
@@ -248,14 +252,14 @@ def describe(program) -> str:
   return " -> ".join(f"{name}({seed})" for name, seed in program)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(programs(ALL_OPS))
 def test_random_programs_are_sound(program):
   f = build(program, ALL_OPS)
   assert_contains(forward_pattern(f, N), jacobian_pattern(f, N, seeds=(0, 1)), describe(program))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(programs(DENSE_OPS))
 def test_dense_chains_are_exact(program):
   f = build(program, DENSE_OPS)
@@ -270,10 +274,9 @@ def test_checker_detects_a_wrong_rule():
     from jaxsurgery._src.rules.common import out_val
     return [out_val(eqn.outvars[0], invals[0].mask)]
 
-  f = build([("binary", 0)], ALL_OPS)
-  with js.override_rule("add", drop_second), js.override_rule("mul", drop_second), \
-      js.override_rule("sub", drop_second), js.override_rule("max", drop_second), \
-      js.override_rule("div", drop_second):
+  f = lambda x: [jnp.tanh(x.reshape(3, 4)) + x.reshape(3, 4)[::-1]]
+  with js.override_rule("add", drop_second):
     forward = forward_pattern(f, N)
   jac = jacobian_pattern(f, N, seeds=(0,))
   assert (jac & ~forward).any()
+  assert (jac & ~forward_pattern(f, N)).sum() == 0

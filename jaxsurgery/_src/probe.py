@@ -31,6 +31,7 @@ draw that the cross-check uses to classify differences:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -48,6 +49,9 @@ from jaxsurgery._src import masks as M
 from jaxsurgery._src.table import FeatureTable, trace
 
 __all__ = ["gradient_table", "cross_check", "CrossCheck", "Miss", "Difference", "LeafAgreement"]
+
+_COMPILER_OPTIONS: dict[str, Any] | None = None
+_FAST_COMPILE_ELEMENTS = 1 << 24
 
 # Primitives whose sub-jaxpr is evaluated in place by both walks below.
 _CALLS = frozenset(compat.JIT_NAMES + compat.CALL_NAMES)
@@ -488,15 +492,17 @@ def _check_base(base, inputs, ipaths, ileaves):
   return out
 
 
-def _draw_params(key, pleaves, concrete, positive: bool):
+def _draw_params(rng: np.random.Generator, pleaves, concrete, positive: bool, kept: Sequence[bool]):
+  """Random float leaves (numpy: no per-shape compiles); kept and non-float leaves keep their values."""
   out = []
-  keys = jax.random.split(key, max(len(pleaves), 1))
-  for i, (l, c) in enumerate(zip(pleaves, concrete)):
-    if jnp.issubdtype(l.dtype, jnp.inexact):
-      x = jax.random.normal(keys[i], tuple(l.shape), jnp.float32)
+  for l, c, k in zip(pleaves, concrete, kept):
+    if k:
+      out.append(jnp.asarray(c))
+    elif np.issubdtype(l.dtype, np.inexact):
+      x = rng.standard_normal(tuple(l.shape))
       if positive:
-        x = jnp.abs(x) + 0.1
-      out.append(x.astype(l.dtype))
+        x = np.abs(x) + 0.1
+      out.append(jnp.asarray(x.astype(l.dtype)))
     else:  # integer / bool parameters: kept (or zeros for abstract leaves); never differentiated
       out.append(jnp.zeros(tuple(l.shape), l.dtype) if c is None else jnp.asarray(c))
   return out
@@ -551,7 +557,7 @@ def _resolve_num_ids(num_ids, spec, sites, walk: _Static) -> dict[int, int]:
 def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key=None, base: Any = None,
                    draws: int = 3, chunk_size: int = 16, progress: bool | None = None,
                    num_ids: int | Mapping[str, int] | None = None, max_ids: int = 256,
-                   rtol: float = 1e-4, atol: float = 1e-6) -> FeatureTable:
+                   keep: Sequence[str] = (), rtol: float = 1e-4, atol: float = 1e-6) -> FeatureTable:
   """Builds the feature→parameter table by gradient mapping (the probe).
 
   For each draw of random parameters and each feature ``f``: the inputs are set
@@ -599,6 +605,9 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
     num_ids: number of valid ids of the categorical features (an int for all
       of them, or ``{feature name: n}``); inferred when omitted.
     max_ids: at most this many ids of one categorical feature per draw.
+    keep: parameter leaf paths kept at their given (concrete) values in every
+      draw instead of being drawn, e.g. normalisation statistics, so that a
+      ``base`` at the running mean makes the normalised inputs vanish.
     rtol: relative tolerance of a gradient change.
     atol: absolute tolerance, relative to the leaf's largest base gradient.
 
@@ -625,6 +634,14 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
   n_params = len(pleaves)
   shapes = [tuple(l.shape) for l in pleaves]
   concrete = [None if isinstance(x, jax.ShapeDtypeStruct) else x for x in jax.tree.leaves(params)]
+  keep = (keep,) if isinstance(keep, str) else tuple(keep)
+  unknown = [k for k in keep if k not in ppaths]
+  if unknown:
+    raise KeyError(f"keep names parameter leaves {unknown} that do not exist. Parameter paths: {list(ppaths)}")
+  kept = [p in keep for p in ppaths]
+  for p, c, k in zip(ppaths, concrete, kept):
+    if k and c is None:
+      raise TypeError(f"keep: parameter leaf {p!r} is a ShapeDtypeStruct; a kept leaf needs a concrete value.")
   ileaves_src, idef = jax.tree_util.tree_flatten_with_path(inputs)
   ipaths = [feats.keystr(p) for p, _ in ileaves_src]
   ileaves = list(spec.leaves)
@@ -679,7 +696,11 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
     tol = rtol * jnp.maximum(jnp.abs(a), jnp.abs(b)) + atol * scale
     return fin & (jnp.abs(a - b) > tol), ~fin
 
-  @jax.jit
+  # Small models: XLA's compile time dominates, so compile without backend optimisation.
+  n_elems = sum(int(np.prod(s, dtype=np.int64)) for s in shapes) * (min(chunk_size, 64) + 1)
+  options = _COMPILER_OPTIONS if n_elems > _FAST_COMPILE_ELEMENTS else {"xla_backend_optimization_level": 0}
+
+  @functools.partial(jax.jit, compiler_options=options)
   def chunk_fn(pf, po, sel, val, base_flat, r, phase):
     """Column 0 of ``sel``/``val`` is the base; columns 1.. switch one feature (or id) on."""
     def one(s, v):
@@ -748,18 +769,16 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
           val[li][idx] = np.asarray(idv).astype(leaf.dtype)
     return sel, val
 
-  for d, dkey in enumerate(jax.random.split(key, draws)):
-    pkey, rkey, nkey = jax.random.split(dkey, 3)
-    rng = _np_rng(nkey)
+  for d, seed in enumerate(_np_rng(key).integers(0, 2**63, size=(draws, 2))):
+    rng = np.random.default_rng(seed[1])
     phase = jnp.float32(rng.uniform(0.0, 2 * np.pi))  # of the contact-local cotangents
-    r = [jax.random.normal(k_, oshapes[p], jnp.float32)
-         for k_, p in zip(jax.random.split(rkey, max(len(opaths), 1)), opaths)]
+    r = [jnp.asarray(rng.standard_normal(oshapes[p]).astype(np.float32)) for p in opaths]
     ids = {k: (np.arange(n) if n <= max_ids else np.sort(rng.choice(n, max_ids, replace=False)))
            for k, n in n_ids.items()}
     cols = [(k, None if j is None else int(ids[k][j])) for k, j in columns]
     # Draw 0 is all-positive (parameters and "on" values): no dead ReLUs at a zero base.
     positive = d == 0
-    flat = _draw_params(pkey, pleaves, concrete, positive)
+    flat = _draw_params(np.random.default_rng(seed[0]), pleaves, concrete, positive, kept)
     pf = [flat[i] for i in float_idx]
     for c0 in range(0, max(C, 1), chunk):
       part = cols[c0:c0 + chunk]
@@ -769,7 +788,7 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
         # Non-finite at the base (e.g. a negative variance): redraw this draw positive.
         redrawn += 1
         positive = True
-        flat = _draw_params(pkey, pleaves, concrete, True)
+        flat = _draw_params(np.random.default_rng(seed[0]), pleaves, concrete, True, kept)
         pf = [flat[i] for i in float_idx]
         out = chunk_fn(pf, po, sel, val, base_j, r, phase)
       if c0 == 0:

@@ -71,10 +71,14 @@ def cumulative(ctx, eqn, invals):
 def window_or(m, shape, dims, strides, padding, base_dilation, window_dilation):
   """OR over every window of a reduce_window (or conv) with these parameters."""
   r = len(shape)
-  # A mask constant along an axis stays constant under windowing (up to windows
-  # that see only padding, which we over-approximate), so only varying axes move.
-  axes = [a for a in range(r) if m.shape[a] > 1 and (
-      dims[a] != 1 or strides[a] != 1 or tuple(padding[a]) != (0, 0) or base_dilation[a] != 1)]
+  # A mask constant along an axis stays constant under windowing as long as every
+  # window sees a real element: without padding or base dilation. Otherwise the
+  # axis is expanded, so windows that see only padding (or holes) get nothing.
+  def moves(a):
+    if dims[a] == 1 and strides[a] == 1 and tuple(padding[a]) == (0, 0) and base_dilation[a] == 1:
+      return False
+    return m.shape[a] > 1 or tuple(padding[a]) != (0, 0) or base_dilation[a] != 1
+  axes = [a for a in range(r) if moves(a)]
   if not axes:
     return m
   m = M.expand_axes(m, shape, axes)
