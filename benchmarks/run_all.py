@@ -19,7 +19,7 @@ COMMAND = "python benchmarks/run_all.py"
 
 
 def machine() -> dict:
-  import asdex
+  import importlib.metadata
   import flax
   import jax
   import jaxlib
@@ -29,8 +29,8 @@ def machine() -> dict:
   mem = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal"))
   return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "ram_gib": mem / 2**20,
           "python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-          "numpy": numpy.__version__, "flax": flax.__version__, "asdex": asdex.__version__
-          if hasattr(asdex, "__version__") else "?", "platform": platform.platform(),
+          "numpy": numpy.__version__, "flax": flax.__version__,
+          "asdex": importlib.metadata.version("asdex"), "platform": platform.platform(),
           "load": os.getloadavg(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
@@ -56,7 +56,10 @@ def report(mach, logs, total) -> str:
        "section below is one script, run in its own subprocess, all in one run on one machine.", "",
        "## Machine and command", "",
        f"- command: `{COMMAND}` (from the repository root); whole run {total:.0f} s",
-       f"- date: {mach['date']}; load average at start: {', '.join(f'{x:.2f}' for x in mach['load'])}",
+       f"- date: {mach['date']}; load average (1, 5, 15 min) at start: "
+       f"{', '.join(f'{x:.2f}' for x in mach['load'])}, at end: "
+       f"{', '.join(f'{x:.2f}' for x in mach['load_end'])} (the machine may be shared; a load "
+       f"above the core count inflates every time below)",
        f"- CPU: {mach['cpu']}, {mach['cores']} cores available, {mach['ram_gib']:.1f} GiB RAM; "
        f"{mach['platform']}",
        f"- python {mach['python']}, jax {mach['jax']} (jaxlib {mach['jaxlib']}), numpy "
@@ -72,7 +75,8 @@ def report(mach, logs, total) -> str:
     rows.append(("OpenAI-Five-scale table", "< 0.5 s on this CPU",
                  f"{f(c['seconds'])} cold, {f(tab['table_fresh']['median'])} warm", c["seconds"] < 0.5))
     rows.append(("peak memory, Five-scale table", "< 300 MB above `import jax`",
-                 f"+{c['delta_mb']:.1f} MB peak RSS (baseline {c['base_mb']:.0f} MB)",
+                 f"+{c['delta_mb']:.0f} MB peak RSS above `import jax` ({c['base_mb']:.0f} → "
+                 f"{c['peak_mb']:.0f} MB; the build itself +{c['delta_js_mb']:.1f} MB)",
                  c["delta_mb"] < 300))
   if asd:
     worst = min(asd, key=lambda r: r["ratio"])
@@ -107,32 +111,43 @@ def report(mach, logs, total) -> str:
           f"{f(tab['table_cached_trace']['median'])} | – |",
           f"| paper | ~{tab['paper_s']:.0f} s | |", "",
           f"Cold, the table is {tab['paper_s'] / c['seconds']:.0f}× faster than the paper's "
-          f"~{tab['paper_s']:.0f} s; most of it is JAX tracing. Peak RSS (ru_maxrss, fresh process): "
-          f"{c['base_mb']:.0f} MB after `import jax, jaxsurgery`; the build adds "
-          f"{c['delta_mb']:.1f} MB (make_jaxpr alone: {cj['delta_mb']:.1f} MB). The packed table "
-          f"itself is {c['table_mb'] * 1024:.1f} KiB.", ""]
+          f"~{tab['paper_s']:.0f} s; most of it is JAX tracing. Peak RSS (ru_maxrss, fresh process, "
+          f"worst of 3): {c['base_mb']:.0f} MB after `import jax`, {c['base_js_mb']:.0f} MB after "
+          f"`import jaxsurgery` and building the abstract model, {c['peak_mb']:.0f} MB after the "
+          f"table: +{c['delta_mb']:.0f} MB above `import jax`, of which the build itself is "
+          f"+{c['delta_js_mb']:.1f} MB (make_jaxpr alone: +{cj['delta_js_mb']:.1f} MB). The packed "
+          f"table is {c['table_mb'] * 1024:.1f} KiB.", ""]
   if asd:
     L += ["## 2. Against asdex (`bench_asdex.py`)", "",
           "One feature per element of a flat input vector; jaxsurgery's `table.output_mask()` vs "
           "`asdex.jacobian_sparsity(fn, params, x, argnums=1)` converted to dense bool. Same "
           "concrete arrays, a fresh function object per call; jaxsurgery median of 7, asdex "
-          "median of 3. Neither model uses value information (no constant index arrays).", "",
-          "| model | Jacobian | nnz | jaxsurgery | asdex | ratio | ratio w/o make_jaxpr | make_jaxpr | equal |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "median of 3. None of these models gives asdex value information to use (no constant index arrays).", "",
+          "| model | Jacobian | nnz | jaxsurgery | asdex | ratio | ratio w/o make_jaxpr | make_jaxpr | ceiling | equal |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     L += [f"| {r['model']} | {r['n_out']}×{r['n_in']} | {r['nnz']:,} | {f(r['ours_s'])} | "
           f"{f(r['asdex_s'])} | {r['ratio']:.0f}× | {r['ratio_excl_trace']:.0f}× | "
-          f"{f(r['trace_s'])} | {r['equal']} |" for r in asd]
-    L.append("")
+          f"{f(r['trace_s'])} | {r['asdex_s'] / r['trace_s']:.0f}× | {r['equal']} |" for r in asd]
+    L += ["", "*ratio w/o make_jaxpr*: (asdex − make_jaxpr) / (jaxsurgery − make_jaxpr), both "
+          "trace the function once. *ceiling*: asdex / make_jaxpr, the ratio a jaxsurgery "
+          "that interpreted the jaxpr in zero time would reach.", ""]
   L += ["## 3. Gradient probe vs boolean table (`bench_probe.py`)", ""]
   if not probe or (isinstance(probe, dict) and "skipped" in probe):
     L += ["skipped: not implemented (`jaxsurgery.gradient_table` raised NotImplementedError).", ""]
   else:
-    L += ["Five-style models (same 69 features), `gradient_table(..., key=...)` with default "
-          "draws on concrete random params vs `dependency_table` on abstract shapes.", "",
-          "| model | params | gradient probe | (first call) | boolean table | probe / table |",
-          "|---|---|---|---|---|---|"]
+    p0 = probe[0]
+    L += ["Five-style models with the same 69 features, 189 units and 16 steps as the 150M model "
+          "but 16 unit types and 16 item types (the probe compares every categorical id; the "
+          "default 512 + 256 ids would make 579 probe columns instead of 99). "
+          f"`gradient_table(fn, params, inputs, features, key=...)` with its defaults (draws="
+          f"{p0.get('draws')}, chunk_size={p0.get('chunk_size')}) on concrete random params, vs "
+          "`dependency_table` on abstract shapes (median of 7). Every gradient_table call "
+          "compiles again, so the first call is the time a user sees; a second call is timed only "
+          "when the first took < 60 s.", "",
+          "| model | params | gradient probe | first call | boolean table | probe / table | cross_check ok |",
+          "|---|---|---|---|---|---|---|"]
     L += [f"| {r['model']} | {r['num_params']:,} | {f(r['probe_s'])} | {f(r['probe_first_s'])} | "
-          f"{f(r['table_s'])} | {r['ratio']:.0f}× |" for r in probe]
+          f"{f(r['table_s'])} | {r['ratio']:,.0f}× | {r['cross_check_ok']} |" for r in probe]
     L.append("")
   L += ["## 4. Applying the remap (`bench_remap.py`)", ""]
   if remap and "skipped" not in remap:
@@ -168,6 +183,7 @@ def main():
   for name in SCRIPTS:
     logs[name] = run(name)[1]
   total = time.perf_counter() - t
+  mach["load_end"] = os.getloadavg()
   common.save("machine", mach)
   with open(os.path.join(common.HERE, "README.md"), "w") as fh:
     fh.write(report(mach, logs, total) + "\n")

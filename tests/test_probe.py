@@ -15,7 +15,7 @@ import zoo  # noqa: E402
 import jaxsurgery as js  # noqa: E402
 from jaxsurgery._src.rules import registry  # noqa: E402  (the real dot_general rule, to break it)
 
-KEY = jax.random.key(0)
+KEY = jax.random.key(0)  # results were also checked with keys 1-4
 
 
 def _five_base(m):
@@ -98,12 +98,14 @@ def test_zoo_cross_check(name):
     assert s in m.singles
 
 
+REAL_DOT_GENERAL = registry.lookup("dot_general")
+
+
 def broken_dot_general(ctx, eqn, invals):
   """The real dot_general rule, but blind to the rhs's provenance: no touch reaches the kernel."""
-  real = registry.lookup("dot_general")
   lhs, rhs = invals[:2]
   blind = js.Val(rhs.shape, rhs.dtype, mask=rhs.mask, pull=None, const=rhs.const)
-  return real(ctx, eqn, [lhs, blind] + list(invals[2:]))
+  return REAL_DOT_GENERAL(ctx, eqn, [lhs, blind] + list(invals[2:]))
 
 
 def test_broken_rule_is_caught():
@@ -173,6 +175,26 @@ def test_probe_only_without_explanation_is_missed():
   assert check.per_leaf["w"].probe_only == 3 and check.per_leaf["w"].missed == 3
 
 
+def test_live_first_contact_still_caught():
+  """w's first contact is live at the base (x + 1 != 0) and tanh after it depends on every
+  feature, yet the contact-local gradient shows that 'a' reaches w's first contact itself."""
+  fn = lambda p, x: jnp.tanh(p["w"] * (x[0] + 1.0) + x[1])
+  params = {"w": jnp.ones(())}
+  x, spec = jnp.ones(2), js.Features(["a", "b"])
+  table = js.dependency_table(fn, params, x, spec)
+  assert table.lookup("a")["w"] and not table.lookup("b")["w"]
+  probe = js.gradient_table(fn, params, x, spec, key=KEY)
+  check = js.cross_check(table, probe)
+  assert check.ok and [(d.feature, d.op) for d in check.legitimate] == [("b", "tanh")]
+  check = js.cross_check(dataclasses.replace(table, packed={"w": None}), probe)
+  assert [(m.path, m.feature) for m in check.missed] == [("w", "a")]
+  assert "contact-local gradient" in check.missed[0].explanation
+  assert [(d.feature, d.op) for d in check.legitimate] == [("b", "tanh")]
+  # Without the probe's evidence (a rebuilt table object) the check is strict and says so.
+  strict = js.cross_check(table, dataclasses.replace(probe))
+  assert not strict.ok and any("no evidence" in n for n in strict.notes)
+
+
 def test_abstract_params_and_inputs_match_concrete():
   m = zoo.get("embedding")
   params, inputs = zoo.abstract(m)
@@ -184,14 +206,15 @@ def test_abstract_params_and_inputs_match_concrete():
     np.testing.assert_array_equal(a.output_mask(p), b.output_mask(p))
   # Categorical features: every row of each embedding is probed (ids inferred from the gathers).
   assert a.lookup("hero")["hero_embed"].all() and a.lookup("items")["item_embed"].all()
-  assert not a.lookup("hero")["item_embed"].any()
+  # Only the row gathered at the base (id 0) sees other features (through later operations).
+  assert not a.lookup("hero")["item_embed"][1:].any() and a.lookup("hero")["item_embed"][0].any()
   # Another key and fewer draws: the same first-contact pattern of the items feature.
   c = js.gradient_table(m.fn, params, inputs, m.features, key=jax.random.key(7), draws=2)
   np.testing.assert_array_equal(a.lookup("items")["item_embed"], c.lookup("items")["item_embed"])
 
 
 def test_num_ids_override_and_errors():
-  fn = lambda p, x: jnp.tanh(p["e"][x["id"]] * x["v"][..., None])
+  fn = lambda p, x: jnp.tanh(p["e"][x["id"]] + x["v"][..., None])
   params = {"e": jnp.ones((6, 2))}
   x = {"id": jnp.zeros((2,), jnp.int32), "v": jnp.ones((2,))}
   spec = {"id": "id", "v": "v"}

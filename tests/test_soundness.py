@@ -22,6 +22,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax import lax
@@ -280,3 +281,119 @@ def test_checker_detects_a_wrong_rule():
   jac = jacobian_pattern(f, N, seeds=(0,))
   assert (jac & ~forward).any()
   assert (jac & ~forward_pattern(f, N)).sum() == 0
+
+
+# -- provenance: parameters used through feature-free views ------------------------
+#
+# A parameter ``w`` goes through a random chain V of feature-free ops, then meets
+# ``x`` (one feature per element of V(w)) in a product. The touch on V(w)[p] is
+# feature p, pulled back to every element of ``w`` that V(w)[p] reads: the
+# Jacobian pattern of V. Data movement is exact; reductions, dots with constant
+# matrices and elementwise maps pull back to all contributing elements, which is
+# again the Jacobian pattern. So the table must equal it.
+
+def view_reshape(r, v):
+  return op_reshape(r, v, [v])
+
+
+def view_slice(r, v):
+  return op_slice(r, v, [v])
+
+
+def view_gather(r, v):
+  return op_gather(r, v, [v])
+
+
+def view_concat(r, v):
+  return jnp.concatenate([v, v[::-1]], axis=r.randint(2))
+
+
+def view_pad(r, v):
+  return lax.pad(v, 0.0, [(r.randint(-1, 2) if n > 1 else 0, r.randint(0, 2), r.randint(0, 2)) for n in v.shape])
+
+
+def view_rev(r, v):
+  return lax.rev(v, (r.randint(2),))
+
+
+def view_broadcast(r, v):
+  return jnp.repeat(v, 2, axis=r.randint(2)) if r.randint(2) else jnp.tile(v, (1, 2))
+
+
+def view_update(r, v):
+  a, b = v.shape
+  h, w = r.randint(1, a + 1), r.randint(1, b + 1)
+  return lax.dynamic_update_slice(v, jnp.zeros((h, w)), (r.randint(a - h + 1), r.randint(b - w + 1)))
+
+
+def view_reduce(r, v):
+  return v.sum(axis=r.randint(2), keepdims=True) if r.randint(2) else jnp.cumsum(v, axis=r.randint(2))
+
+
+def view_dot(r, v):
+  return v @ _mat(r, v.shape[1], r.randint(1, 4))
+
+
+def view_elementwise(r, v):
+  return jnp.exp(jnp.tanh(v)) if r.randint(2) else jax.nn.softplus(v) * 0.5  # no overflow (inf * 0 = NaN)
+
+
+VIEWS = {"reshape": view_reshape, "transpose": lambda r, v: v.T, "slice": view_slice,
+         "gather": view_gather, "concat": view_concat, "pad": view_pad, "rev": view_rev,
+         "broadcast": view_broadcast, "update": view_update, "reduce": view_reduce,
+         "dot": view_dot, "elementwise": view_elementwise}
+W_SHAPE = (3, 4)
+
+
+def build_view(program):
+  def view(w):
+    v = w
+    for name, seed in program:
+      out = VIEWS[name](np.random.RandomState(seed), v)
+      if out.ndim == 2 and 0 not in out.shape and out.size <= MAX_SIZE:
+        v = out
+    return v
+  return view
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(sorted(VIEWS)), st.integers(0, 2**31 - 1)), min_size=1, max_size=5))
+def test_parameter_views_pull_back_to_the_elements_they_read(program):
+  import jaxsurgery as js
+
+  view = build_view(program)
+  out_shape = jax.eval_shape(view, jax.ShapeDtypeStruct(W_SHAPE, jnp.float32)).shape
+  n = int(np.prod(out_shape))
+  fn = lambda p, x: x.reshape(out_shape) * view(p["w"])
+  table = js.dependency_table(fn, {"w": jax.ShapeDtypeStruct(W_SHAPE, jnp.float32)},
+                              jax.ShapeDtypeStruct((n,), jnp.float32),
+                              js.Features([f"p{i}" for i in range(n)]))
+  reads = jacobian_pattern(lambda w: view(w.reshape(W_SHAPE)), int(np.prod(W_SHAPE)), seeds=(0,))  # (n, |w|)
+  got = table.mask("w").reshape(-1, n)                 # (|w|, n)
+  assert_equal(got, reads.T, describe(program))
+
+
+LOOP_VIEWS = {
+    "fori_roll": lambda w: lax.fori_loop(0, 3, lambda i, c: jnp.roll(c, 1, axis=0) * 1.5, w),
+    "scan_ys": lambda w: lax.scan(lambda c, r: (c + r, c * r), w[0], w)[1],
+    "scan_reverse_carry": lambda w: lax.scan(lambda c, r: (jnp.roll(c, 1) + r, None), w[0] * 0, w, reverse=True)[0][None],
+    "while_shift": lambda w: lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, c[1][::-1]), (0, w))[1],
+    "scan_consts": lambda w: lax.scan(lambda c, _: (c * w[1], None), w[0], None, length=4)[0][None],
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOOP_VIEWS))
+def test_parameter_views_through_loops_pull_back_soundly(name):
+  """Touches through loops cover at least the elements each output reads (loops may over-approximate)."""
+  import jaxsurgery as js
+
+  view = LOOP_VIEWS[name]
+  out_shape = jax.eval_shape(view, jax.ShapeDtypeStruct(W_SHAPE, jnp.float32)).shape
+  n = int(np.prod(out_shape))
+  fn = lambda p, x: x.reshape(out_shape) * view(p["w"])
+  table = js.dependency_table(fn, {"w": jax.ShapeDtypeStruct(W_SHAPE, jnp.float32)},
+                              jax.ShapeDtypeStruct((n,), jnp.float32),
+                              js.Features([f"p{i}" for i in range(n)]))
+  reads = jacobian_pattern(lambda w: view(w.reshape(W_SHAPE)), int(np.prod(W_SHAPE)), seeds=(0,))
+  assert reads.any()
+  assert_contains(table.mask("w").reshape(-1, n), reads.T, name)

@@ -4,7 +4,10 @@ Supported: JAX >= 0.7. Known differences:
 * "pjit" was renamed "jit" (0.7); both names are registered.
 * scan's ``num_consts``/``num_carry`` became ``ft_in`` (0.11).
 * custom_vjp's sub-jaxpr is ``call_jaxpr`` (newer) or ``fun_jaxpr`` (older
-  ``custom_vjp_call_jaxpr``); remat is ``checkpoint``/``remat2``.
+  ``custom_vjp_call_jaxpr``); remat is ``checkpoint``/``remat2``; linear_call's is
+  ``callee``, custom_vmap_call's is ``call``.
+* shard_map's ``jaxpr`` is an open Jaxpr (0.10), with ``in_specs``/``out_specs``;
+  the rule reads only the body's local avals.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ ClosedJaxpr = jcore.ClosedJaxpr
 
 def sub_jaxpr(params: dict[str, Any]) -> tuple[Jaxpr, list[Any]]:
   """The (open jaxpr, consts) that a call-like primitive evaluates."""
-  for key in ("jaxpr", "call_jaxpr", "fun_jaxpr", "callee"):
-    if key in params:
+  for key in ("jaxpr", "call_jaxpr", "fun_jaxpr", "callee", "call"):  # call: custom_vmap_call
+    if isinstance(params.get(key), (Jaxpr, ClosedJaxpr)):
       return open_jaxpr(params[key])
   raise KeyError(f"no sub-jaxpr among params {sorted(params)}")
 

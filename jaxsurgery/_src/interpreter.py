@@ -128,7 +128,7 @@ class Context:
     self.param_shapes = list(param_shapes)
     self.param_touch: list[np.ndarray | None] = [None] * len(param_shapes)
     self.strict = strict
-    self.version = 0  # bumped whenever a touch adds a bit (fixed points watch it)
+    self.version = 0  # number of touches that added bits to the table (diagnostics)
     self.unknown: dict[str, int] = {}
     self.rules = rules if rules is not None else registry.active_rules()
 
@@ -140,11 +140,17 @@ class Context:
       t = M.unbroadcast(M.lift(t, len(shape)), shape)
       if M.is_empty(t):
         return
+      if any(s not in (1, n) for s, n in zip(t.shape[:-1], shape)):
+        raise AssertionError(f"touch of shape {t.shape[:-1]} on parameter {index} of shape {shape}")
       old = self.param_touch[index]
-      new = t if old is None else np.bitwise_or(old, t)
-      if old is None or (new != old).any():
-        self.version += 1
-        self.param_touch[index] = M.compress(new)
+      if old is None:
+        new = np.array(M.compress(t))  # owned: later rules cannot alias it
+      elif not np.bitwise_and(t, np.bitwise_not(old)).any():
+        return  # nothing new (no broadcast OR materialised)
+      else:
+        new = M.compress(np.bitwise_or(old, t))
+      self.version += 1
+      self.param_touch[index] = new
     return pull
 
   def touch(self, val: Val, mask: np.ndarray | None) -> None:

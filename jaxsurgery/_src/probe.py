@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import sys
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -51,7 +51,7 @@ from jaxsurgery._src.table import FeatureTable, trace
 __all__ = ["gradient_table", "cross_check", "CrossCheck", "Miss", "Difference", "LeafAgreement"]
 
 _COMPILER_OPTIONS: dict[str, Any] | None = None
-_FAST_COMPILE_ELEMENTS = 1 << 24
+_FAST_COMPILE_ELEMENTS = 1 << 20  # params x columns below which compile time dominates
 
 # Primitives whose sub-jaxpr is evaluated in place by both walks below.
 _CALLS = frozenset(compat.JIT_NAMES + compat.CALL_NAMES)
@@ -100,7 +100,9 @@ def _derivative_features(name: str, params: Mapping[str, Any], i: int, fs: Seque
   if name in _MULTIPLICATIVE:
     return others, "multiplies it by a value that depends on"
   if name == "div":
-    return (fs[1], "divides it by a value that depends on") if i == 0 else (allf, "divides by it, nonlinearly in")
+    if i == 0:
+      return fs[1], "divides it by a value that depends on"
+    return allf, "divides by it (nonlinear in its denominator) with values that depend on"
   if name == "select_n":
     return (0, "") if i == 0 else (fs[0], "selects it by a predicate that depends on")
   if name in ("gather", "dynamic_slice"):
@@ -147,7 +149,10 @@ def _source(eqn) -> str:
     s = source_info_util.summarize(eqn.source_info)
   except Exception:  # pragma: no cover - private API
     return ""
-  return "" if not s or s.startswith("<unknown") else s
+  if not s or s.startswith("<unknown"):
+    return ""
+  head, sep, tail = s.partition(":")
+  return head.rsplit("/", 1)[-1] + sep + tail  # file name, not the full path
 
 
 @dataclasses.dataclass
@@ -194,7 +199,7 @@ class _Static:
     for _ in range(64):
       outs = body(list(consts) + carry + list(rest))
       xf = extra(outs)
-      new = [_join(c, o)._replace(F=_join(c, o).F | xf) for c, o in zip(carry, outs[:ncarry])]
+      new = [(lambda j: j._replace(F=j.F | xf))(_join(c, o)) for c, o in zip(carry, outs[:ncarry])]
       if new == carry:
         break
       carry = new
@@ -283,7 +288,11 @@ class _Static:
       iota = int(eqn.outvars[0].aval.shape[p["dimension"]])
     elif name in ("broadcast_in_dim", "reshape", "convert_element_type", "squeeze", "expand_dims") and ins:
       iota = ins[0].iota
-    return [_St(F, P, post, T, iota)] * n_out
+    outs = []
+    for o in eqn.outvars:  # only integer values can carry a categorical index
+      integer = np.issubdtype(np.dtype(getattr(o.aval, "dtype", np.float32)), np.integer)
+      outs.append(_St(F, P, post, T if integer else 0, iota))
+    return outs
 
   def _down(self, key, desc, prim, params, features, how):
     rec = self.downs.get(key)
@@ -336,9 +345,10 @@ def _static(closed, n_params: int, spec: feats.ResolvedSpec) -> _Static:
 
 
 class _ContactSum:
+  """Accumulates ``sum_c <u_c, out_c>`` over first-contact outputs (simple and compound separately)."""
 
-  def __init__(self, key):
-    self.key = key
+  def __init__(self, phase):
+    self.phase = phase
     self.count = 0
     self.simple = jnp.zeros((), jnp.float32)
     self.compound = jnp.zeros((), jnp.float32)
@@ -350,7 +360,7 @@ class _ContactSum:
         continue
       # Generic nonzero weights without a PRNG (threefry is slow to compile): a cosine hash.
       n = jnp.arange(o.size, dtype=jnp.float32).reshape(o.shape)
-      w = jnp.cos(n * 12.9898 + 78.233 * (self.count + 1) + self.key)
+      w = jnp.cos(n * 12.9898 + 78.233 * (self.count + 1) + self.phase)
       self.count += 1
       term = jnp.sum(w * jnp.real(o).astype(jnp.float32))
       if compound:
@@ -408,6 +418,21 @@ def _contact_eval(jaxpr, consts, args, flags, acc: _ContactSum):
         env[v], fenv[v] = o, f
   res = [read(v) for v in jaxpr.outvars]
   return [a for a, _ in res], [f for _, f in res]
+
+
+def _uses(jaxpr, names: frozenset) -> bool:
+  """Whether ``jaxpr`` (or a call inside it) contains one of the primitives ``names``."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in names:
+      return True
+    if eqn.primitive.name in _CALLS:
+      try:
+        sub, _ = compat.sub_jaxpr(eqn.params)
+      except KeyError:
+        continue
+      if _uses(sub, names):
+        return True
+  return False
 
 
 # ---------------------------------------------------------------------------
@@ -569,8 +594,8 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
   union over draws.
 
   * Float features are switched on to ``base + v`` with ``v`` random, nonzero
-    (``±U(0.5, 1.5)``), drawn per element (every replica position of the
-    feature) and per draw.
+    (``±U(0.5, 1.5)``; positive in draw 0), drawn per element (every replica
+    position of the feature: batch, time, unit slots...) and per draw.
   * Integer (categorical) features are compared at every id ``0 .. n-1``
     against the base id (0 unless ``base`` says otherwise). ``n`` is taken from
     ``num_ids`` or inferred from the jaxpr: the smallest table size of a
@@ -621,7 +646,7 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
     >>> x = jax.ShapeDtypeStruct((2, 3), jnp.float32)
     >>> probe = js.gradient_table(fn, params, x, js.Features(["a", "b", "c"]),
     ...                           key=jax.random.key(0))
-    >>> probe.lookup("b")["w"][1].all(), probe.lookup("b")["w"][0].any()
+    >>> bool(probe.lookup("b")["w"][1].all()), bool(probe.lookup("b")["w"][0].any())
     (True, False)
   """
   key = _as_key(key)
@@ -677,13 +702,13 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
 
   in_flags = [(True, False)] * n_params + [(False, bool(l.feature_ids)) for l in ileaves]
 
-  def contact_sums(pf, po, x_flat, ckey):
-    acc = _ContactSum(ckey)
+  def contact_sums(pf, po, x_flat, phase):
+    acc = _ContactSum(phase)
     _contact_eval(closed.jaxpr, closed.consts, merge(pf, po) + list(x_flat), in_flags, acc)
     return acc
 
   grad_proj = jax.grad(projection, has_aux=True)
-  has_compound = any(e.primitive.name in _COMPOUND for e in closed.jaxpr.eqns)
+  has_compound = _uses(closed.jaxpr, _COMPOUND)
   grad_simple = jax.grad(lambda pf, po, x, k: contact_sums(pf, po, x, k).simple)
   grad_compound = jax.grad(lambda pf, po, x, k: contact_sums(pf, po, x, k).compound)
 
@@ -713,7 +738,7 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
     for t in G:
       a, b = changed(t, t[:1])
       g_ch.append(a)
-      g_nf.append(jnp.sum(b, axis=0))
+      g_nf.append(jnp.sum(b.reshape(b.shape[0], -1), axis=1))  # per column
     c_ch = [changed(t, t[:1])[0] for t in GC]
     o_ch = [changed(t, t[:1])[0] for t in O]
     base_live = [jnp.abs(t[0]) > 0 for t in GC]
@@ -782,7 +807,7 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
     pf = [flat[i] for i in float_idx]
     for c0 in range(0, max(C, 1), chunk):
       part = cols[c0:c0 + chunk]
-      sel, val = columns_input(part, rng, positive)
+      sel, val = columns_input(part, rng, d == 0)
       out = chunk_fn(pf, po, sel, val, base_j, r, phase)
       if c0 == 0 and not bool(out[-1]) and not positive:
         # Non-finite at the base (e.g. a negative variance): redraw this draw positive.
@@ -791,6 +816,12 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
         flat = _draw_params(np.random.default_rng(seed[0]), pleaves, concrete, True, kept)
         pf = [flat[i] for i in float_idx]
         out = chunk_fn(pf, po, sel, val, base_j, r, phase)
+      if c0 == 0 and not bool(out[-1]):
+        warnings.warn(
+            f"gradient_table: draw {d} gives non-finite outputs or gradients at the base even with "
+            f"positive parameters; elements with non-finite gradients are not marked in this draw. "
+            f"Pass `keep=` for leaves that need their real values (e.g. variances) or a finite `base`.",
+            RuntimeWarning, stacklevel=2)
       if c0 == 0:
         for i, m in zip(float_idx, out[4]):
           live[i] |= np.asarray(m)
@@ -814,7 +845,7 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
       output_packed={p: (None if not o.any() else M.compress(o)) for p, o in zip(opaths, o_packed)},
       spec=spec, method="gradient", jaxpr=closed, param_treedef=pdef)
   _EVIDENCE[table] = _Evidence(
-      contact_change={p: c for p, c in zip(ppaths, c_packed)},
+      contact_change={p: M.compress(c) for p, c in zip(ppaths, c_packed)},
       live=dict(zip(ppaths, live)),
       num_ids={spec.names[k]: n for k, n in n_ids.items()}, ids_capped=tuple(capped),
       draws=draws, positive_draws=redrawn,
@@ -927,10 +958,18 @@ class CrossCheck:
     lines.append(display.columns(rows, ["parameter", "both", "table-only", "probe-only", ""]))
     if n_missed:
       lines.append("Missed (probe found, table lacks, not explained):")
-      for m in (self.missed + self.output_missed)[:max_rows]:
-        lines.append(f"  {m.path}{_fmt_index(m.index)} x {m.feature}: {m.explanation}")
-      if n_missed > max_rows:
-        lines.append(f"  ... {n_missed - max_rows} more")
+      mgroups: dict[tuple[str, str], list[Miss]] = {}
+      for m in self.missed + self.output_missed:
+        mgroups.setdefault((m.path, m.explanation.replace(repr(m.feature), "the feature")), []).append(m)
+      for (path, expl), ms in list(mgroups.items())[:max_rows]:
+        elems = [_fmt_index(e) for e in sorted({m.index for m in ms})]
+        fnames = sorted({m.feature for m in ms}, key=self.features.index)
+        first = ms[0]
+        lines.append(f"  {path or '<root>'}: {len(ms)} entries, elements {_compact(elems, 4)}; features "
+                     f"{_compact(fnames)}; e.g. {path}{_fmt_index(first.index)} x {first.feature}\n"
+                     f"    {first.explanation}")
+      if len(mgroups) > max_rows:
+        lines.append(f"  ... {len(mgroups) - max_rows} more groups")
     if self.legitimate:
       lines.append("Legitimate differences (probe only; the gradient sees effects after the first contact):")
       groups: dict[tuple[str, str], list[Difference]] = {}
@@ -967,7 +1006,7 @@ def _bits(mask: int) -> list[int]:
 
 
 def _contact_phrase(rec: _Record) -> str:
-  if rec.prim in _MULTIPLICATIVE:
+  if rec.prim in _MULTIPLICATIVE or rec.prim == "div":
     return "multiplicative"
   if rec.prim in _ADDITIVE_CONTACT:
     return "additive"
@@ -984,8 +1023,8 @@ _KIND_NOTE = {
     "selection": "the gradient flows only to the selected element/row (max, select, gather), so other "
                  "candidates keep their gradient",
     "zero-gradient": "a comparison or rounding has zero gradient",
-    "multiplicative": "the partner (or everything downstream) stayed zero or inactive in every draw "
-                      "(e.g. padding-only taps, dead units)",
+    "multiplicative": "the partner stayed zero at the base (e.g. an unnamed input at zero, padding-only "
+                      "taps) or everything downstream was dead or saturated in every draw",
     "other": "the operation's gradient did not change in the draws",
 }
 

@@ -55,6 +55,12 @@ def _from_out(t, out_rank, n_batch, lo, hi, rank, batch, free):
 
 
 def dot_general(ctx, eqn, invals):
+  """``out[b, i, j] = sum_c lhs[b, i, c] * rhs[b, c, j]``.
+
+  mask(out)[b, i, j] = OR_c mask(lhs)[b, i, c] | OR_c mask(rhs)[b, c, j] (exact
+  without value-based zeros). ``rhs[b, c, j]`` is touched by OR_i mask(lhs)[b, i, c]
+  (and symmetrically); touches on ``out`` pull back to every contracted element.
+  """
   lhs, rhs = invals[:2]
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
   lf = [a for a in range(lhs.ndim) if a not in lc and a not in lb]
@@ -78,6 +84,15 @@ def dot_general(ctx, eqn, invals):
 
 
 def conv(ctx, eqn, invals):
+  """``out[n, o, p] = sum_{i in group(o), k} lhs[n, i, window(p, k)] * rhs[o, i, k]``.
+
+  Forward: OR over the channels of each feature group, a windowed OR with the
+  conv's strides, padding and dilations (windows that see only padding get
+  nothing), spread to the group's output channels; batch groups OR over the
+  batch (sound, coarse). ``rhs[o, i, k]`` is touched by input channel ``i`` of
+  ``o``'s group over every position and batch element. Pullbacks from ``out``
+  are uniform (every operand element may contribute).
+  """
   lhs, rhs = invals[:2]
   p = eqn.params
   dn = p["dimension_numbers"]

@@ -201,6 +201,8 @@ def _iterate(ctx, eqn, init: Sequence[Val], step: Callable, *, length: int | Non
 
 
 def while_loop(ctx, eqn, invals):
+  """``while cond(c): c = body(c)``: the level fixed point of the carry; the predicate's
+  mask joins every carry and touches the body's operands."""
   p = eqn.params
   nc, nb = p["cond_nconsts"], p["body_nconsts"]
   cconsts, bconsts, init = invals[:nc], invals[nc:nc + nb], invals[nc + nb:]
@@ -219,7 +221,8 @@ def while_loop(ctx, eqn, invals):
 
 
 def _suffix_or(m, reverse: bool):
-  """``out[s]`` = OR of ``m`` over the steps ``>= s`` (time axis 0, step order)."""
+  """``out[r]`` = OR of ``m`` over the rows (time axis 0) of the steps at or after row
+  ``r``'s step: rows ``>= r`` for a forward scan, rows ``<= r`` for a reverse one."""
   if m is None or m.shape[0] == 1:
     return m
   steps = m if reverse else m[::-1]  # steps in reverse order of execution
@@ -228,6 +231,9 @@ def _suffix_or(m, reverse: bool):
 
 
 def scan(ctx, eqn, invals):
+  """``c, ys[t] = body(c, xs[t])``: the level fixed point of the carry (at most ``length``
+  levels); iteration ``k`` reads ``xs`` of the steps ``>= k`` and writes ``ys`` of step
+  ``k`` (of every later step for the last iteration)."""
   p = eqn.params
   nc, ncarry = compat.scan_counts(p)
   jaxpr, consts = compat.open_jaxpr(p["jaxpr"])
@@ -274,12 +280,11 @@ def scan(ctx, eqn, invals):
     if all(same_mask(per_run[0], m) for m in per_run[1:]):
       mask = None if per_run[0] is None else per_run[0][None]
     else:
-      W = ctx.W
       common = np.broadcast_shapes(*(m.shape for m in per_run if m is not None))
-      full = [np.zeros(common, M.WORD) if m is None else np.broadcast_to(m, common) for m in per_run]
-      by_step = np.stack([full[int(w)] for w in which], axis=0)
+      full = np.stack([np.zeros(common, M.WORD) if m is None else np.broadcast_to(m, common)
+                       for m in per_run])
+      by_step = np.take(full, which, axis=0)
       mask = by_step[::-1] if reverse else by_step
-      assert mask.shape[-1] == W
     pulls = [r[j].pull for r in ys_runs]
     pull = None
     if any(q is not None for q in pulls):
@@ -303,6 +308,8 @@ def scan(ctx, eqn, invals):
 
 
 def shard_map(ctx, eqn, invals):
+  """The body on the union of the shards: masks ORed over the sharded axes on the way in
+  and out (local shapes come from the body's avals), so collectives inside are sound."""
   jaxpr, consts = compat.sub_jaxpr(eqn.params)
   local_in = [tuple(v.aval.shape) for v in jaxpr.invars]
 

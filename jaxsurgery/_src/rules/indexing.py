@@ -38,6 +38,8 @@ def _select_touches(ctx, data, index_vals):
 # -- dynamic_slice / dynamic_update_slice -------------------------------------
 
 def dynamic_slice(ctx, eqn, invals):
+  """``out[i] = x[start + i]`` (starts clamped). Static starts: an exact slice. Traced:
+  OR over the sliced axes plus the starts' masks on every element."""
   x, idx = invals[0], invals[1:]
   sizes = tuple(eqn.params["slice_sizes"])
   starts = concrete_ints(idx)
@@ -55,6 +57,10 @@ def dynamic_slice(ctx, eqn, invals):
 
 
 def dynamic_update_slice(ctx, eqn, invals):
+  """``out = x`` with ``out[start + i] = upd[i]`` (starts clamped). Static starts: the
+  region takes ``upd``'s mask, the rest keeps ``x``'s (compressed axes expanded only where
+  the region cuts them). Traced: ``x``'s mask OR ``upd``'s spread over the moving axes,
+  plus the starts' masks."""
   x, upd, idx = invals[0], invals[1], invals[2:]
   out = eqn.outvars[0]
   starts = concrete_ints(idx)
@@ -103,8 +109,10 @@ def _iota(shape):
 
 def _take_rows(flat, src):
   """Rows of ``flat`` (N, W) at ``src`` (any shape, -1 = none)."""
-  out = flat[np.clip(src, 0, None)]
-  out[src < 0] = 0
+  src = np.asarray(src)
+  out = np.take(flat, np.clip(src, 0, None), axis=0)  # a copy, also for 0-d ``src``
+  if (src < 0).any():
+    out = np.where((src < 0)[..., None], M.WORD(0), out)
   return out
 
 
@@ -116,6 +124,15 @@ def _scatter_rows(rows, src, n, W):
 
 
 def gather(ctx, eqn, invals):
+  """``out[batch, offset] = x[idx[batch] + offset]`` (clip / fill modes).
+
+  Static indices: the exact source of every output element, found by gathering an
+  iota of ``x`` with the same parameters (fill: -1 = no source, empty mask).
+  Traced: fully sliced operand axes keep their masks at their offset dims (and
+  batching axes at their batch dims); indexed axes are ORed over; every output
+  element also gets its index vector's mask. ``x`` is touched by the indices'
+  masks everywhere (any row may be selected).
+  """
   x, idx = invals
   out = eqn.outvars[0]
   out_shape = tuple(out.aval.shape)
@@ -138,14 +155,42 @@ def gather(ctx, eqn, invals):
       t = M.materialize(M.lift(t, len(out_shape)), out_shape, t.shape[-1])
       return _scatter_rows(t, src, x.size, t.shape[-1]).reshape(x.shape + (t.shape[-1],))
     return [out_val(out, mask, forward_pull(x, to_x))]
-  # Traced indices: out[batch..., offset...] reads the batch position's indices.
+  # Traced indices: out[batch..., offset...] = x[idx[batch] + offset]. Operand axes
+  # that are indexed (or windowed, or batching) are ORed over; fully sliced axes
+  # keep their mask and move to their offset dims. Every output element also
+  # depends on its batch position's index vector.
   dn = p["dimension_numbers"]
-  batch_axes = [a for a in range(len(out_shape)) if a not in dn.offset_dims]
-  idx_m = M.reduce_or(M.lift(idx.mask, idx.ndim), [idx.ndim - 1]) if idx.ndim else M.lift(idx.mask, 0)
-  idx_part = None if idx_m is None else place(idx_m, batch_axes, len(out_shape)) if batch_axes else \
-      M.uniform(M.reduce_all(idx_m), len(out_shape))
-  mask = M.orr(idx_part, M.uniform(M.reduce_all(x.mask), len(out_shape)))
-  return [out_val(out, mask, cut_pull([(x, lambda t: M.uniform(M.reduce_all(t), x.ndim))], mask))]
+  rank = len(out_shape)
+  offset = list(dn.offset_dims)
+  batch_axes = [a for a in range(rank) if a not in offset]
+  obatch = list(getattr(dn, "operand_batching_dims", ()))
+  ibatch = list(getattr(dn, "start_indices_batching_dims", ()))
+  # where each operand axis lands in the output: fully or partly sliced axes at
+  # their offset dim, batching axes at their indices' batch dim (vmap of a gather)
+  kept = [a for a in range(x.ndim) if a not in dn.collapsed_slice_dims and a not in obatch]
+  pos_of = dict(zip(kept, offset))
+  pos_of.update({a: batch_axes[b] for a, b in zip(obatch, ibatch)})
+  axes_in = sorted(pos_of)
+  src = [pos_of[a] for a in axes_in]
+  others = [o for o in range(rank) if o not in src]
+  indexed = set(dn.start_index_map) | {a for a in kept if p["slice_sizes"][a] != x.shape[a]}
+  reduced = sorted(indexed | (set(range(x.ndim)) - set(axes_in)))
+  moved = [j for j, a in enumerate(axes_in) if a in indexed]
+  idx_m = M.reduce_or(M.lift(idx.mask, idx.ndim), [idx.ndim - 1])
+  idx_part = None if idx_m is None else place(idx_m, batch_axes, rank)
+  x_part = None
+  if x.mask is not None:
+    xm = M.reduce_or(M.lift(x.mask, x.ndim), reduced, keepdims=True)
+    x_part = place(xm.reshape([xm.shape[a] for a in axes_in] + [xm.shape[-1]]), src, rank)
+  mask = M.orr(idx_part, x_part)
+
+  def to_x(t):
+    t = M.reduce_or(M.lift(t, rank), others, keepdims=True)
+    t = t.transpose(src + others + [rank])
+    t = t.reshape(t.shape[:len(src)] + t.shape[-1:])
+    t = M.reduce_or(t, moved, keepdims=True)
+    return place(t, axes_in, x.ndim)
+  return [out_val(out, mask, cut_pull([(x, to_x)], mask))]
 
 
 def _scatter_dest(x_shape, idx, upd_shape, dn, mode):

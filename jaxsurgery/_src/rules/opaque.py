@@ -45,6 +45,7 @@ def blockwise(core_rank):
   """A rule for ops that are dense within ``core_rank(eqn)`` trailing axes, batched elsewhere."""
 
   def rule(ctx, eqn, invals):
+    """``out[b, ...] = op(in[b, ...])``: exact on the leading batch axes, dense on the core."""
     core = core_rank(eqn)
     ranks = [v.ndim for v in invals] + [len(o.aval.shape) for o in eqn.outvars]
     nb = max(0, min(ranks) - core)
