@@ -10,7 +10,6 @@ from jax import lax
 
 from checks import forward_pattern, jacobian_pattern, perturbation_pattern
 
-import jaxsurgery as js
 
 R = np.random.RandomState(0)
 W34 = jnp.asarray(R.normal(size=(3, 4)), jnp.float32)

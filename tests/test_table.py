@@ -579,3 +579,45 @@ def test_error_non_array_leaves():
 def test_error_features_given_a_string():
   with pytest.raises(TypeError, match="sequence of names"):
     js.Features("abc")
+
+
+class _Block(nnx.Module):
+  def __init__(self, d, rngs):
+    self.lin = nnx.Linear(d, d, rngs=rngs)
+    self.drop = nnx.Dropout(0.1, rngs=rngs)
+
+  def __call__(self, x):
+    return x + nnx.relu(self.drop(self.lin(x)))
+
+
+class _Stacked(nnx.Module):
+  def __init__(self, d, n, rngs):
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return _Block(d, rngs)
+    self.blocks = make(rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    @nnx.remat
+    def step(x, block):
+      return block(x)
+    return step(x, self.blocks)
+
+
+def test_nnx_scan_over_stacked_layers_with_rng_state():
+  # whole NNX state (typed PRNG keys and counters included), vmap-created layers,
+  # nnx.scan + nnx.remat: first layer rows stay per feature, deeper layers see all
+  module = nnx.eval_shape(lambda: _Stacked(4, 3, nnx.Rngs(0)))
+  graphdef, state = nnx.split(module)
+
+  def fn(state, x):
+    m = nnx.merge(graphdef, state)
+    m.eval()
+    return m(x)
+  t = js.dependency_table(fn, state, sds(2, 4), ABCD, strict=True)
+  k = sets(t, "blocks/lin/kernel/value")
+  assert (k[0] == rows((4, 4), [fs(n) for n in "abcd"])).all()
+  assert (k[1:] == ALL4).all()
+  assert t.touched_elements("blocks/drop/rngs/key/value") == 0
