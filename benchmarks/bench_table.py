@@ -69,13 +69,13 @@ def main():
 
   # Warm: a fresh model function each call (JAX traces again), and the same function
   # (jax.make_jaxpr's trace cache hits, so this is the interpretation alone).
-  table = lambda f: js.dependency_table(f.fn, f.params, f.inputs, f.features)
-  res["table_fresh"] = common.bench_fresh(models.five, table, n=7)
+  build = lambda f: js.dependency_table(f.fn, f.params, f.inputs, f.features)
+  res["table_fresh"] = common.bench_fresh(models.five, build, n=7)
   res["jaxpr_fresh"] = common.bench_fresh(
       models.five, lambda f: jax.make_jaxpr(f.fn)(f.params, f.inputs), n=7)
   res["table_cached_trace"] = common.bench(
       lambda: js.dependency_table(m.fn, m.params, m.inputs, m.features), n=7)
-  table = table(models.five())
+  table = build(m)
   res["num_features"] = table.num_features
   res["unknown_primitives"] = list(table.unknown_primitives)
 
