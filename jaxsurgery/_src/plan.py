@@ -423,7 +423,7 @@ def plan(old_table: FeatureTable, new_table: FeatureTable, *, rename: Mapping[st
       leaves.append(LeafPlan(n, o, shape, old_table.shapes[o], tuple(maps), tuple(how), zero, counts))
     else:
       size = int(np.prod(shape, dtype=np.int64))
-      nz = 0 if zero is None else int(np.broadcast_to(zero, shape).sum())
+      nz = 0 if zero is None else _broadcast_count(zero, shape)
       leaves.append(LeafPlan(n, None, shape, None, (), (), zero,
                              dict(copied=0, moved=0, fresh=size, zeroed=nz, dropped=0)))
   matched_old = {o for o, _, _ in pairs}
@@ -460,22 +460,27 @@ def _explained_drop(leaf: LeafPlan, removed) -> bool:
   return all(h != "identity" for h, m in zip(leaf.how, leaf.maps) if m is not None) or bool(removed)
 
 
+def _broadcast_count(b, shape) -> int:
+  """True elements of ``np.broadcast_to(b, shape)``, without materialising it."""
+  b = np.asarray(b)
+  b = b.reshape((1,) * (len(shape) - b.ndim) + b.shape)
+  repeat = int(np.prod([n for n, m in zip(shape, b.shape) if m == 1], dtype=np.int64))
+  return int(np.count_nonzero(b)) * repeat
+
+
 def _counts(shape, old_shape, maps, fresh, zero):
   size = int(np.prod(shape, dtype=np.int64))
-  n_fresh = 0 if fresh is None else int(np.broadcast_to(fresh, shape).sum())
-  n_zero = 0 if zero is None else int(np.broadcast_to(zero, shape).sum())
-  # copied: same index on every axis; moved: carried over from another position
-  same = None
+  n_fresh = 0 if fresh is None else _broadcast_count(fresh, shape)
+  n_zero = 0 if zero is None else _broadcast_count(zero, shape)
+  # copied: the same index on every axis (an outer product: count per axis, multiply);
+  # moved: carried over from another position. A fresh index (-1) is never "same".
+  n_same = 1
   for a, m in enumerate(maps):
-    s = np.ones(shape[a], bool) if m is None else (m == np.arange(shape[a]))
-    s = s.reshape((1,) * a + (-1,) + (1,) * (len(shape) - a - 1))
-    same = s if same is None else (same & s)
-  n_same = size if same is None else int(np.broadcast_to(same, shape).sum())
-  carried = size - n_fresh
+    n_same *= shape[a] if m is None else int(np.count_nonzero(m == np.arange(shape[a])))
   used = 1
   for a, m in enumerate(maps):
     used *= old_shape[a] if m is None else len(np.unique(m[m >= 0]))
-  return dict(copied=n_same, moved=carried - n_same, fresh=n_fresh, zeroed=n_zero,
+  return dict(copied=n_same, moved=size - n_fresh - n_same, fresh=n_fresh, zeroed=n_zero,
               dropped=int(np.prod(old_shape, dtype=np.int64)) - used)
 
 

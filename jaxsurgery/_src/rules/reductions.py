@@ -12,6 +12,8 @@ Structure:
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import numpy as np
 from jax import lax
@@ -82,6 +84,8 @@ def window_or(m, shape, dims, strides, padding, base_dilation, window_dilation):
   if not axes:
     return m
   m = M.expand_axes(m, shape, axes)
+  if int(np.prod([dims[a] for a in axes])) <= 64:
+    return _window_or_numpy(m, axes, dims, strides, padding, base_dilation, window_dilation)
   win = [dims[a] if a in axes else 1 for a in range(r)] + [1]
   st = [strides[a] if a in axes else 1 for a in range(r)] + [1]
   pad = [tuple(padding[a]) if a in axes else (0, 0) for a in range(r)] + [(0, 0)]
@@ -90,6 +94,31 @@ def window_or(m, shape, dims, strides, padding, base_dilation, window_dilation):
   with jax.default_device(jax.devices("cpu")[0]):
     out = lax.reduce_window(np.ascontiguousarray(m), np.uint32(0), lax.bitwise_or, win, st, pad, bd, wd)
   return np.asarray(out)
+
+
+def _window_or_numpy(m, axes, dims, strides, padding, base_dilation, window_dilation):
+  """Windowed OR as an OR of strided slices, one per tap (no JAX dispatch for small windows)."""
+  for a in axes:  # base dilation, then (possibly negative) padding, with zeros in the holes
+    n, bd, (lo, hi) = m.shape[a], base_dilation[a], padding[a]
+    size = (n - 1) * bd + 1 + max(lo, 0) + max(hi, 0)
+    out = np.zeros(m.shape[:a] + (size,) + m.shape[a + 1:], m.dtype)
+    idx = [slice(None)] * m.ndim
+    idx[a] = slice(max(lo, 0), max(lo, 0) + (n - 1) * bd + 1, bd)
+    out[tuple(idx)] = m
+    idx[a] = slice(max(-lo, 0), size - max(-hi, 0))
+    m = out[tuple(idx)]
+  outn = {a: (m.shape[a] - (dims[a] - 1) * window_dilation[a] - 1) // strides[a] + 1 for a in axes}
+  if min(outn.values()) <= 0:
+    return np.zeros(tuple(max(outn.get(a, m.shape[a]), 0) for a in range(m.ndim - 1)) + m.shape[-1:], m.dtype)
+  res = None
+  for taps in itertools.product(*(range(dims[a]) for a in axes)):
+    idx = [slice(None)] * m.ndim
+    for a, k in zip(axes, taps):
+      s = k * window_dilation[a]
+      idx[a] = slice(s, s + (outn[a] - 1) * strides[a] + 1, strides[a])
+    part = m[tuple(idx)]
+    res = part.copy() if res is None else np.bitwise_or(res, part, out=res)
+  return res
 
 
 def reduce_window(ctx, eqn, invals):
