@@ -357,18 +357,23 @@ def build_view(program):
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(st.sampled_from(sorted(VIEWS)), st.integers(0, 2**31 - 1)), min_size=1, max_size=5))
-def test_parameter_views_pull_back_to_the_elements_they_read(program):
+def _view_table(view):
+  """Table of ``x * view(w)`` with one feature per output element, and the elements of w each output reads."""
   import jaxsurgery as js
 
-  view = build_view(program)
   out_shape = jax.eval_shape(view, jax.ShapeDtypeStruct(W_SHAPE, jnp.float32)).shape
   n = int(np.prod(out_shape))
   fn = lambda p, x: x.reshape(out_shape) * view(p["w"])
   table = js.dependency_table(fn, {"w": jax.ShapeDtypeStruct(W_SHAPE, jnp.float32)},
                               jax.ShapeDtypeStruct((n,), jnp.float32),
                               js.Features([f"p{i}" for i in range(n)]))
-  reads = jacobian_pattern(lambda w: view(w.reshape(W_SHAPE)), int(np.prod(W_SHAPE)), seeds=(0,))  # (n, |w|)
+  reads = jacobian_pattern(lambda w: view(w.reshape(W_SHAPE)), int(np.prod(W_SHAPE)), seeds=(0,))
+  return table, reads, n
+
+
+@given(st.lists(st.tuples(st.sampled_from(sorted(VIEWS)), st.integers(0, 2**31 - 1)), min_size=1, max_size=5))
+def test_parameter_views_pull_back_to_the_elements_they_read(program):
+  table, reads, n = _view_table(build_view(program))  # reads: (n, |w|)
   got = table.mask("w").reshape(-1, n)                 # (|w|, n)
   assert_equal(got, reads.T, describe(program))
 
@@ -385,15 +390,6 @@ LOOP_VIEWS = {
 @pytest.mark.parametrize("name", sorted(LOOP_VIEWS))
 def test_parameter_views_through_loops_pull_back_soundly(name):
   """Touches through loops cover at least the elements each output reads (loops may over-approximate)."""
-  import jaxsurgery as js
-
-  view = LOOP_VIEWS[name]
-  out_shape = jax.eval_shape(view, jax.ShapeDtypeStruct(W_SHAPE, jnp.float32)).shape
-  n = int(np.prod(out_shape))
-  fn = lambda p, x: x.reshape(out_shape) * view(p["w"])
-  table = js.dependency_table(fn, {"w": jax.ShapeDtypeStruct(W_SHAPE, jnp.float32)},
-                              jax.ShapeDtypeStruct((n,), jnp.float32),
-                              js.Features([f"p{i}" for i in range(n)]))
-  reads = jacobian_pattern(lambda w: view(w.reshape(W_SHAPE)), int(np.prod(W_SHAPE)), seeds=(0,))
+  table, reads, n = _view_table(LOOP_VIEWS[name])
   assert reads.any()
   assert_contains(table.mask("w").reshape(-1, n), reads.T, name)

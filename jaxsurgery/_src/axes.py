@@ -145,10 +145,8 @@ def _step(eqn, var, ax, n, queue, jaxpr):
       sub, _ = compat.sub_jaxpr(p)
     except KeyError:
       return None
-    outer_out = out
     for i in pos:
       queue.append((sub, sub.invars[i], ax))
-    _LINKS.setdefault(id(sub), (jaxpr, outer_out))
     return None
   if name == "scan":
     nc, ncarry = compat.scan_counts(p)
@@ -164,9 +162,6 @@ def _step(eqn, var, ax, n, queue, jaxpr):
       if len(_shape(o)) == len(_shape(var)):
         follow(o, ax)
   return None
-
-
-_LINKS: dict = {}
 
 
 def index_map(new_n: int, old_n: int, new_s: Factors | None, old_s: Factors | None) -> tuple[np.ndarray, str]:

@@ -96,22 +96,25 @@ class ResolvedSpec:
   def num_features(self) -> int:
     return len(self.names)
 
-  def input_masks(self) -> list[np.ndarray | None]:
-    """Packed dependency masks of the input leaves, compressed along replica axes."""
-    W = M.num_words(self.num_features)
+  def input_masks(self, flagged: frozenset[int] | set[int] | None = None) -> list[np.ndarray | None]:
+    """Packed dependency masks of the input leaves, compressed along replica axes.
+
+    With ``flagged`` (feature ids), the masks have a single feature instead, set
+    on exactly the flagged features (the planner's novelty pass).
+    """
+    W = 1 if flagged is not None else M.num_words(self.num_features)
     out = []
     for leaf in self.leaves:
-      if not leaf.feature_ids:
+      ids = leaf.feature_ids[:1] if leaf.axis is None else leaf.feature_ids
+      if not ids or (flagged is not None and flagged.isdisjoint(ids)):
         out.append(None)
         continue
-      ndim = len(leaf.shape)
-      if leaf.axis is None:
-        mask = M.one_hot(np.asarray(leaf.feature_ids[:1]), W).reshape((1,) * ndim + (W,))
-      else:
-        shape = [1] * ndim + [W]
-        shape[leaf.axis] = len(leaf.feature_ids)
-        mask = M.one_hot(np.asarray(leaf.feature_ids), W).reshape(shape)
-      out.append(mask)
+      rows = (M.one_hot(np.asarray(ids), W) if flagged is None
+              else np.array([[k in flagged] for k in ids], M.WORD))
+      shape = [1] * len(leaf.shape) + [W]
+      if leaf.axis is not None:
+        shape[leaf.axis] = len(ids)
+      out.append(rows.reshape(shape))
     return out
 
 

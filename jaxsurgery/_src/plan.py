@@ -339,17 +339,7 @@ def _novelty_pass(new: FeatureTable, added: tuple[str, ...], fresh: dict[str, np
     ctx.fresh.append(f)
     ctx.zero.append(None)
     args.append(val)
-  for leaf in new.spec.leaves:
-    ids = leaf.feature_ids
-    if not ids or not added_ids.intersection(ids):
-      args.append(Val(leaf.shape, leaf.dtype))
-      continue
-    if leaf.axis is None:
-      mask = np.ones((1,) * len(leaf.shape) + (1,), M.WORD)
-    else:
-      shape = [1] * len(leaf.shape) + [1]
-      shape[leaf.axis] = len(ids)
-      mask = np.array([k in added_ids for k in ids], M.WORD).reshape(shape)
+  for leaf, mask in zip(new.spec.leaves, new.spec.input_masks(flagged=added_ids)):
     args.append(Val(leaf.shape, leaf.dtype, mask=mask))
   import warnings
   with warnings.catch_warnings():

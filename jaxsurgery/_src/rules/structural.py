@@ -236,35 +236,45 @@ def pad(ctx, eqn, invals):
 
 # -- concatenate / split ------------------------------------------------------
 
+def _join_masks(masks, sizes, d):
+  """Masks laid side by side along axis ``d`` (operand k spans ``sizes[k]``)."""
+  if all(m is None for m in masks):
+    return None
+  if all(m is not None and m.shape[d] == 1 for m in masks) and all(
+      np.array_equal(masks[0], m) for m in masks[1:]):
+    return masks[0]
+  common = list(np.broadcast_shapes(*(tuple(np.delete(m.shape, d)) for m in masks if m is not None)))
+  parts = []
+  for size, m in zip(sizes, masks):
+    shape = common[:d] + [size] + common[d:]
+    parts.append(np.zeros(shape, M.WORD) if m is None else np.broadcast_to(m, shape))
+  return np.concatenate(parts, axis=d)
+
+
+def _join_pull(invals, sizes, d, rank, to_operand):
+  """Pull for a join along ``d``: each operand receives its slab, mapped by ``to_operand``."""
+  offsets = np.cumsum([0] + list(sizes))
+  pulled = [(i, v) for i, v in enumerate(invals) if v.pull is not None]
+  if not pulled:
+    return None
+
+  def pull(t):
+    t = M.lift(t, rank)
+    for i, v in pulled:
+      part = t if t.shape[d] == 1 else np.take(t, np.arange(offsets[i], offsets[i + 1]), axis=d)
+      part = to_operand(part)
+      if not M.is_empty(part):
+        v.pull(part)
+  return pull
+
+
 def concatenate(ctx, eqn, invals):
   """Operands side by side along ``dimension``."""
   d = eqn.params["dimension"]
-  out_shape = tuple(eqn.outvars[0].aval.shape)
-  rank = len(out_shape)
-  masks = [M.lift(v.mask, rank) for v in invals]
-  if all(m is None for m in masks):
-    mask = None
-  elif all(m is not None and m.shape[d] == 1 for m in masks) and all(
-      np.array_equal(masks[0], m) for m in masks[1:]):
-    mask = masks[0]
-  else:
-    common = list(np.broadcast_shapes(*(tuple(np.delete(m.shape, d)) for m in masks if m is not None)))
-    parts = []
-    for v, m in zip(invals, masks):
-      shape = common[:d] + [v.shape[d]] + common[d:]
-      parts.append(np.zeros(shape, M.WORD) if m is None else np.broadcast_to(m, shape))
-    mask = np.concatenate(parts, axis=d)
-  offsets = np.cumsum([0] + [v.shape[d] for v in invals])
-  pulled = [(i, v) for i, v in enumerate(invals) if v.pull is not None]
-  pull = None
-  if pulled:
-    def pull(t):
-      t = M.lift(t, rank)
-      for i, v in pulled:
-        part = t if t.shape[d] == 1 else np.take(t, np.arange(offsets[i], offsets[i + 1]), axis=d)
-        if not M.is_empty(part):
-          v.pull(part)
-  return [out_val(eqn.outvars[0], mask, pull)]
+  rank = len(eqn.outvars[0].aval.shape)
+  sizes = [v.shape[d] for v in invals]
+  mask = _join_masks([M.lift(v.mask, rank) for v in invals], sizes, d)
+  return [out_val(eqn.outvars[0], mask, _join_pull(invals, sizes, d, rank, lambda t: t))]
 
 
 def split(ctx, eqn, invals):
@@ -294,31 +304,13 @@ def split(ctx, eqn, invals):
 
 
 def stack(ctx, eqn, invals):
-  """``out[..., k, ...] = in_k``: a new axis at ``axis``."""
-  d = eqn.params["axis"]
-  out_shape = tuple(eqn.outvars[0].aval.shape)
-  d = d % len(out_shape)
-  rank = len(out_shape)
+  """``out[..., k, ...] = in_k``: a new axis at ``axis`` (a join of size-1 slabs)."""
+  rank = len(eqn.outvars[0].aval.shape)
+  d = eqn.params["axis"] % rank
+  sizes = [1] * len(invals)
   masks = [None if v.mask is None else np.expand_dims(M.lift(v.mask, v.ndim), d) for v in invals]
-  if all(m is None for m in masks):
-    mask = None
-  elif all(m is not None for m in masks) and all(np.array_equal(masks[0], m) for m in masks[1:]):
-    mask = masks[0]
-  else:
-    common = list(np.broadcast_shapes(*(tuple(np.delete(m.shape, d)) for m in masks if m is not None)))
-    shape = common[:d] + [1] + common[d:]
-    mask = np.concatenate([np.zeros(shape, M.WORD) if m is None else np.broadcast_to(m, shape)
-                           for m in masks], axis=d)
-  pulled = [(i, v) for i, v in enumerate(invals) if v.pull is not None]
-  pull = None
-  if pulled:
-    def pull(t):
-      t = M.lift(t, rank)
-      for i, v in pulled:
-        part = np.take(t, 0 if t.shape[d] == 1 else i, axis=d)
-        if not M.is_empty(part):
-          v.pull(part)
-  return [out_val(eqn.outvars[0], mask, pull)]
+  pull = _join_pull(invals, sizes, d, rank, lambda t: np.squeeze(t, axis=d))
+  return [out_val(eqn.outvars[0], _join_masks(masks, sizes, d), pull)]
 
 
 def unstack(ctx, eqn, invals):
