@@ -20,6 +20,7 @@ class rules:  # noqa: N801  (a namespace of ready-made rules for overrides)
   nary = staticmethod(_elementwise.nary)
   passthrough = staticmethod(_elementwise.passthrough)
 
-from jaxsurgery._src.probe import CrossCheck, cross_check, gradient_table  # noqa: E402
+from jaxsurgery._src.probe import (  # noqa: E402
+    CrossCheck, Difference, LeafAgreement, Miss, cross_check, gradient_table)
 from jaxsurgery._src.plan import Report, Surgery, SurgeryError, plan  # noqa: E402
 from jaxsurgery._src.verify import Verification, verify  # noqa: E402

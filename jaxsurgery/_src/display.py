@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html as _html
+
 import numpy as np
 
 
@@ -70,3 +72,269 @@ def report_text(report) -> str:
   for r in report.reasons:
     lines.append(f"  note: {r}")
   return "\n".join(lines)
+
+
+# -- HTML (notebooks) -------------------------------------------------------------
+#
+# Plain HTML tables with inline styles (no CSS classes, no scripts), so the output
+# renders the same in Jupyter, VS Code and GitHub's notebook viewer. Every name that
+# comes from the user (feature names, parameter and output paths, explanations) goes
+# through ``html.escape``. Long lists end in a "… N more" line.
+
+_FONT = "font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12px"
+_TABLE = f"border-collapse:collapse;margin:4px 0 8px 0;{_FONT}"
+_TH = "text-align:left;padding:2px 8px;border-bottom:1px solid #888;font-weight:600"
+_TD = "text-align:left;padding:1px 8px;border-bottom:1px solid rgba(128,128,128,0.25);vertical-align:top"
+_NUM = "text-align:right"
+_MUTED = "color:#888"
+_COLORS = {"ok": "#2e7d32", "bad": "#c62828", "warn": "#b26a00", "info": "#1565c0"}
+
+
+def _e(x) -> str:
+  return _html.escape(str(x), quote=True)
+
+
+def _path(p) -> str:
+  return _e(p if p else "<root>")
+
+
+def _badge(text: str, kind: str) -> str:
+  return (f'<span style="background:{_COLORS[kind]};color:#fff;border-radius:3px;padding:0 6px;'
+          f'font-weight:600">{_e(text)}</span>')
+
+
+def _colored(text: str, kind: str | None, bold: bool = False) -> str:
+  if kind is None:
+    return text
+  return f'<span style="color:{_COLORS[kind]}{";font-weight:600" if bold else ""}">{text}</span>'
+
+
+def _n(x: int, kind: str | None = None) -> str:
+  """A count, colored when nonzero."""
+  s = f"{int(x):,}"
+  return _colored(s, kind) if x and kind else s
+
+
+def _more(n: int, what: str = "") -> str:
+  return f"… {n:,} more" + (f" {what}" if what else "")
+
+
+def _names_html(names, limit: int = 24, counts=None) -> str:
+  """Escaped, comma-separated names (with optional counts), capped with "… N more"."""
+  names = list(names)
+  if not names:
+    return f'<span style="{_MUTED}">–</span>'
+  items = [_e(n) if counts is None else f"{_e(n)}&nbsp;({int(c):,})" for n, c in
+           zip(names, counts if counts is not None else [None] * len(names))]
+  shown = items[:limit]
+  if len(items) > limit:
+    shown.append(f'<span style="{_MUTED}">{_more(len(items) - limit)}</span>')
+  return ", ".join(shown)
+
+
+def _html_table(header: list[str], rows: list[list[str]], *, numeric=(), max_rows: int | None = None,
+                what: str = "rows", more_note: str = "") -> str:
+  """``rows`` hold ready-made (escaped) HTML cells. Caps rows at ``max_rows`` with a "… N more" row."""
+  def cell(tag, c, i, style):
+    st = style + (";" + _NUM if i in numeric else "")
+    return f'<{tag} style="{st}">{c}</{tag}>'
+  out = [f'<table style="{_TABLE}">', "<thead><tr>" + "".join(cell("th", _e(h), i, _TH) for i, h in
+                                                               enumerate(header)) + "</tr></thead>", "<tbody>"]
+  shown = rows if max_rows is None else rows[:max_rows]
+  for r in shown:
+    out.append("<tr>" + "".join(cell("td", c, i, _TD) for i, c in enumerate(r)) + "</tr>")
+  if len(shown) < len(rows):
+    out.append(f'<tr><td colspan="{len(header)}" style="{_TD};{_MUTED}">'
+               f'{_more(len(rows) - len(shown), what)}{more_note}</td></tr>')
+  out.append("</tbody></table>")
+  return "".join(out)
+
+
+def _section(title: str) -> str:
+  return f'<div style="margin-top:6px;font-weight:600">{_e(title)}</div>'
+
+
+def _wrap(parts: list[str]) -> str:
+  return f'<div style="{_FONT};line-height:1.4">' + "".join(parts) + "</div>"
+
+
+def _output_features(table, path) -> list[str]:
+  packed = table.output_packed.get(path)
+  if packed is None:
+    return []
+  words = np.bitwise_or.reduce(np.asarray(packed).reshape(-1, packed.shape[-1]), axis=0)
+  bits = np.unpackbits(np.ascontiguousarray(words).view(np.uint8), bitorder="little")[:table.num_features]
+  return [table.features[i] for i in np.nonzero(bits)[0]]
+
+
+def table_html(table, max_rows: int = 25, max_features: int = 6) -> str:
+  """HTML summary of a :class:`FeatureTable`: features, per-leaf touches, outputs' dependences.
+
+  Args:
+    table: a ``FeatureTable`` (boolean or gradient).
+    max_rows: at most this many parameter (and output) rows; the rest is a "… N more" line.
+    max_features: at most this many features per parameter row (in spec order, as in
+      the text summary); output rows show at least 12.
+  """
+  n_params = sum(int(np.prod(s, dtype=np.int64)) for s in table.shapes.values())
+  parts = [f'<div><b>FeatureTable</b> <span style="{_MUTED}">[{_e(table.method)}]</span> '
+           f"{table.num_features:,} features · {len(table.paths):,} parameter leaves "
+           f"({n_params:,} elements) · {len(table.output_paths):,} outputs</div>",
+           f"<div>features: {_names_html(table.features, limit=24)}</div>"]
+  if table.unknown_primitives:
+    parts.append("<div>" + _colored("conservative (dense) rule used for unknown primitives: "
+                                    + ", ".join(_e(p) for p in table.unknown_primitives), "warn", True)
+                 + "</div>")
+  rows = []
+  for p in table.paths:
+    counts = table.feature_counts(p)
+    nz = np.nonzero(counts)[0]
+    size = int(np.prod(table.shapes[p], dtype=np.int64))
+    touched = table.touched_elements(p)
+    rows.append([_path(p), _e(fmt_shape(table.shapes[p])),
+                 f"{touched:,}/{size:,}" if touched else f'<span style="{_MUTED}">0/{size:,}</span>',
+                 _names_html([table.features[i] for i in nz], max_features, counts[nz])])
+  parts.append(_html_table(["parameter", "shape", "touched", "features (elements)"], rows, numeric=(2,),
+                           max_rows=max_rows, what="parameter leaves"))
+  if table.output_paths:
+    orows = [[_path(p), _e(fmt_shape(table.output_shapes[p])),
+              _names_html(_output_features(table, p), max(max_features, 12))] for p in table.output_paths]
+    parts.append(_html_table(["output", "shape", "depends on"], orows, max_rows=max_rows, what="outputs"))
+  return _wrap(parts)
+
+
+_STATUS = {True: ("preserved", "ok"), False: ("NOT preserved", "bad"), None: ("not proven statically", "warn")}
+
+
+def report_html(report, max_rows: int = 25) -> str:
+  """HTML view of a surgery :class:`Report`.
+
+  Shows the verdict, element totals, features added / removed / moved / renamed,
+  one row per new parameter leaf (source leaf, how it was matched, per-axis maps,
+  copied / moved / fresh / zeroed / dropped), old leaves with no counterpart, and
+  the reasons behind the verdict.
+
+  Args:
+    report: ``surgery.report``.
+    max_rows: at most this many leaf rows (and dropped-leaf rows); the rest is a
+      "… N more" line that says how many of the hidden leaves change.
+  """
+  t = report.totals()
+  status, kind = _STATUS[report.preserved]
+  parts = [f"<div><b>Surgery report</b> {_badge('function ' + status, kind)}</div>",
+           f"<div>elements: {_n(t['copied'])} copied · {_n(t['moved'], 'info')} moved · "
+           f"{_n(t['fresh'], 'info')} fresh ({_n(t['zeroed'], 'warn')} zeroed) · "
+           f"{_n(t['dropped'], 'bad')} old elements dropped</div>"]
+  feat_rows = [["added", _colored(_names_html(report.added), "ok" if report.added else None)],
+               ["removed", _colored(_names_html(report.removed), "bad" if report.removed else None)],
+               ["moved", _names_html(report.moved)]]
+  if report.renamed_features:
+    feat_rows.append(["renamed", ", ".join(f"{_e(a)} → {_e(b)}" for a, b in report.renamed_features.items())])
+  parts.append(_section("features"))
+  parts.append(_html_table(["", "names"], feat_rows))
+  why = {n: w for _, n, w in report.matching}
+  rows, changed_hidden = [], 0
+  for i, leaf in enumerate(report.leaves):
+    c = leaf.counts
+    if leaf.old_path is None:
+      src, matched = _colored("(new leaf)", "info"), f'<span style="{_MUTED}">–</span>'
+    else:
+      renamed = leaf.old_path != leaf.path
+      src = _colored(_path(leaf.old_path), "info" if renamed else None) + " " + _e(fmt_shape(leaf.old_shape))
+      matched = _e(why.get(leaf.path, ""))
+    how = ", ".join(_e(h) for h in leaf.how) if leaf.how else f'<span style="{_MUTED}">–</span>'
+    rows.append([_path(leaf.path), _e(fmt_shape(leaf.shape)), src, matched, how, _n(c["copied"]),
+                 _n(c["moved"], "info"), _n(c["fresh"], "info"), _n(c["zeroed"], "warn"), _n(c["dropped"], "bad")])
+    if i >= max_rows and (c["fresh"] or c["moved"] or c["dropped"]):
+      changed_hidden += 1
+  note = f" ({changed_hidden:,} of them with moved, fresh or dropped elements)" if changed_hidden else ""
+  parts.append(_section("parameter leaves"))
+  parts.append(_html_table(["parameter", "shape", "from", "matched by", "axes", "copied", "moved", "fresh",
+                            "zeroed", "dropped"], rows, numeric=(5, 6, 7, 8, 9), max_rows=max_rows,
+                           what="leaves", more_note=note))
+  if report.dropped_leaves:
+    parts.append(_section("old leaves with no counterpart (dropped)"))
+    drows = [[_colored(_path(p), "bad"), _e(fmt_shape(s)), _n(int(np.prod(s, dtype=np.int64)), "bad")]
+             for p, s in report.dropped_leaves]
+    parts.append(_html_table(["old parameter", "shape", "elements"], drows, numeric=(2,), max_rows=max_rows,
+                             what="dropped leaves"))
+  if report.reasons:
+    parts.append(_section("notes"))
+    parts.append('<ul style="margin:2px 0;padding-left:20px">' +
+                 "".join(f"<li>{_e(r)}</li>" for r in report.reasons) + "</ul>")
+  return _wrap(parts)
+
+
+def _fmt_idx(index) -> str:
+  return "[" + ", ".join(str(i) for i in index) + "]" if index else ""
+
+
+def _capped(items, limit: int) -> str:
+  items = [str(i) for i in items]
+  out = ", ".join(_e(i) for i in items[:limit])
+  return out + (", " + _more(len(items) - limit) if len(items) > limit else "")
+
+
+def _group_rows(entries, features, key) -> list[list[str]]:
+  """One row per (leaf, explanation) group: entries, elements, features, explanation."""
+  groups: dict = {}
+  for d in entries:
+    groups.setdefault(key(d), []).append(d)
+  rows = []
+  for (path, expl), ds in groups.items():
+    elems = [_fmt_idx(e) for e in sorted({d.index for d in ds})]
+    fnames = sorted({d.feature for d in ds}, key=lambda f: features.index(f) if f in features else len(features))
+    rows.append([_path(path), f"{len(ds):,}", _capped(elems, 4), _capped(fnames, 6), _e(expl)])
+  return rows
+
+
+def cross_check_html(check, max_rows: int = 12) -> str:
+  """HTML view of a probe :class:`CrossCheck`.
+
+  Shows the verdict, per-leaf agreement of the boolean table and the gradient
+  probe (both / table-only / probe-only, legitimate and missed), output
+  agreement, the missed entries and legitimate differences grouped by leaf and
+  explanation, the table-only notes and general notes.
+
+  Args:
+    check: the result of ``cross_check(table, probe)``.
+    max_rows: at most this many rows per table / group list; the rest is a "… N more" line.
+  """
+  n_missed = len(check.missed) + len(check.output_missed)
+  parts = [f"<div><b>Cross-check</b> boolean table vs gradient probe "
+           f"{_badge('OK' if check.ok else 'FAILED', 'ok' if check.ok else 'bad')}</div>",
+           f"<div>{_n(len(check.missed), 'bad')} missed parameter entries · "
+           f"{_n(len(check.output_missed), 'bad')} missed output entries · "
+           f"{len(check.legitimate):,} legitimate differences · {len(check.features):,} features</div>"]
+  exact = f'<span style="color:{_COLORS["ok"]}">✓</span>'
+  rows = [[_path(p), _n(a.both), _n(a.table_only), _n(a.probe_only), _n(a.legitimate), _n(a.missed, "bad"),
+           exact if a.exact else ""] for p, a in check.per_leaf.items()]
+  parts.append(_section("parameter leaves: (element, feature) pairs"))
+  parts.append(_html_table(["parameter", "both", "table-only", "probe-only", "legitimate", "missed", "exact"],
+                           rows, numeric=(1, 2, 3, 4, 5), max_rows=max_rows, what="parameter leaves"))
+  if check.output_per_leaf:
+    orows = [[_path(p), _n(a.both), _n(a.table_only), _n(a.probe_only, "bad"), exact if a.exact else ""]
+             for p, a in check.output_per_leaf.items()]
+    parts.append(_section("outputs: (element, feature) pairs"))
+    parts.append(_html_table(["output", "both", "table-only", "probe-only (missed)", "exact"], orows,
+                             numeric=(1, 2, 3), max_rows=max_rows, what="outputs"))
+  header = ["leaf", "entries", "elements", "features", "explanation"]
+  if n_missed:
+    rows = _group_rows(check.missed + check.output_missed, check.features,
+                       lambda m: (m.path, m.explanation.replace(repr(m.feature), "the feature")))
+    parts.append(_section("missed: the probe finds it, the table lacks it, nothing explains it"))
+    parts.append(_html_table(header, rows, numeric=(1,), max_rows=max_rows, what="groups"))
+  if check.legitimate:
+    rows = _group_rows(check.legitimate, check.features, lambda d: (d.path, d.explanation))
+    parts.append(_section("legitimate differences (probe only: the gradient sees effects after the first contact)"))
+    parts.append(_html_table(header, rows, numeric=(1,), max_rows=max_rows, what="groups"))
+  if check.table_only_notes:
+    rows = [[_path(p), _e(note)] for p, note in check.table_only_notes.items()]
+    parts.append(_section("table only (boolean over-approximation relative to the gradient)"))
+    parts.append(_html_table(["leaf", "why the gradient does not see it"], rows, max_rows=max_rows,
+                             what="leaves"))
+  if check.notes:
+    parts.append(_section("notes"))
+    parts.append('<ul style="margin:2px 0;padding-left:20px">' +
+                 "".join(f"<li>{_e(n)}</li>" for n in check.notes) + "</ul>")
+  return _wrap(parts)

@@ -30,6 +30,7 @@ import numpy as np
 from jaxsurgery._src import axes as axes_lib
 from jaxsurgery._src import features as feats
 from jaxsurgery._src import masks as M
+from jaxsurgery._src import novelty
 from jaxsurgery._src.interpreter import Context, Val
 from jaxsurgery._src.rules.control_flow import const_vals
 from jaxsurgery._src.table import FeatureTable
@@ -248,116 +249,6 @@ def _fresh_mask(shape, maps) -> np.ndarray | None:
   return fresh
 
 
-def _annihilating_dot(ctx, eqn, invals):
-  """dot_general for the novelty pass, deciding zeros online ("random in, zero out").
-
-  A fresh parameter element that multiplies a novel value is zeroed the moment
-  it does, and from then on cuts that product: its operand's novelty does not
-  flow through it. Decisions only grow, so scan/while fixed points stay sound.
-  """
-  from jax import lax
-  from jaxsurgery._src.rules import contraction
-  lhs, rhs = invals
-  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-  lf = [a for a in range(lhs.ndim) if a not in lc and a not in lb]
-  rf = [a for a in range(rhs.ndim) if a not in rc and a not in rb]
-  for op, partner, args in ((rhs, lhs, (lhs.ndim, lc, lb, lf, rhs.ndim, rc, rb)),
-                            (lhs, rhs, (rhs.ndim, rc, rb, rf, lhs.ndim, lc, lb))):
-    i = ctx.fresh_param.get(id(op))
-    if i is None or partner.mask is None:
-      continue
-    t = contraction._operand_touch(partner.mask, *args)
-    hit = ctx.fresh[i] & (M.lift(t, op.ndim)[..., 0] != 0)
-    if hit.any():
-      ctx.zero[i] = hit if ctx.zero[i] is None else (ctx.zero[i] | hit)
-  outs = contraction.dot_general(ctx, eqn, invals)
-
-  def effective(v):
-    i = ctx.fresh_param.get(id(v))
-    if i is None or ctx.zero[i] is None:
-      return v.mask, None
-    nz = ~ctx.zero[i]
-    mask = None if v.mask is None else (v.mask & nz[..., None].astype(M.WORD))
-    return mask, nz
-  lmask, nz_l = effective(lhs)
-  rmask, nz_r = effective(rhs)
-  if nz_l is None and nz_r is None:
-    return outs
-  dims = eqn.params["dimension_numbers"]
-  dense = lambda m, v: M.unpack(m, v.shape, 1)[..., 0].astype(np.float32)
-  ones = lambda v, nz: (np.ones(v.shape, np.float32) if nz is None
-                        else np.broadcast_to(nz, v.shape).astype(np.float32))
-  out = None
-  if lmask is not None:
-    out = np.asarray(lax.dot_general(dense(lmask, lhs), ones(rhs, nz_r), dims)) > 0
-  if rmask is not None:
-    part = np.asarray(lax.dot_general(ones(lhs, nz_l), dense(rmask, rhs), dims)) > 0
-    out = part if out is None else (out | part)
-  mask = None if out is None or not out.any() else M.compress(out[..., None].astype(M.WORD))
-  return [dataclasses.replace(outs[0], mask=mask)]
-
-
-def _novelty(new, added, fresh):
-  """Zeroed fresh elements, and the outputs novelty still reaches (empty: preserved statically).
-
-  First with products cut online; if novelty still leaks to an output (e.g. a
-  fresh bias added to the residual stream), fall back to zeroing every fresh
-  element that novelty touches without cuts as well (always preserving, may
-  over-zero).
-  """
-  zeroed, novel = _novelty_pass(new, added, fresh, annihilate=True)
-  if novel:
-    more, _ = _novelty_pass(new, added, fresh, annihilate=False)
-    zeroed = {p: (z if m is None else m if z is None else (z | m)) for (p, z), m in
-              zip(zeroed.items(), more.values())}
-  return zeroed, novel
-
-
-def _novelty_pass(new: FeatureTable, added: tuple[str, ...], fresh: dict[str, np.ndarray | None],
-                  annihilate: bool):
-  """Zeroed fresh elements and the outputs that novelty still reaches.
-
-  Novelty starts at new input features and fresh elements. Products with a
-  fresh element that multiplies a novel value are zeroed and cut (see
-  ``_annihilating_dot``); any other fresh element touched by novelty (e.g. a
-  bias added to a novel value) is zeroed as well, conservatively.
-  """
-  from jaxsurgery._src.rules import registry
-  added_ids = {new.features.index(n) for n in added}
-  rules = registry.active_rules()
-  if annihilate:
-    rules["dot_general"] = _annihilating_dot
-  ctx = Context(1, [new.shapes[p] for p in new.paths], strict=False, rules=rules)
-  ctx.fresh_param, ctx.fresh, ctx.zero = {}, [], []
-  args = []
-  for i, p in enumerate(new.paths):
-    f = fresh.get(p)
-    mask = None if f is None else f[..., None].astype(M.WORD)
-    val = Val(new.shapes[p], new.dtypes[p], mask=mask, pull=ctx.param_pull(i))
-    if f is not None:
-      ctx.fresh_param[id(val)] = i
-    ctx.fresh.append(f)
-    ctx.zero.append(None)
-    args.append(val)
-  for leaf, mask in zip(new.spec.leaves, new.spec.input_masks(flagged=added_ids)):
-    args.append(Val(leaf.shape, leaf.dtype, mask=mask))
-  import warnings
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    outs = ctx.run(new.jaxpr.jaxpr, const_vals(new.jaxpr.consts), args)
-  zeroed = {}
-  for i, p in enumerate(new.paths):
-    f, t, z = fresh.get(p), ctx.param_touch[i], ctx.zero[i]
-    if f is None:
-      zeroed[p] = None
-      continue
-    if t is not None:
-      z = (f & (M.lift(t, len(new.shapes[p]))[..., 0] != 0)) | (False if z is None else z)
-    zeroed[p] = None if z is None or not np.any(z) else z
-  novel_outputs = [p for p, v in zip(new.output_paths, outs) if not M.is_empty(v.mask)]
-  return zeroed, novel_outputs
-
-
 # -- the plan --------------------------------------------------------------------
 
 def plan(old_table: FeatureTable, new_table: FeatureTable, *, rename: Mapping[str, str] | None = None,
@@ -399,7 +290,8 @@ def plan(old_table: FeatureTable, new_table: FeatureTable, *, rename: Mapping[st
       fresh[n] = _fresh_mask(new_table.shapes[n], aligned[n][0])
     else:
       fresh[n] = np.ones((1,) * len(new_table.shapes[n]), bool)
-  zeroed, novel_outputs = _novelty(new_table, added, fresh)
+  nov = novelty.analyse(new_table, added, fresh)
+  zeroed, novel_outputs = nov.zeroed, nov.novel_outputs
 
   leaves = []
   for n in new_table.paths:
@@ -429,9 +321,11 @@ def plan(old_table: FeatureTable, new_table: FeatureTable, *, rename: Mapping[st
   for p, shape in dropped_leaves:
     reasons.append(f"old parameter {p!r} {shape} has no counterpart in the new model")
   if novel_outputs:
+    where = "; ".join(s.describe() for s in nov.sites[:4]) or "no single operation (see docs/surgery.md)"
+    more = f" (+{len(nov.sites) - 4} more)" if len(nov.sites) > 4 else ""
     reasons.append("novelty (new features / fresh elements) reaches outputs " + ", ".join(
-        repr(p or "<root>") for p in novel_outputs) + " through operations other than products "
-        "with zeroed weights; exactness is not proven statically -- run jaxsurgery.verify")
+        repr(p or "<root>") for p in novel_outputs) + f"; it spreads at {where}{more}. Exact "
+        "preservation is not proven statically -- check with jaxsurgery.verify")
   preserved = False if any("removed" in r or "no counterpart" in r for r in reasons) else (
       True if not novel_outputs else None)
   report = Report(tuple(leaves), dropped_leaves, added, removed, moved, feature_rename,

@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxsurgery._src import compat
 from jaxsurgery._src import features as feats
 from jaxsurgery._src import masks as M
 from jaxsurgery._src.interpreter import Context, Val
@@ -174,7 +175,7 @@ def trace(fn: Callable, params: Any, inputs: Any):
   aparams = jax.tree_util.tree_unflatten(pdef, pleaves)
   ainputs = jax.tree_util.tree_unflatten(idef, ileaves)
   try:
-    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(aparams, ainputs)
+    closed, out_shape = compat.trace_jaxpr(fn, (aparams, ainputs))
   except Exception as e:
     msg = str(e)
     where = _user_frame(e)

@@ -1,0 +1,371 @@
+"""Novelty: which fresh elements must be zero for the new model to compute the old function.
+
+Generalised "random in, zero out" (design §7). The mask interpreter is run on
+the new model with a single feature, *novelty*, set on the new input features
+and on the fresh parameter elements. Decisions are taken online, as novelty
+meets fresh elements:
+
+* **products** (``mul``, ``dot_general``, ``conv_general_dilated``): a fresh
+  element that multiplies a novel value is zeroed ("zero out"); from then on it
+  is a known zero and *cuts* the product, so its partner's novelty does not
+  flow through it. A fresh element that multiplies old values keeps its
+  initial value ("random in") and makes its product novel.
+* **sums** (``add``, ``sub``, ``add_any``): a fresh element added where the
+  other operand is not novel would change an old value, so it is zeroed (the
+  output bias of an inserted residual block); one added to a novel value keeps
+  its initial value (the bias of a new unit).
+* anywhere else a fresh element touched by novelty is zeroed (conservative).
+
+Zeroed elements are tracked through the feature-free ops that parameters reach
+their products through (broadcast, reshape, transpose, slice, casts...), by
+applying the same op to the zero mask. If novelty still reaches an output, the
+ops where it *spreads* (its share of the elements grows: a reduction over a
+widened axis such as a LayerNorm's statistics, an old weight reading a novel
+value) are recorded, so the report can name them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsurgery._src import compat
+from jaxsurgery._src import masks as M
+from jaxsurgery._src.interpreter import Context, Val
+from jaxsurgery._src.rules import elementwise, registry
+from jaxsurgery._src.rules.control_flow import const_vals
+
+# Feature-free data movement: a zero mask is carried by applying the op to it.
+_VIEWS = frozenset({"broadcast_in_dim", "reshape", "transpose", "squeeze", "expand_dims", "slice",
+                    "rev"})
+_CASTS = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision", "optimization_barrier"})
+_PRODUCTS = frozenset({"mul", "dot_general", "conv_general_dilated"})
+_SUMS = frozenset({"add", "sub", "add_any"})
+_ELEMENTWISE = frozenset(elementwise.NARY + elementwise.UNARY)
+# Evaluated in place: spreading is recorded at the ops inside them.
+_COMPOUND = frozenset(compat.JIT_NAMES + compat.CALL_NAMES + ("scan", "while", "cond", "shard_map"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+  """An operation where novelty spreads to elements that its inputs did not mark."""
+
+  primitive: str
+  where: str       # source line (file:line (function)) or ""
+  scope: str       # Flax/JAX name stack, e.g. "LayerNorm_0" or ""
+  before: float    # novel share of the inputs (summed)
+  after: float     # novel share of the output
+
+  def describe(self) -> str:
+    at = " ".join(x for x in (f"in {self.scope}" if self.scope else "",
+                              f"at {self.where}" if self.where else "") if x)
+    return (f"`{self.primitive}`{' ' + at if at else ''}: novel share grows "
+            f"{self.before:.0%} -> {self.after:.0%}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Novelty:
+  zeroed: Mapping[str, np.ndarray | None]   # per new path: bool (broadcastable) zeroed fresh elements
+  novel_outputs: tuple[str, ...]            # outputs novelty still reaches (empty: preserved)
+  sites: tuple[Site, ...]                   # where it spreads, in program order
+  touched: Mapping[str, np.ndarray | None] = dataclasses.field(default_factory=dict, repr=False)
+
+
+def _dense(mask, shape) -> np.ndarray:
+  """bool array (broadcastable to ``shape``) of a 1-bit packed mask."""
+  if mask is None:
+    return np.zeros((1,) * len(shape), bool)
+  return M.lift(mask, len(shape))[..., 0] != 0
+
+
+def _pack(b: np.ndarray) -> np.ndarray | None:
+  if not b.any():
+    return None
+  return M.compress(np.asarray(b)[..., None].astype(M.WORD))
+
+
+def _fit(b: np.ndarray, shape) -> np.ndarray:
+  """OR of ``b`` down to ``shape`` (undoing a broadcast)."""
+  extra = b.ndim - len(shape)
+  if extra > 0:
+    b = b.any(axis=tuple(range(extra)))
+  axes = tuple(a for a, (m, n) in enumerate(zip(b.shape, shape)) if n == 1 and m != 1)
+  return b.any(axis=axes, keepdims=True) if axes else b
+
+
+def _share(mask, shape) -> float:
+  if mask is None:
+    return 0.0
+  d = _dense(mask, shape)
+  d = d.reshape((1,) * (len(shape) - d.ndim) + d.shape)
+  repeat = int(np.prod([n for n, m in zip(shape, d.shape) if m == 1], dtype=np.int64))
+  size = max(int(np.prod(shape, dtype=np.int64)), 1)
+  return int(np.count_nonzero(d)) * repeat / size
+
+
+def _scope(eqn) -> str:
+  try:
+    return str(eqn.source_info.name_stack)
+  except Exception:  # pragma: no cover - private API
+    return ""
+
+
+def _where(eqn) -> str:
+  try:
+    from jax._src import source_info_util
+    s = source_info_util.summarize(eqn.source_info)
+  except Exception:  # pragma: no cover - private API
+    return ""
+  if not s or s.startswith("<unknown"):
+    return ""
+  head, sep, tail = s.partition(":")
+  return head.rsplit("/", 1)[-1] + sep + tail
+
+
+def _unpulled(outs):
+  """Decisions are taken where a fresh element (or a view of it) meets novelty, not further
+  down: a value computed from old values is not a parameter, so touches stop there."""
+  return [o if o.pull is None else dataclasses.replace(o, pull=None) for o in outs]
+
+
+class _Context(Context):
+  """The mask interpreter with one bit (novelty), online zeroing and zero tracking."""
+
+  def __init__(self, table, fresh: list, prezero: list):
+    super().__init__(1, [table.shapes[p] for p in table.paths], strict=False,
+                     rules=registry.active_rules())
+    self.fresh = fresh
+    self.prezero = prezero
+    self.views: dict[int, tuple[Val, object]] = {}  # id(val) -> (val kept alive, zero fn)
+    self.sites: dict[tuple[str, str, str], Site] = {}
+
+  # -- zeros ---------------------------------------------------------------
+  def param_zero(self, i: int) -> np.ndarray | None:
+    f = self.fresh[i]
+    if f is None:
+      return None
+    z = self.prezero[i]
+    t = self.param_touch[i]
+    if t is not None:
+      hit = f & _dense(t, self.param_shapes[i])
+      z = hit if z is None else (z | hit)
+    return None if z is None or not z.any() else z
+
+  def zero_of(self, val: Val) -> np.ndarray | None:
+    entry = self.views.get(id(val))
+    return None if entry is None else entry[1]()
+
+  def _view(self, val: Val, fn) -> None:
+    cache = {}
+
+    def cached():
+      if cache.get("version") != self.version:
+        cache["version"], cache["value"] = self.version, fn()
+      return cache["value"]
+    self.views[id(val)] = (val, cached)
+
+  # -- evaluation -----------------------------------------------------------
+  def apply(self, eqn, invals):
+    name = eqn.primitive.name
+    involved = [id(v) in self.views for v in invals]
+    if not any(involved) or name in _COMPOUND or self._foldable(eqn, invals):
+      # Calls and loops keep their operands' identity: the ops inside see the views.
+      outs = _unpulled(super().apply(eqn, invals))
+      self._record(eqn, invals, outs)
+      return outs
+    effective = [self._effective(v) for v in invals]
+    if name in _VIEWS or name in _CASTS:
+      outs = super().apply(eqn, effective)
+      if involved[0]:
+        self._derive(eqn, invals[0], outs[0], cast=name in _CASTS)
+      else:
+        outs = _unpulled(outs)
+      self._record(eqn, effective, outs)
+      return outs
+    if name in _PRODUCTS:
+      outs = super().apply(eqn, effective)  # touches: fresh elements times novelty -> zero
+      outs = self._cut(eqn, invals, outs)
+    elif name in _SUMS:
+      outs = self._sum(eqn, invals)
+    else:
+      outs = super().apply(eqn, effective)
+    outs = _unpulled(outs)
+    self._record(eqn, effective, outs)
+    return outs
+
+  def _effective(self, v: Val) -> Val:
+    """``v`` with the novelty of its zeroed elements removed (a known zero is not novel)."""
+    z = self.zero_of(v)
+    if z is None or v.mask is None:
+      return v
+    nov = _dense(v.mask, v.shape) & ~z
+    return dataclasses.replace(v, mask=_pack(nov))
+
+  def _derive(self, eqn, parent: Val, out: Val, cast: bool) -> None:
+    parent_fn = self.views[id(parent)][1]
+
+    def zero():
+      z = parent_fn()
+      if z is None or cast:
+        return z
+      full = jnp.asarray(np.broadcast_to(z, parent.shape))
+      return np.asarray(compat.bind(eqn, [full])[0]).astype(bool)
+    self._view(out, zero)
+
+  def _cut(self, eqn, invals, outs):
+    """Output novelty of a product, with zeroed elements as cuts."""
+    zs = [self.zero_of(v) for v in invals[:2]]
+    if all(z is None for z in zs):
+      return outs
+    a, b = invals[:2]
+    nov = [_dense(v.mask, v.shape) & (True if z is None else ~z) for v, z in zip((a, b), zs)]
+    live = [np.ones((1,) * v.ndim, bool) if z is None else ~z for v, z in zip((a, b), zs)]
+    if eqn.primitive.name == "mul":
+      out = (nov[0] & live[1]) | (nov[1] & live[0])
+    else:
+      full = lambda x, v: jnp.asarray(np.broadcast_to(x, v.shape), jnp.float32)
+      params = dict(eqn.params, preferred_element_type=np.float32)
+      bind = lambda x, y: np.asarray(eqn.primitive.bind(x, y, **params)) > 0
+      out = np.zeros((1,) * len(outs[0].shape), bool)
+      if nov[0].any():
+        out = out | bind(full(nov[0], a), full(live[1], b))
+      if nov[1].any():
+        out = out | bind(full(live[0], a), full(nov[1], b))
+    return [dataclasses.replace(outs[0], mask=_pack(np.broadcast_to(out, outs[0].shape)))]
+
+  def _sum(self, eqn, invals):
+    """A fresh element added where nothing else is novel is zeroed; one added to novelty is kept."""
+    effective = [self._effective(v) for v in invals]
+    novs = [_dense(v.mask, v.shape) for v in effective]
+    shape = tuple(eqn.outvars[0].aval.shape)
+    for k, v in enumerate(invals):
+      if id(v) not in self.views or v.pull is None or not novs[k].any():
+        continue
+      others = np.zeros((1,) * len(shape), bool)
+      for j, n in enumerate(novs):
+        if j != k:
+          others = others | n
+      alone = np.broadcast_to(novs[k], shape) & ~others
+      if alone.any():
+        self.touch(v, _pack(_fit(alone, v.shape)))
+    # Decisions taken: recompute, and keep the remaining fresh elements from being
+    # zeroed by their (novel) partners.
+    effective = [dataclasses.replace(self._effective(v), pull=None) if id(v) in self.views
+                 else v for v in invals]
+    return super().apply(eqn, effective)
+
+  def _record(self, eqn, invals, outs) -> None:
+    if eqn.primitive.name in _COMPOUND or not outs or all(o.mask is None for o in outs):
+      return
+    shares = [_share(v.mask, v.shape) for v in invals if v.mask is not None]
+    # Elementwise ops take the union of their operands' novelty (spreading means more
+    # than the sum); anything else combines elements (more than the largest share).
+    before = sum(shares) if eqn.primitive.name in _ELEMENTWISE else max(shares, default=0.0)
+    if before == 0.0:
+      return
+    after = max(_share(o.mask, o.shape) for o in outs)
+    if after > before + 1e-9:
+      site = Site(eqn.primitive.name, _where(eqn), _scope(eqn), min(before, 1.0), after)
+      self.sites.setdefault((site.primitive, site.where, site.scope), site)
+
+
+def run(table, added: tuple[str, ...], fresh: Mapping[str, np.ndarray | None],
+        prezero: Mapping[str, np.ndarray | None] | None = None) -> Novelty:
+  """One novelty pass over ``table``'s program (see the module docstring)."""
+  added_ids = {table.features.index(n) for n in added}
+  fresh_list = [fresh.get(p) for p in table.paths]
+  pre = [None if prezero is None else prezero.get(p) for p in table.paths]
+  ctx = _Context(table, fresh_list, pre)
+  args = []
+  for i, p in enumerate(table.paths):
+    f = fresh_list[i]
+    val = Val(table.shapes[p], table.dtypes[p], mask=None if f is None else _pack(f),
+              pull=ctx.param_pull(i))
+    if f is not None:
+      ctx._view(val, lambda i=i: ctx.param_zero(i))
+    args.append(val)
+  for leaf, mask in zip(table.spec.leaves, table.spec.input_masks(flagged=added_ids)):
+    args.append(Val(leaf.shape, leaf.dtype, mask=mask))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    outs = ctx.run(table.jaxpr.jaxpr, const_vals(table.jaxpr.consts), args)
+  zeroed = {p: ctx.param_zero(i) for i, p in enumerate(table.paths)}
+  touched = {}
+  for i, p in enumerate(table.paths):
+    f, t = fresh_list[i], ctx.param_touch[i]
+    z = None if f is None or t is None else f & _dense(t, table.shapes[p])
+    touched[p] = None if z is None or not z.any() else z
+  novel = tuple(p for p, v in zip(table.output_paths, outs) if not M.is_empty(v.mask))
+  return Novelty(zeroed, novel, tuple(ctx.sites.values()), touched)
+
+
+def _conservative(table, added, fresh) -> dict[str, np.ndarray | None]:
+  """Every fresh element that novelty touches without any cut (always enough, may over-zero)."""
+  ctx = Context(1, [table.shapes[p] for p in table.paths], strict=False)
+  args = [Val(table.shapes[p], table.dtypes[p], mask=None if fresh.get(p) is None else _pack(fresh[p]),
+              pull=ctx.param_pull(i)) for i, p in enumerate(table.paths)]
+  added_ids = {table.features.index(n) for n in added}
+  for leaf, mask in zip(table.spec.leaves, table.spec.input_masks(flagged=added_ids)):
+    args.append(Val(leaf.shape, leaf.dtype, mask=mask))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    ctx.run(table.jaxpr.jaxpr, const_vals(table.jaxpr.consts), args)
+  out = {}
+  for i, p in enumerate(table.paths):
+    f, t = fresh.get(p), ctx.param_touch[i]
+    z = None if f is None or t is None else f & _dense(t, table.shapes[p])
+    out[p] = None if z is None or not z.any() else z
+  return out
+
+
+def analyse(table, added: tuple[str, ...], fresh: Mapping[str, np.ndarray | None],
+            max_rounds: int = 6) -> Novelty:
+  """Zeroed fresh elements and what novelty still reaches.
+
+  Online decisions come late inside loops: a recurrent weight reading a new unit
+  is zeroed only at the loop's second level, after the first level already let
+  novelty into the old units. So the pass is repeated with the previous round's
+  decisions in place from the start, keeping only the decisions that novelty
+  still forces, until they are stable.
+
+  If novelty still reaches an output, the conservative zeroing (every fresh
+  element novelty touches, without cuts) is tried on top and kept only if it
+  proves preservation; otherwise the online decisions stand and the spreading
+  operations are reported (zeroing more would only kill fresh units).
+  """
+  result = run(table, added, fresh)
+  prezero = result.touched
+  for _ in range(max_rounds):
+    result = run(table, added, fresh, prezero=prezero)
+    if _same(result.touched, prezero, table.paths):
+      break
+    prezero = result.touched
+  if not result.novel_outputs:
+    return result
+  extra = _conservative(table, added, fresh)
+  merged = {p: _or(result.zeroed.get(p), extra.get(p)) for p in table.paths}
+  second = run(table, added, fresh, prezero=merged)
+  return second if not second.novel_outputs else result
+
+
+def _same(a, b, paths) -> bool:
+  for p in paths:
+    x, y = a.get(p), b.get(p)
+    if (x is None) != (y is None):
+      return False
+    if x is not None and not np.array_equal(np.broadcast_to(x, np.broadcast_shapes(x.shape, y.shape)),
+                                            np.broadcast_to(y, np.broadcast_shapes(x.shape, y.shape))):
+      return False
+  return True
+
+
+def _or(a, b):
+  if a is None:
+    return b
+  if b is None:
+    return a
+  return a | b

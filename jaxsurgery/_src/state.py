@@ -1,0 +1,595 @@
+"""Remap whole training states (optimizer moments, EMA params, step counts, rng keys) with a surgery.
+
+A :class:`~jaxsurgery.Surgery` maps parameter trees. A training state holds
+several *param-shaped subtrees*: the params themselves, optax's ``mu`` and
+``nu``, an EMA copy, the inner states of ``optax.masked`` (where masked-out
+leaves are missing) or ``optax.multi_transform`` (a subset of the params per
+label). :func:`remap_state` finds them by path, without knowing the container
+types: a leaf of ``new_state_init`` whose path (``keystr``, the format the
+tables use) is ``prefix + p``, where ``p`` is a parameter path of the new table
+and the leaf has that parameter's shape (and a compatible dtype), belongs to the
+subtree at ``prefix``. Every such leaf is computed with the parameter's leaf
+plan from the old state's leaf at ``old prefix + old parameter path``. All other
+leaves (step counts, hyperparameters, rng keys...) are copied from the old state
+when it has a leaf at the same path with the same shape and dtype, and otherwise
+taken from ``new_state_init``. The accounting (:class:`StateReport`) lists every
+new leaf's source and every old leaf that was left behind.
+
+A table root is understood as well: when a table's paths start with a
+collection name (Linen's ``params/Dense_0/kernel``), a subtree that holds the
+paths below it (``opt_state/0/mu/Dense_0/kernel``) is matched with that root
+stripped.
+
+This module is generic: it imports neither flax nor orbax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsurgery._src import features as feats
+from jaxsurgery._src.plan import LeafPlan, SurgeryError, _apply_leaf
+
+
+# -- the report -------------------------------------------------------------------------
+
+#: kinds of :class:`StateLeaf`
+REMAPPED = "remapped"   # param-shaped leaf computed by the plan from an old leaf
+FRESH = "fresh"         # param-shaped leaf of a parameter the old model did not have: init (zeroed where planned)
+MISSING = "missing"     # param-shaped leaf whose old source is absent from the old state: init
+RESET = "reset"         # leaf under a param path but of another shape (e.g. factored moments): init
+COPIED = "copied"       # other leaf, copied from the old state (same path, shape, dtype)
+INIT = "init"           # other leaf, taken from new_state_init
+
+
+@dataclasses.dataclass(frozen=True)
+class StateLeaf:
+  """Where one leaf of the new state comes from.
+
+  Attributes:
+    path: the leaf's path in the new state.
+    kind: ``"remapped"``, ``"fresh"``, ``"missing"``, ``"reset"``, ``"copied"`` or ``"init"``.
+    old_path: the old state's leaf it is computed or copied from (``None`` if none).
+    param: the new table's parameter path it is an image of (param-shaped leaves only).
+    prefix: the param-shaped subtree it belongs to (``None`` for other leaves).
+    why: a short explanation for leaves taken from ``new_state_init``.
+  """
+
+  path: str
+  kind: str
+  old_path: str | None = None
+  param: str | None = None
+  prefix: str | None = None
+  why: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Subtree:
+  """A param-shaped subtree of the new state.
+
+  Attributes:
+    prefix: its path prefix in the new state (``"opt_state/0/mu/"``; ``""`` for the params).
+    old_prefix: the prefix its sources were looked up under in the old state.
+    root: the table root stripped from the parameter paths (``""`` or e.g. ``"params/"``).
+    counts: number of leaves per kind (``remapped``, ``fresh``, ``missing``).
+    elements: element counts summed over the remapped leaves' plans (``copied``,
+      ``moved``, ``fresh``, ``zeroed``, ``dropped``).
+  """
+
+  prefix: str
+  old_prefix: str
+  root: str
+  counts: Mapping[str, int]
+  elements: Mapping[str, int]
+
+  @property
+  def size(self) -> int:
+    return sum(self.counts.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class StateReport:
+  """The accounting of :func:`remap_state`: every new leaf's source, every old leaf left behind.
+
+  Attributes:
+    leaves: one :class:`StateLeaf` per leaf of the new state, in flattening order.
+    subtrees: the param-shaped subtrees found, as :class:`Subtree`.
+    left_behind: ``(old path, shape, dtype, why)`` for every old leaf that was
+      neither a source of a remapped leaf nor copied.
+  """
+
+  leaves: tuple[StateLeaf, ...]
+  subtrees: tuple[Subtree, ...]
+  left_behind: tuple[tuple[str, tuple[int, ...], str, str], ...]
+
+  def of_kind(self, *kinds: str) -> tuple[StateLeaf, ...]:
+    return tuple(l for l in self.leaves if l.kind in kinds)
+
+  @property
+  def params(self) -> dict[str, int]:
+    """``{prefix: number of param-shaped leaves}`` of the subtrees mapped as params."""
+    return {s.prefix: s.size for s in self.subtrees}
+
+  @property
+  def copied(self) -> dict[str, str]:
+    """``{new path: old path}`` of the other leaves copied from the old state."""
+    return {l.path: l.old_path for l in self.leaves if l.kind == COPIED}
+
+  @property
+  def from_init(self) -> dict[str, str]:
+    """``{new path: why}`` of every leaf taken (entirely) from ``new_state_init``."""
+    return {l.path: l.why for l in self.leaves if l.kind in (MISSING, RESET, INIT)}
+
+  def totals(self) -> dict[str, int]:
+    out = {k: 0 for k in (REMAPPED, FRESH, MISSING, RESET, COPIED, INIT)}
+    for l in self.leaves:
+      out[l.kind] += 1
+    out["left_behind"] = len(self.left_behind)
+    return out
+
+  def __repr__(self) -> str:
+    from jaxsurgery._src import display
+    t = self.totals()
+    lines = [f"StateReport: {len(self.leaves)} leaves -- {t[REMAPPED]} remapped, {t[FRESH]} fresh params, "
+             f"{t[COPIED]} copied, {t[MISSING] + t[RESET] + t[INIT]} from new init; "
+             f"{t['left_behind']} old leaves left behind"]
+    if self.subtrees:
+      lines.append("  param-shaped subtrees (remapped with the plan):")
+      rows = []
+      for s in self.subtrees:
+        c, e = s.counts, s.elements
+        src = s.old_prefix if s.old_prefix == s.prefix else f"<- {s.old_prefix or '<root>'}"
+        rows.append([s.prefix or "<root>", str(s.size), str(c[REMAPPED]), str(c[FRESH]), str(c[MISSING]),
+                     f"{e['copied'] + e['moved']:,}", f"{e['fresh']:,} ({e['zeroed']:,})",
+                     s.root or "-", "" if s.old_prefix == s.prefix else src])
+      table = display.columns(rows, ["prefix", "leaves", "remapped", "fresh", "missing",
+                                     "elements kept", "fresh (zeroed)", "root", "old prefix"])
+      lines += ["  " + line for line in table.split("\n")]
+    copied = [l for l in self.leaves if l.kind == COPIED]
+    if copied:
+      lines.append("  copied from the old state: " + _list(
+          [l.path if l.old_path == l.path else f"{l.path} <- {l.old_path}" for l in copied]))
+    init = [l for l in self.leaves if l.kind in (MISSING, RESET, INIT)]
+    if init:
+      lines.append("  taken from the new init:")
+      lines += [f"    {l.path or '<root>'}: {l.why}" for l in init[:20]]
+      if len(init) > 20:
+        lines.append(f"    ... +{len(init) - 20} more (see report.from_init)")
+    if self.left_behind:
+      lines.append("  left behind in the old state:")
+      lines += [f"    {p or '<root>'} {display.fmt_shape(s)} {d}: {why}" for p, s, d, why in self.left_behind[:20]]
+      if len(self.left_behind) > 20:
+        lines.append(f"    ... +{len(self.left_behind) - 20} more (see report.left_behind)")
+    else:
+      lines.append("  left behind in the old state: nothing")
+    return "\n".join(lines)
+
+
+def _list(items, limit=12) -> str:
+  if len(items) > limit:
+    items = list(items[:limit]) + [f"... +{len(items) - limit}"]
+  return ", ".join(i or "<root>" for i in items)
+
+
+# -- paths ------------------------------------------------------------------------------
+
+def _split(path: str) -> list[str]:
+  return path.split("/") if path else []
+
+
+def _join(parts) -> str:
+  return "/".join(parts)
+
+
+def _prefix_str(parts) -> str:
+  return _join(parts) + "/" if parts else ""
+
+
+def _norm_prefix(p: str) -> str:
+  p = p.strip("/")
+  return p + "/" if p else ""
+
+
+class _Renamer:
+  """Maps new state paths to old ones (``rename={old prefix: new prefix}``), on path components."""
+
+  def __init__(self, rename: Mapping[str, str] | None):
+    pairs = [(_split(o.strip("/")), _split(n.strip("/"))) for o, n in (rename or {}).items()]
+    self.pairs = sorted(pairs, key=lambda on: -len(on[1]))
+
+  def to_old(self, new_path: str) -> str:
+    parts = _split(new_path)
+    for o, n in self.pairs:
+      if parts[:len(n)] == n:
+        return _join(o + parts[len(n):])
+    return new_path
+
+  def prefix_to_old(self, new_prefix: str) -> str:
+    parts = _split(new_prefix.rstrip("/"))
+    for o, n in self.pairs:
+      if parts[:len(n)] == n:
+        return _prefix_str(o + parts[len(n):])
+    return new_prefix
+
+
+# -- leaves -----------------------------------------------------------------------------
+
+_SCALARS = (bool, int, float, complex, np.generic)
+
+
+def _shape_dtype(x):
+  """(shape, dtype) of an array-like leaf, or None for opaque leaves (strings, objects)."""
+  if isinstance(x, _SCALARS):
+    return (), jax.dtypes.canonicalize_dtype(x.dtype if isinstance(x, np.generic) else np.result_type(type(x)))
+  shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+  if shape is None or dtype is None:
+    return None
+  # Values entering JAX are canonicalised (a restored int64 step is an int32 under x64=False).
+  return tuple(int(s) for s in shape), (dtype if _is_key(dtype) else jax.dtypes.canonicalize_dtype(dtype))
+
+
+def _is_key(dtype) -> bool:
+  return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _param_compatible(dtype, param_dtype) -> bool:
+  """A state leaf can hold an image of a parameter: same dtype, or both inexact (bf16 moments...)."""
+  if dtype == param_dtype:
+    return True
+  if _is_key(dtype) or _is_key(param_dtype):
+    return False
+  return jnp.issubdtype(dtype, jnp.inexact) and jnp.issubdtype(param_dtype, jnp.inexact)
+
+
+def _copy_conversion(old_sd, new_sd, new_leaf) -> str | None:
+  """How an old leaf can be copied into a new leaf: ``"same"``, ``"wrap_key"`` or None."""
+  (os_, od), (ns, nd) = old_sd, new_sd
+  if os_ == ns and od == nd:
+    return "same"
+  if _is_key(nd) and not _is_key(od) and jnp.issubdtype(od, jnp.unsignedinteger):
+    data_shape = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(ns, nd)).shape
+    if os_ == tuple(data_shape):
+      return "wrap_key"
+  return None
+
+
+def _describe(sd) -> str:
+  from jaxsurgery._src.display import fmt_shape
+  return "opaque" if sd is None else f"{fmt_shape(sd[0])} {sd[1]}"
+
+
+# -- the state plan ---------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+  """One computed output leaf: ``plan`` (leaf plan from an old leaf or none) or ``copy``."""
+  new_index: int
+  op: str                    # "plan" | "copy"
+  param: str | None          # new table path (plan)
+  old_index: int | None      # index into the old leaves (None: fresh leaf of the plan)
+  conversion: str = "same"   # for copies: "same" | "wrap_key"
+
+
+class _TableIndex:
+  """Table paths by suffix, for the root "" and for each first path component (collection)."""
+
+  def __init__(self, table):
+    self.table = table
+    self.full = {p: p for p in table.paths}
+    self.roots: dict[str, dict[str, str]] = {}
+    for p in table.paths:
+      head, sep, rest = p.partition("/")
+      if sep and rest:
+        self.roots.setdefault(head + "/", {})[rest] = p
+
+  def candidates(self, suffix: str):
+    if suffix in self.full:
+      yield "", self.full[suffix]
+    for root, sub in self.roots.items():
+      if suffix in sub:
+        yield root, sub[suffix]
+
+
+def _match_param(index: _TableIndex, path: str, sd, prefixes):
+  """Classifies a state leaf by the longest path suffix that names a parameter of the table.
+
+  Returns ``("param", prefix, root, table path)`` when the leaf has that
+  parameter's shape and a compatible dtype, ``("reset", prefix, root, table
+  path)`` when it only has its name (factored statistics...), or None.
+  """
+  parts = _split(path)
+  for k in range(len(parts)):
+    prefix = _prefix_str(parts[:k])
+    if prefixes is not None and prefix not in prefixes:
+      continue
+    named = list(index.candidates(_join(parts[k:])))
+    if not named:
+      continue
+    found = [(r, p) for r, p in named if sd is not None and sd[0] == index.table.shapes[p]
+             and _param_compatible(sd[1], index.table.dtypes[p])]
+    if not found:
+      return ("reset", prefix) + named[0]
+    if any(r == "" for r, _ in found):
+      return ("param", prefix) + next((r, p) for r, p in found if r == "")
+    if len(found) > 1:
+      raise SurgeryError(
+          f"State leaf {path!r} matches several parameters of the new table under different roots: "
+          f"{[p for _, p in found]}. Pass prefixes=[...] to say which state prefixes hold params, "
+          f"or build the table over one collection.")
+    return ("param", prefix) + found[0]
+  return None
+
+
+def _dropped_param(path: str, dropped: set[str]) -> str | None:
+  """The dropped old parameter that ``path`` is an image of (suffix match, table root allowed)."""
+  parts = _split(path)
+  for k in range(len(parts)):
+    suffix = _join(parts[k:])
+    for d in dropped:
+      if d == suffix or d.partition("/")[2] == suffix:
+        return d
+  return None
+
+
+def _plan_state(surgery, old_state, new_state_init, rename, prefixes):
+  new_flat, new_treedef = jax.tree_util.tree_flatten_with_path(new_state_init)
+  old_flat, _ = jax.tree_util.tree_flatten_with_path(old_state)
+  new_paths = [feats.keystr(p) for p, _ in new_flat]
+  old_paths = [feats.keystr(p) for p, _ in old_flat]
+  new_leaves = [x for _, x in new_flat]
+  old_leaves = [x for _, x in old_flat]
+  old_at = {p: i for i, p in enumerate(old_paths)}
+  old_sd = [_shape_dtype(x) for x in old_leaves]
+  renamer = _Renamer(rename)
+  prefixes = None if prefixes is None else {_norm_prefix(p) for p in prefixes}
+  index = _TableIndex(surgery.new_table)
+  plans: Mapping[str, LeafPlan] = surgery._leaves
+
+  abstract = [p for p, x in zip(new_paths, new_leaves) if isinstance(x, jax.ShapeDtypeStruct)]
+  if abstract:
+    raise SurgeryError(
+        f"new_state_init holds abstract leaves (ShapeDtypeStruct) at {abstract[:5]}"
+        f"{' ...' if len(abstract) > 5 else ''}: fresh elements take new_state_init's values, so it must "
+        f"hold arrays. Build it with the new model's init (for a large model, jax.jit(init, out_shardings=...)).")
+
+  entries: list[StateLeaf] = []
+  steps: list[_Step] = []
+  used_old: set[int] = set()
+  errors: list[str] = []
+  why_old: dict[int, str] = {}
+  groups: dict[tuple[str, str], dict] = {}
+
+  for i, (path, x) in enumerate(zip(new_paths, new_leaves)):
+    sd = _shape_dtype(x)
+    match = _match_param(index, path, sd, prefixes)
+    if match is not None and match[0] == "param":
+      _, prefix, root, param = match
+      old_prefix = renamer.prefix_to_old(prefix)
+      g = groups.setdefault((prefix, root), dict(old_prefix=old_prefix, counts={REMAPPED: 0, FRESH: 0, MISSING: 0},
+                                                  elements={k: 0 for k in ("copied", "moved", "fresh", "zeroed",
+                                                                           "dropped")}))
+      leaf = plans[param]
+      if leaf.old_path is None:
+        steps.append(_Step(i, "plan", param, None))
+        entries.append(StateLeaf(path, FRESH, None, param, prefix, "a parameter the old model does not have"))
+        g["counts"][FRESH] += 1
+        continue
+      if root and not leaf.old_path.startswith(root):
+        errors.append(f"  {path!r}: the plan takes parameter {param!r} from the old model's {leaf.old_path!r}, "
+                      f"which is not under the root {root!r}; build both tables over the same collections.")
+        continue
+      old_path = old_prefix + leaf.old_path[len(root):]
+      j = old_at.get(old_path)
+      if j is None:
+        steps_why = (f"no leaf {old_path!r} in the old state (old source of {param!r})")
+        entries.append(StateLeaf(path, MISSING, None, param, prefix, steps_why))
+        g["counts"][MISSING] += 1
+        continue
+      want_dtype = surgery.old_table.dtypes.get(leaf.old_path)
+      got = old_sd[j]
+      if got is None or got[0] != leaf.old_shape or (want_dtype is not None
+                                                      and not _param_compatible(got[1], want_dtype)):
+        errors.append(f"  old state {old_path!r} is {_describe(got)}, but it should be an image of the old "
+                      f"model's {leaf.old_path!r} {_describe((leaf.old_shape, want_dtype))} "
+                      f"(for new {path!r})")
+        continue
+      used_old.add(j)
+      steps.append(_Step(i, "plan", param, j))
+      entries.append(StateLeaf(path, REMAPPED, old_path, param, prefix))
+      g["counts"][REMAPPED] += 1
+      for k in g["elements"]:
+        g["elements"][k] += leaf.counts[k]
+      continue
+
+    # not param-shaped: copy by path when it fits
+    old_path = renamer.to_old(path)
+    j = old_at.get(old_path)
+    if match is not None:  # under a param path, but not of the param's shape (factored moments...)
+      _, prefix, root, param = match
+      leaf = plans[param]
+      identity = (leaf.old_path is not None and leaf.zero is None and all(m is None for m in leaf.maps)
+                  and leaf.old_path[len(root):] == param[len(root):])
+      if j is not None and identity and old_sd[j] is not None and sd is not None \
+          and _copy_conversion(old_sd[j], sd, x) == "same":
+        used_old.add(j)
+        steps.append(_Step(i, "copy", None, j))
+        entries.append(StateLeaf(path, COPIED, old_path, None, None))
+      else:
+        why = (f"under parameter path {param!r} but {_describe(sd)}, not the parameter's "
+               f"{_describe((surgery.new_table.shapes[param], surgery.new_table.dtypes[param]))}; "
+               f"the plan cannot map it")
+        entries.append(StateLeaf(path, RESET, None, param, None, why))
+        if j is not None:
+          why_old[j] = f"statistics of parameter {param!r} that the plan cannot map (new {path!r} reset)"
+      continue
+    if j is None:
+      entries.append(StateLeaf(path, INIT, None, None, None, "not in the old state"))
+      continue
+    if sd is None or old_sd[j] is None:
+      entries.append(StateLeaf(path, INIT, None, None, None, "not an array; kept from the new init"))
+      why_old[j] = "not an array; the new init's value is kept"
+      continue
+    conv = _copy_conversion(old_sd[j], sd, x)
+    if conv is None:
+      entries.append(StateLeaf(path, INIT, None, None, None,
+                               f"old {old_path!r} is {_describe(old_sd[j])}, new is {_describe(sd)}"))
+      why_old[j] = f"new {path!r} is {_describe(sd)}"
+      continue
+    used_old.add(j)
+    steps.append(_Step(i, "copy", None, j, conv))
+    entries.append(StateLeaf(path, COPIED, old_path, None, None))
+
+  if errors:
+    raise SurgeryError("The old state does not fit the old model the plan was built for:\n" + "\n".join(errors[:20])
+                       + (f"\n  ... +{len(errors) - 20} more" if len(errors) > 20 else "")
+                       + "\n  Check that the checkpoint is the old model's (the one given to dependency_table), "
+                         "or map moved subtrees with rename={old prefix: new prefix}.")
+  if not groups:
+    raise SurgeryError(
+        "No leaf of new_state_init has the path and shape of a parameter of the new table, so nothing would be "
+        f"remapped. New table parameters: {list(surgery.new_table.paths)[:8]}; new state leaves: "
+        f"{new_paths[:8]}. Build the table over the same params (NNX state paths end in '/value'; Linen "
+        "variables start with 'params/'), or pass the state whose params the table was built from.")
+  expected = sum(g["counts"][REMAPPED] + g["counts"][MISSING] for g in groups.values())
+  if expected and not any(g["counts"][REMAPPED] for g in groups.values()):
+    want = [l.why for l in entries if l.kind == MISSING][:4]
+    raise SurgeryError(
+        "The old state holds none of the old model's parameters where the plan expects them:\n    "
+        + "\n    ".join(want) + f"\n  Old state leaves: {old_paths[:8]}{' ...' if len(old_paths) > 8 else ''}"
+        "\n  Is it a checkpoint of another model? If its layout differs, map it with rename={old prefix: new prefix}.")
+
+  dropped = {p for p, _ in surgery.report.dropped_leaves}
+  left = []
+  for j, p in enumerate(old_paths):
+    if j in used_old:
+      continue
+    sdj = old_sd[j]
+    why = why_old.get(j)
+    if why is None:
+      why = "no leaf at this path in the new state"
+      hit = _dropped_param(p, dropped)
+      if hit is not None:
+        why = f"image of old parameter {hit!r}, which the plan drops (no counterpart in the new model)"
+    shape, dtype = (sdj if sdj is not None else ((), type(old_leaves[j]).__name__))
+    left.append((p, shape, str(dtype), why))
+
+  subtrees = tuple(Subtree(prefix, g["old_prefix"], root, dict(g["counts"]), dict(g["elements"]))
+                   for (prefix, root), g in groups.items())
+  report = StateReport(tuple(entries), subtrees, tuple(left))
+  return steps, new_treedef, new_leaves, old_leaves, report
+
+
+# -- applying ---------------------------------------------------------------------------
+
+def _run_steps(plans, steps, olds, inits):
+  out = []
+  for s, old, init in zip(steps, olds, inits):
+    if s.op == "plan":
+      out.append(_apply_leaf(plans[s.param], old, init))
+    elif s.conversion == "wrap_key":
+      out.append(jax.random.wrap_key_data(jnp.asarray(old), impl=jax.random.key_impl(init)))
+    else:
+      out.append(jnp.asarray(old).astype(init.dtype) if not _is_key(init.dtype) else old)
+  return out
+
+
+_COMPILED: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def remap_state(surgery, old_state, new_state_init, *, rename: Mapping[str, str] | None = None,
+                prefixes: Sequence[str] | None = None, strict: bool = False, return_report: bool = False):
+  """Remaps a whole training state: params, optimizer moments, EMA params, counts, rng keys.
+
+  Every *param-shaped subtree* of ``new_state_init`` (leaves whose path is a
+  common prefix followed by a parameter path of the new table, with that
+  parameter's shape: the params, optax ``mu``/``nu``, EMA params, the inner
+  states of ``optax.masked`` and ``optax.multi_transform``) is computed with the
+  surgery's leaf plans from the old state's leaves at the same prefix and the
+  old parameter paths. Fresh elements keep ``new_state_init``'s values (the
+  optimizer's zeros for moments), zeroed elements become 0. Other leaves (step
+  counts, ``inject_hyperparams`` values, rng keys) are copied from the old
+  state when it has a leaf at the same path with the same shape and dtype
+  (raw key data is wrapped into a typed key), else taken from
+  ``new_state_init``. Nothing is dropped silently: the report lists every old
+  leaf left behind.
+
+  Pure and jittable; called eagerly it runs one jitted program and keeps the
+  shardings of ``new_state_init``, like ``surgery(old_params, new_init)``.
+
+  Args:
+    surgery: a :class:`~jaxsurgery.Surgery` from :func:`~jaxsurgery.plan`.
+    old_state: the trained old state (any pytree: a dict, a Linen ``TrainState``,
+      an ``nnx.State``, or a tree restored from a checkpoint with dicts and lists
+      in place of the containers; only the paths matter).
+    new_state_init: the new model's freshly initialised state (arrays, not
+      abstract shapes: fresh elements take its values). Its structure, dtypes
+      and shardings are those of the result.
+    rename: ``{old state prefix: new state prefix}`` for subtrees that moved
+      (e.g. ``{"opt_state/0": "opt_state/1"}`` after inserting a transform
+      before adam; ``{"": "params"}`` when the old state is a bare param tree).
+    prefixes: if given, only these prefixes of the new state hold param-shaped
+      subtrees (``["params", "opt_state/0/mu", "opt_state/0/nu"]``); use it
+      when another leaf happens to look like a parameter.
+    strict: raise if any old leaf is left behind or any param-shaped leaf has
+      no source in the old state (``missing``/``reset``).
+    return_report: also return the :class:`StateReport`.
+
+  Returns:
+    The new state, shaped like ``new_state_init``; with ``return_report=True``
+    a tuple ``(new_state, report)``.
+
+  Raises:
+    SurgeryError: the old state does not fit the old model (wrong shapes at the
+      expected paths, or none of its parameters where expected), or no leaf of
+      ``new_state_init`` looks like a parameter of the new table; with
+      ``strict=True``, anything left behind or missing.
+
+  Example:
+    >>> tx = optax.adam(1e-3)                                            # doctest: +SKIP
+    >>> old = {"params": old_params, "opt_state": old_opt_state, "step": step}
+    >>> new = {"params": new_init, "opt_state": tx.init(new_init), "step": 0}
+    >>> state, report = js.remap_state(surgery, old, new, return_report=True)
+    >>> print(report)   # params, opt_state/0/mu, opt_state/0/nu remapped; step, count copied
+  """
+  steps, treedef, new_leaves, old_leaves, report = _plan_state(surgery, old_state, new_state_init, rename, prefixes)
+  if strict:
+    problems = [f"  new {l.path!r}: {l.kind}: {l.why}" for l in report.leaves if l.kind in (MISSING, RESET)]
+    problems += [f"  old {p!r} {s} {d} left behind: {why}" for p, s, d, why in report.left_behind]
+    if problems:
+      raise SurgeryError("strict=True: the state remap is incomplete:\n" + "\n".join(problems[:30])
+                         + "\n  See remap_state(..., return_report=True) for the full accounting.")
+  # Steps without an old leaf need no old input; copies of non-array leaves (Python scalars) pass as they are.
+  out = list(new_leaves)
+  def passes(s):  # a copy into a non-array leaf (a Python int step): no program needed
+    x = new_leaves[s.new_index]
+    return s.op == "copy" and not isinstance(x, (jax.Array, jax.core.Tracer))
+  traced = [s for s in steps if not passes(s)]
+  for s in steps:
+    if passes(s):
+      out[s.new_index] = old_leaves[s.old_index]
+  if traced:
+    olds = [None if s.old_index is None else old_leaves[s.old_index] for s in traced]
+    inits = [new_leaves[s.new_index] for s in traced]
+    plans = surgery._leaves
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((olds, inits))):
+      results = _run_steps(plans, traced, olds, inits)
+    else:
+      shardings = tuple(getattr(x, "sharding", None) for x in inits)
+      key = (tuple(traced), shardings if all(s is not None for s in shardings) else None)
+      cache = _COMPILED.setdefault(surgery, {})
+      fn = cache.get(key)
+      if fn is None:
+        run = lambda o, i, _steps=tuple(traced): _run_steps(plans, _steps, o, i)
+        fn = cache[key] = jax.jit(run, out_shardings=None if key[1] is None else list(key[1]))
+      results = fn(olds, inits)
+    for s, r in zip(traced, results):
+      out[s.new_index] = r
+  new_state = jax.tree_util.tree_unflatten(treedef, out)
+  return (new_state, report) if return_report else new_state
