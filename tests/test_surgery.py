@@ -23,6 +23,8 @@ def surgery_and_check(old_fn, new_fn, old_p, new_init, old_x, new_x, old_spec, n
   new_p = surgery(old_p, new_init)
   check = js.verify(surgery, old_fn, new_fn, old_p, new_p, old_x, new_x, key=jax.random.key(7), atol=atol)
   assert check.ok == expect_preserved, (check, surgery.report)
+  # The static proof (novelty propagation) agrees with the numbers.
+  assert (surgery.report.preserved is True) == expect_preserved, surgery.report
   return surgery, new_p
 
 
@@ -215,6 +217,8 @@ def test_widen_attention_heads_per_head():
   # head h, dim d -> column h*hd + d
   qn, qo = np.asarray(new_p["q"]), np.asarray(old_p["q"])
   np.testing.assert_array_equal(qn[:, [0, 1, 3, 4]], qo)
+  # New q and k dimensions of the old heads meet in q.k: the report names that product.
+  assert any("`dot_general` in bthd,bshd->bhts" in r for r in surgery.report.reasons), surgery.report
   assert any("blockwise" in h for h in {l.path: l for l in surgery.report.leaves}["q"].how)
 
 
@@ -245,7 +249,45 @@ def test_insert_residual_block_is_exact():
   surgery, new_p = surgery_and_check(res_fn(1), res_fn(2), old_p, new_init, jnp.ones((2, 3)), jnp.ones((2, 3)),
                                      spec, spec)
   np.testing.assert_array_equal(np.asarray(new_p["block1"]["w2"]), 0)
+  np.testing.assert_array_equal(np.asarray(new_p["block1"]["b2"]), 0)  # added to the old stream
   np.testing.assert_array_equal(np.asarray(new_p["block1"]["w1"]), np.asarray(new_init["block1"]["w1"]))
+  np.testing.assert_array_equal(np.asarray(new_p["block1"]["b1"]), np.asarray(new_init["block1"]["b1"]))
+
+
+def ln_mlp(p, x):
+  h = x @ p["l1"]["w"] + p["l1"]["b"]
+  mu = h.mean(-1, keepdims=True)
+  h = (h - mu) / jnp.sqrt(((h - mu) ** 2).mean(-1, keepdims=True) + 1e-5)
+  return jnp.tanh(h) @ p["l2"]["w"] + p["l2"]["b"]
+
+
+def test_layernorm_over_widened_axis_is_reported_with_its_operation():
+  old_p, new_init = mlp_params(KEY, 3, 4, 2), mlp_params(jax.random.key(1), 3, 6, 2)
+  spec = js.Features(["a", "b", "c"])
+  surgery, _ = surgery_and_check(ln_mlp, ln_mlp, old_p, new_init, jnp.ones((2, 3)), jnp.ones((2, 3)),
+                                 spec, spec, expect_preserved=False)
+  note = " ".join(surgery.report.reasons)
+  assert "`reduce_sum`" in note and "ln_mlp" in note, note
+  assert "function not proven" in repr(surgery.report)
+
+
+def test_new_feature_and_wider_lstm_keep_new_units_alive():
+  """Random in, zero out, exactly: the new units read x and the old units (init), the
+  weights reading a new unit or the new feature are zero; statically preserved."""
+  old_fn, old_p = nnx_rnn(nnx.OptimizedLSTMCell, 2, 3, 0)
+  new_fn, new_init = nnx_rnn(nnx.OptimizedLSTMCell, 3, 5, 1)
+  surgery, new_p = surgery_and_check(
+      old_fn, lambda p, x: new_fn(p, x)[..., :3], old_p, new_init, jnp.ones((2, 4, 2)), jnp.ones((2, 4, 3)),
+      js.Features(["a", "b"]), js.Features(["a", "new", "b"]))
+  leaf = lambda t, name: np.asarray(jax.tree_util.tree_leaves(t[name]["kernel"])[0])
+  ki, ki0 = leaf(new_p, "dense_i"), leaf(new_init, "dense_i")
+  kh, kh0 = leaf(new_p, "dense_h"), leaf(new_init, "dense_h")
+  new_cols = np.array([g * 5 + u for g in range(4) for u in (3, 4)])
+  np.testing.assert_array_equal(ki[1], 0)                                    # the new feature's row
+  np.testing.assert_array_equal(ki[[0, 2]][:, new_cols], ki0[[0, 2]][:, new_cols])  # new units read x
+  np.testing.assert_array_equal(kh[3:], 0)                                   # rows reading new units
+  np.testing.assert_array_equal(kh[:3][:, new_cols], kh0[:3][:, new_cols])  # new units read old units
+  assert np.abs(ki0[[0, 2]][:, new_cols]).min() > 0
 
 
 def test_narrowed_layer_reports_dropped_units_and_strict():
@@ -317,3 +359,33 @@ def test_jit_pool_and_sharding():
   sharded_init = jax.device_put(new_init, sharding)
   result = surgery(old_p, sharded_init)
   assert all(x.sharding == sharding for x in jax.tree_util.tree_leaves(result))
+
+
+def test_inserted_block_shifts_leaf_names_and_is_matched_by_dataflow():
+  """Flax-style names: inserting a block shifts Dense_1 (the head) to Dense_3. Matching by path
+  alone would pair the old head with the new block; the dataflow alignment pairs it with Dense_3."""
+  def fn(n_blocks):
+    def f(p, x):
+      h = jnp.tanh(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+      for b in range(n_blocks):
+        inner, outer = p[f"Dense_{1 + 2 * b}"], p[f"Dense_{2 + 2 * b}"]
+        h = h + jax.nn.relu(h @ inner["kernel"] + inner["bias"]) @ outer["kernel"] + outer["bias"]
+      head = p[f"Dense_{1 + 2 * n_blocks}"]
+      return h @ head["kernel"] + head["bias"]
+    return f
+
+  def params(key, n_blocks, d=4):
+    shapes = [(3, d)] + [(d, d)] * (2 * n_blocks) + [(d, 2)]
+    ks = jax.random.split(key, 2 * len(shapes))
+    return {f"Dense_{i}": {"kernel": rand(ks[2 * i], s), "bias": rand(ks[2 * i + 1], s[1:])}
+            for i, s in enumerate(shapes)}
+  spec = js.Features(["a", "b", "c"])
+  old_p, new_init = params(KEY, 0), params(jax.random.key(1), 1)
+  surgery, new_p = surgery_and_check(fn(0), fn(1), old_p, new_init, jnp.ones((2, 3)), jnp.ones((2, 3)),
+                                     spec, spec)
+  matching = {o: (n, why) for o, n, why in surgery.report.matching}
+  assert matching["Dense_1/kernel"] == ("Dense_3/kernel", "dataflow order and shape")
+  assert matching["Dense_0/kernel"] == ("Dense_0/kernel", "same path")
+  np.testing.assert_array_equal(np.asarray(new_p["Dense_3"]["kernel"]), np.asarray(old_p["Dense_1"]["kernel"]))
+  np.testing.assert_array_equal(np.asarray(new_p["Dense_2"]["kernel"]), 0)
+  assert "Dense_1/kernel -> Dense_3/kernel" in repr(surgery.report)

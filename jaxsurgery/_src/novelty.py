@@ -73,6 +73,8 @@ class Novelty:
   novel_outputs: tuple[str, ...]            # outputs novelty still reaches (empty: preserved)
   sites: tuple[Site, ...]                   # where it spreads, in program order
   touched: Mapping[str, np.ndarray | None] = dataclasses.field(default_factory=dict, repr=False)
+  # Gathered tables grown at the end: preservation holds for ids the old table had.
+  assumed_in_range: tuple[str, ...] = ()
 
 
 def _dense(mask, shape) -> np.ndarray:
@@ -135,11 +137,14 @@ def _unpulled(outs):
 class _Context(Context):
   """The mask interpreter with one bit (novelty), online zeroing and zero tracking."""
 
-  def __init__(self, table, fresh: list, prezero: list):
+  def __init__(self, table, fresh: list, prezero: list, grown: list):
     super().__init__(1, [table.shapes[p] for p in table.paths], strict=False,
                      rules=registry.active_rules())
     self.fresh = fresh
     self.prezero = prezero
+    self.grown = grown                # per param: {axis: old size} for axes grown at the end
+    self.param_of: dict[int, int] = {}  # id(param Val) -> param index
+    self.assumed: set[int] = set()    # params whose grown rows were taken as unselected
     self.views: dict[int, tuple[Val, object]] = {}  # id(val) -> (val kept alive, zero fn)
     self.sites: dict[tuple[str, str, str], Site] = {}
 
@@ -191,6 +196,8 @@ class _Context(Context):
       outs = self._cut(eqn, invals, outs)
     elif name in _SUMS:
       outs = self._sum(eqn, invals)
+    elif name == "gather" and id(invals[0]) in self.param_of and invals[1].mask is None:
+      outs = super().apply(eqn, [self._unselected(eqn, invals[0], effective[0]), effective[1]])
     else:
       outs = super().apply(eqn, effective)
     outs = _unpulled(outs)
@@ -204,6 +211,23 @@ class _Context(Context):
       return v
     nov = _dense(v.mask, v.shape) & ~z
     return dataclasses.replace(v, mask=_pack(nov))
+
+  def _unselected(self, eqn, param: Val, effective: Val) -> Val:
+    """A gathered table grown at its end (a vocabulary): rows past the old size are
+    selected only by ids the old model could not take, so they bring no novelty."""
+    i = self.param_of[id(param)]
+    dims = eqn.params["dimension_numbers"]
+    sizes = eqn.params["slice_sizes"]
+    mask = effective.mask
+    for axis in dims.start_index_map:
+      old = self.grown[i].get(axis)
+      if old is None or sizes[axis] != 1 or mask is None:
+        continue
+      rows = (np.arange(param.shape[axis]) < old).reshape(
+          (1,) * axis + (-1,) + (1,) * (param.ndim - axis - 1))
+      mask = _pack(_dense(mask, param.shape) & rows)
+      self.assumed.add(i)
+    return dataclasses.replace(effective, mask=mask, pull=None)
 
   def _derive(self, eqn, parent: Val, out: Val, cast: bool) -> None:
     parent_fn = self.views[id(parent)][1]
@@ -274,12 +298,13 @@ class _Context(Context):
 
 
 def run(table, added: tuple[str, ...], fresh: Mapping[str, np.ndarray | None],
-        prezero: Mapping[str, np.ndarray | None] | None = None) -> Novelty:
+        prezero: Mapping[str, np.ndarray | None] | None = None,
+        grown: Mapping[str, Mapping[int, int]] | None = None) -> Novelty:
   """One novelty pass over ``table``'s program (see the module docstring)."""
   added_ids = {table.features.index(n) for n in added}
   fresh_list = [fresh.get(p) for p in table.paths]
   pre = [None if prezero is None else prezero.get(p) for p in table.paths]
-  ctx = _Context(table, fresh_list, pre)
+  ctx = _Context(table, fresh_list, pre, [dict((grown or {}).get(p, {})) for p in table.paths])
   args = []
   for i, p in enumerate(table.paths):
     f = fresh_list[i]
@@ -287,6 +312,7 @@ def run(table, added: tuple[str, ...], fresh: Mapping[str, np.ndarray | None],
               pull=ctx.param_pull(i))
     if f is not None:
       ctx._view(val, lambda i=i: ctx.param_zero(i))
+      ctx.param_of[id(val)] = i
     args.append(val)
   for leaf, mask in zip(table.spec.leaves, table.spec.input_masks(flagged=added_ids)):
     args.append(Val(leaf.shape, leaf.dtype, mask=mask))
@@ -300,7 +326,8 @@ def run(table, added: tuple[str, ...], fresh: Mapping[str, np.ndarray | None],
     z = None if f is None or t is None else f & _dense(t, table.shapes[p])
     touched[p] = None if z is None or not z.any() else z
   novel = tuple(p for p, v in zip(table.output_paths, outs) if not M.is_empty(v.mask))
-  return Novelty(zeroed, novel, tuple(ctx.sites.values()), touched)
+  assumed = tuple(table.paths[i] for i in sorted(ctx.assumed))
+  return Novelty(zeroed, novel, tuple(ctx.sites.values()), touched, assumed)
 
 
 def _conservative(table, added, fresh) -> dict[str, np.ndarray | None]:
@@ -323,7 +350,7 @@ def _conservative(table, added, fresh) -> dict[str, np.ndarray | None]:
 
 
 def analyse(table, added: tuple[str, ...], fresh: Mapping[str, np.ndarray | None],
-            max_rounds: int = 6) -> Novelty:
+            grown: Mapping[str, Mapping[int, int]] | None = None, max_rounds: int = 6) -> Novelty:
   """Zeroed fresh elements and what novelty still reaches.
 
   Online decisions come late inside loops: a recurrent weight reading a new unit
@@ -337,10 +364,10 @@ def analyse(table, added: tuple[str, ...], fresh: Mapping[str, np.ndarray | None
   proves preservation; otherwise the online decisions stand and the spreading
   operations are reported (zeroing more would only kill fresh units).
   """
-  result = run(table, added, fresh)
+  result = run(table, added, fresh, grown=grown)
   prezero = result.touched
   for _ in range(max_rounds):
-    result = run(table, added, fresh, prezero=prezero)
+    result = run(table, added, fresh, prezero=prezero, grown=grown)
     if _same(result.touched, prezero, table.paths):
       break
     prezero = result.touched
@@ -348,7 +375,7 @@ def analyse(table, added: tuple[str, ...], fresh: Mapping[str, np.ndarray | None
     return result
   extra = _conservative(table, added, fresh)
   merged = {p: _or(result.zeroed.get(p), extra.get(p)) for p in table.paths}
-  second = run(table, added, fresh, prezero=merged)
+  second = run(table, added, fresh, prezero=merged, grown=grown)
   return second if not second.novel_outputs else result
 
 

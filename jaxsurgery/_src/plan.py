@@ -143,8 +143,27 @@ def _first_use_order(table: FeatureTable) -> list[str]:
   return [table.paths[i] for i in order]
 
 
-def _match_leaves(old: FeatureTable, new: FeatureTable, rename: Mapping[str, str]):
-  """Pairs (old path, new path, why): explicit renames, same paths, then dataflow order."""
+_SKIP = 1.5          # a leaf only in one model (inserted or removed)
+_RENAMED = 0.5       # matched leaves whose paths differ
+_RESIZED = 1.0       # per axis whose size differs
+_OTHER_FEATURES = 1.0  # the features touching the two leaves differ
+
+
+def _feature_set(table: FeatureTable, path: str, idx: np.ndarray) -> bytes:
+  dense = _restrict(table.packed[path], idx, table.shapes[path])
+  return np.packbits(dense.reshape(-1, dense.shape[-1]).any(0)).tobytes()
+
+
+def _match_leaves(old: FeatureTable, new: FeatureTable, rename: Mapping[str, str], fmaps=None):
+  """Pairs (old path, new path, why): explicit renames, then an alignment of the two
+  programs' parameters in order of first use.
+
+  The alignment is an edit distance: matching two leaves costs nothing for the same
+  path and shape, more for a renamed path, per resized axis and for different
+  touching features; a leaf present in one model only costs ``_SKIP``. So a widened
+  layer keeps its path, and an inserted layer shifts ``Linear_1`` to ``Linear_2``
+  instead of pairing the old output layer with the new hidden one.
+  """
   pairs, used_old, used_new = [], set(), set()
   for o, n in rename.items():
     if o in old.paths:
@@ -154,22 +173,43 @@ def _match_leaves(old: FeatureTable, new: FeatureTable, rename: Mapping[str, str
       pairs.append((o, n, "rename"))
       used_old.add(o)
       used_new.add(n)
-  for p in new.paths:
-    if p in old.paths and p not in used_old and p not in used_new:
-      pairs.append((p, p, "same path"))
-      used_old.add(p)
-      used_new.add(p)
-  # Leftovers: align by order of first use in the program, equal rank required.
-  old_left = [p for p in _first_use_order(old) if p not in used_old]
-  new_left = [p for p in _first_use_order(new) if p not in used_new]
-  i = 0
-  for n in new_left:
-    while i < len(old_left) and len(old.shapes[old_left[i]]) != len(new.shapes[n]):
-      i += 1
-    if i < len(old_left) and old.shapes[old_left[i]] == new.shapes[n]:
-      pairs.append((old_left[i], n, "dataflow order and shape"))
-      i += 1
-  return pairs
+  olds = [p for p in _first_use_order(old) if p not in used_old]
+  news = [p for p in _first_use_order(new) if p not in used_new]
+  if fmaps is not None:
+    osig = {p: _feature_set(old, p, fmaps[0]) for p in olds}
+    nsig = {p: _feature_set(new, p, fmaps[1]) for p in news}
+  inf = float("inf")
+
+  def cost(o, n):
+    so, sn = old.shapes[o], new.shapes[n]
+    if len(so) != len(sn):
+      return inf
+    c = _RESIZED * sum(a != b for a, b in zip(so, sn)) + (0.0 if o == n else _RENAMED)
+    if fmaps is not None and osig[o] != nsig[n]:
+      c += _OTHER_FEATURES
+    return c
+
+  no, nn = len(olds), len(news)
+  d = np.zeros((no + 1, nn + 1))
+  d[:, 0] = np.arange(no + 1) * _SKIP
+  d[0, :] = np.arange(nn + 1) * _SKIP
+  for i in range(1, no + 1):
+    for j in range(1, nn + 1):
+      d[i, j] = min(d[i - 1, j] + _SKIP, d[i, j - 1] + _SKIP, d[i - 1, j - 1] + cost(olds[i - 1], news[j - 1]))
+  i, j, found = no, nn, []
+  while i > 0 and j > 0:
+    c = cost(olds[i - 1], news[j - 1])
+    if c < inf and np.isclose(d[i, j], d[i - 1, j - 1] + c):
+      o, n = olds[i - 1], news[j - 1]
+      why = "same path" if o == n else (
+          "dataflow order and shape" if old.shapes[o] == new.shapes[n] else "dataflow order")
+      found.append((o, n, why))
+      i, j = i - 1, j - 1
+    elif np.isclose(d[i, j], d[i - 1, j] + _SKIP):
+      i -= 1
+    else:
+      j -= 1
+  return pairs + found[::-1]
 
 
 # -- per-leaf alignment ----------------------------------------------------------
@@ -277,7 +317,7 @@ def plan(old_table: FeatureTable, new_table: FeatureTable, *, rename: Mapping[st
   path_rename = {k: v for k, v in rename.items() if k not in old_table.features}
   fmaps = _feature_maps(old_table, new_table, feature_rename)
   old_idx, new_idx, added, removed, moved = fmaps
-  pairs = _match_leaves(old_table, new_table, path_rename)
+  pairs = _match_leaves(old_table, new_table, path_rename, fmaps)
   by_new = {n: (o, why) for o, n, why in pairs}
 
   aligned = {}
@@ -290,7 +330,7 @@ def plan(old_table: FeatureTable, new_table: FeatureTable, *, rename: Mapping[st
       fresh[n] = _fresh_mask(new_table.shapes[n], aligned[n][0])
     else:
       fresh[n] = np.ones((1,) * len(new_table.shapes[n]), bool)
-  nov = novelty.analyse(new_table, added, fresh)
+  nov = novelty.analyse(new_table, added, fresh, grown={n: _grown_axes(aligned[n][0]) for n in aligned})
   zeroed, novel_outputs = nov.zeroed, nov.novel_outputs
 
   leaves = []
@@ -326,6 +366,9 @@ def plan(old_table: FeatureTable, new_table: FeatureTable, *, rename: Mapping[st
     reasons.append("novelty (new features / fresh elements) reaches outputs " + ", ".join(
         repr(p or "<root>") for p in novel_outputs) + f"; it spreads at {where}{more}. Exact "
         "preservation is not proven statically -- check with jaxsurgery.verify")
+  for p in nov.assumed_in_range:
+    reasons.append(f"{p!r} grew at the end of a gathered axis: preservation assumes ids within the old "
+                   f"size (the old model could not select the new rows)")
   preserved = False if any("removed" in r or "no counterpart" in r for r in reasons) else (
       True if not novel_outputs else None)
   report = Report(tuple(leaves), dropped_leaves, added, removed, moved, feature_rename,
@@ -337,6 +380,18 @@ def plan(old_table: FeatureTable, new_table: FeatureTable, *, rename: Mapping[st
       raise SurgeryError(f"strict=True: old parameter elements would be dropped in {names} beyond "
                          f"removed features and narrowed axes. See surgery.report for details.")
   return Surgery(old_table, new_table, report)
+
+
+def _grown_axes(maps) -> dict[int, int]:
+  """Axes whose old indices keep their place and whose fresh indices are all at the end."""
+  out = {}
+  for a, m in enumerate(maps):
+    if m is None:
+      continue
+    k = int(np.count_nonzero(m >= 0))
+    if k < len(m) and np.array_equal(m[:k], np.arange(k)) and (m[k:] < 0).all():
+      out[a] = k
+  return out
 
 
 def _explained_drop(leaf: LeafPlan, removed) -> bool:

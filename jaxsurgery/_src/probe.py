@@ -51,7 +51,8 @@ from jaxsurgery._src.table import FeatureTable, trace
 __all__ = ["gradient_table", "cross_check", "CrossCheck", "Miss", "Difference", "LeafAgreement"]
 
 _COMPILER_OPTIONS: dict[str, Any] | None = None
-_FAST_COMPILE_ELEMENTS = 1 << 20  # params x columns below which compile time dominates
+# (params + intermediates) x columns x runs below which XLA's compile time dominates the run time
+_FAST_COMPILE_ELEMENTS = 1 << 24
 
 # Primitives whose sub-jaxpr is evaluated in place by both walks below.
 _CALLS = frozenset(compat.JIT_NAMES + compat.CALL_NAMES)
@@ -82,6 +83,9 @@ _INDEXED = frozenset({"gather", "dynamic_slice", "dynamic_update_slice", "scatte
                       "scatter_add", "select_n"})
 _ADDITIVE_CONTACT = frozenset({"add", "sub", "add_any", "concatenate", "pad", "dynamic_update_slice",
                                "scatter", "scatter-add", "scatter_add", "select_n"})
+# Contacts that place a parameter-derived value into a feature-dependent one: a live element
+# of such a contact gives the feature-dependent value a nonzero base (zeroed when annihilating).
+_PLACED = _ADDITIVE_CONTACT | frozenset({"gather", "dynamic_slice"})
 
 
 def _derivative_features(name: str, params: Mapping[str, Any], i: int, fs: Sequence[int]) -> tuple[int, str]:
@@ -345,15 +349,22 @@ def _static(closed, n_params: int, spec: feats.ResolvedSpec) -> _Static:
 
 
 class _ContactSum:
-  """Accumulates ``sum_c <u_c, out_c>`` over first-contact outputs (simple and compound separately)."""
+  """Accumulates ``sum_c <u_c, out_c>`` over first-contact outputs.
+
+  ``simple``: contacts evaluated as one primitive; ``compound``: ``scan``/``while``/``cond``
+  evaluated as one unit; ``placed``: the simple contacts that place a parameter-derived
+  value into a feature-dependent one (add, sub, concatenate, select, gather...), whose
+  live elements the annihilating run zeroes.
+  """
 
   def __init__(self, phase):
     self.phase = phase
     self.count = 0
     self.simple = jnp.zeros((), jnp.float32)
     self.compound = jnp.zeros((), jnp.float32)
+    self.placed = jnp.zeros((), jnp.float32)
 
-  def add(self, outs, compound: bool):
+  def add(self, outs, compound: bool, placed: bool = False):
     for o in outs:
       o = jnp.asarray(o)
       if not jnp.issubdtype(o.dtype, jnp.inexact) or o.size == 0:
@@ -367,6 +378,8 @@ class _ContactSum:
         self.compound = self.compound + term
       else:
         self.simple = self.simple + term
+        if placed:
+          self.placed = self.placed + term
 
 
 def _contact_eval(jaxpr, consts, args, flags, acc: _ContactSum):
@@ -410,7 +423,7 @@ def _contact_eval(jaxpr, consts, args, flags, acc: _ContactSum):
         vals = [jax.lax.stop_gradient(a) if f[1] else a for a, f in zip(vals, fl)]
         outs = compat.bind(eqn, vals)
         if contact:
-          acc.add(outs, compound=name in _COMPOUND)
+          acc.add(outs, compound=name in _COMPOUND, placed=name in _PLACED)
         outs = [jax.lax.stop_gradient(o) for o in outs]
         oflags = [(any_pd, True)] * len(outs)
     for v, o, f in zip(eqn.outvars, outs, oflags):
@@ -439,20 +452,67 @@ def _uses(jaxpr, names: frozenset) -> bool:
 # The probe.
 
 
-@dataclasses.dataclass
-class _Evidence:
-  """What the probe measured besides the table (used by :func:`cross_check`)."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class ProbeEvidence:
+  """What :func:`gradient_table` measured besides its table; :func:`cross_check` reads it.
 
-  contact_change: dict[str, np.ndarray]   # packed (shape..., W): contact-local gradient changed
-  live: dict[str, np.ndarray]             # bool (shape): contact-local base gradient nonzero
-  num_ids: dict[str, int]                 # categorical feature -> ids probed
-  ids_capped: tuple[str, ...]             # categorical features whose ids were sampled
+  Stored on the probe table (``FeatureTable.evidence``), so it survives
+  ``dataclasses.replace`` and pickling (numpy arrays, strings and ints only).
+  Per-element bool masks are stored as compressed 1-bit masks (see
+  :meth:`mask`); feature masks as compressed packed masks like the table's.
+
+  Attributes:
+    features: feature names (must match the probe table's).
+    shapes: parameter shape per path (must match the probe table's).
+    contact_change: per leaf, packed: the contact-local gradient of the element
+      changed when the feature was switched on (in some run).
+    live: per leaf, 1-bit: the contact-local gradient was nonzero at the base
+      in some run (a first contact not annihilated at the base).
+    annihilated: per leaf, 1-bit: the contact-local gradient was zero at the
+      base in some run; the probe table reads such elements from those runs only.
+    live_only: per leaf, packed: features that changed the element's gradient
+      only in runs where its first contact was live (annihilated elements only;
+      not in the probe table, checked by the cross-check).
+    runs: one line per run (parameter draw and base).
+    num_ids: categorical feature -> number of ids probed.
+    ids_capped: categorical features whose ids were sampled (``max_ids``).
+    draws: number of generic draws.
+    positive_draws: generic draws redrawn positive after non-finite values.
+    nonfinite: leaf -> element-columns skipped (non-finite gradient).
+    zeroed: leaf -> elements zeroed in the annihilating run.
+    notes: remarks for the cross-check report.
+  """
+
+  features: tuple[str, ...]
+  shapes: Mapping[str, tuple[int, ...]]
+  contact_change: Mapping[str, np.ndarray | None]
+  live: Mapping[str, np.ndarray | None]
+  annihilated: Mapping[str, np.ndarray | None]
+  live_only: Mapping[str, np.ndarray | None]
+  runs: tuple[str, ...]
+  num_ids: Mapping[str, int]
+  ids_capped: tuple[str, ...]
   draws: int
-  positive_draws: int                     # draws redrawn positive after non-finite values
-  nonfinite: dict[str, int]               # leaf -> elements skipped (non-finite gradient)
+  positive_draws: int
+  nonfinite: Mapping[str, int]
+  zeroed: Mapping[str, int]
+  notes: tuple[str, ...] = ()
+
+  def mask(self, what: str, path: str) -> np.ndarray:
+    """A dense mask: ``"live"``/``"annihilated"`` -> bool ``shape``; ``"contact_change"``/
+    ``"live_only"`` -> bool ``shape + (num_features,)``."""
+    shape = tuple(self.shapes[path])
+    if what in ("live", "annihilated"):
+      return M.unpack(getattr(self, what)[path], shape, 1)[..., 0]
+    if what in ("contact_change", "live_only"):
+      return M.unpack(getattr(self, what)[path], shape, len(self.features))
+    raise KeyError(f"No evidence mask {what!r}; known: live, annihilated, contact_change, live_only.")
 
 
-_EVIDENCE: "weakref.WeakKeyDictionary[FeatureTable, _Evidence]" = weakref.WeakKeyDictionary()
+def _bits1(b: np.ndarray) -> np.ndarray | None:
+  """A bool array as a compressed 1-feature packed mask (None if all False)."""
+  b = np.asarray(b, bool)
+  return M.compress(b[..., None].astype(np.uint32)) if b.any() else None
 
 
 class _Progress:
@@ -579,41 +639,287 @@ def _resolve_num_ids(num_ids, spec, sites, walk: _Static) -> dict[int, int]:
   return out
 
 
+# ---------------------------------------------------------------------------
+# Compiled probe functions (cached across calls) and their sizing.
+
+_MEMORY_BUDGET = 1 << 30   # bytes of device memory the vmapped columns of one chunk may use
+_MAX_CHUNK = 128           # columns per chunk at most (beyond this vmap gains nothing)
+_CACHE_SIZE = 8            # compiled probe functions kept (LRU, weakly keyed by fn)
+
+
+class _CompiledCache:
+  """A small LRU of compiled probe functions, keyed weakly by ``fn`` and by the abstract signature.
+
+  An entry dies with its function object (a bound method by its instance) or when
+  evicted. The compiled functions evaluate the traced jaxpr, never ``fn`` itself,
+  so an entry does not keep ``fn`` alive. Like ``jax.jit``, a function whose
+  behaviour changes through mutable global state must be a new object.
+  """
+
+  def __init__(self, maxsize: int):
+    import collections
+    self.maxsize = maxsize
+    self.entries: collections.OrderedDict = collections.OrderedDict()
+    self.hits = 0
+    self.misses = 0
+
+  @staticmethod
+  def _target(fn):
+    import inspect
+    if inspect.ismethod(fn):
+      target, ident = fn.__self__, (id(fn.__self__), fn.__func__)
+    else:
+      target, ident = fn, (id(fn),)
+    try:
+      hash(ident)
+      weakref.ref(target)
+    except TypeError:
+      return None
+    return target, ident
+
+  def get_or_build(self, fn, signature, build):
+    t = self._target(fn)
+    if t is None:
+      self.misses += 1
+      return build()
+    target, ident = t
+    key = ident + (signature,)
+    hit = self.entries.get(key)
+    if hit is not None and hit[0]() is target:
+      self.entries.move_to_end(key)
+      self.hits += 1
+      return hit[1]
+    self.misses += 1
+    value = build()
+    entries = self.entries
+
+    def drop(_, key=key):
+      entries.pop(key, None)
+    entries[key] = (weakref.ref(target, drop), value)
+    while len(entries) > self.maxsize:
+      entries.popitem(last=False)
+    return value
+
+  def clear(self) -> None:
+    self.entries.clear()
+
+
+_COMPILED = _CompiledCache(_CACHE_SIZE)
+
+
+def _work(jaxpr) -> int:
+  """Array elements one evaluation produces (a proxy for activations and compute)."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    for o in eqn.outvars:
+      total += int(np.prod(getattr(o.aval, "shape", ()), dtype=np.int64))
+    p = eqn.params
+    try:
+      if name == "scan":
+        total += int(p.get("length", 1)) * _work(compat.open_jaxpr(p["jaxpr"])[0])
+      elif name == "while":
+        total += _work(compat.open_jaxpr(p["body_jaxpr"])[0]) + _work(compat.open_jaxpr(p["cond_jaxpr"])[0])
+      elif name == "cond":
+        total += max((_work(b.jaxpr) for b in p["branches"]), default=0)
+      elif name in _CALLS:
+        total += _work(compat.sub_jaxpr(p)[0])
+    except (KeyError, AttributeError, TypeError):  # pragma: no cover - odd params
+      pass
+  return total
+
+
+class _Fns(NamedTuple):
+  base: Callable    # (pf, po, consts, x, r, phase) -> base gradients, liveness, finiteness
+  chunk: Callable   # (..., accumulators) -> accumulators with the chunk's columns ORed in
+
+
+def _place(ch, rel, bit, valid, K: int):
+  """``ch`` (columns, *shape) bool -> (*shape, K) uint32: column c sets bit ``bit[c]`` of word ``rel[c]``."""
+  sh = (-1,) + (1,) * (ch.ndim - 1)
+  one = jnp.left_shift(jnp.uint32(1), bit.astype(jnp.uint32)).reshape(sh)
+  b = jnp.where(ch & valid.reshape(sh), one, jnp.uint32(0))
+  words = [jax.lax.reduce(jnp.where((rel == w).reshape(sh), b, jnp.uint32(0)), np.uint32(0),
+                          jax.lax.bitwise_or, (0,)) for w in range(K)]
+  return jnp.stack(words, axis=-1)
+
+
+def _or_into(acc, contrib, w0):
+  axis = acc.ndim - 1
+  cur = jax.lax.dynamic_slice_in_dim(acc, w0, contrib.shape[-1], axis=axis)
+  return jax.lax.dynamic_update_slice_in_dim(acc, cur | contrib, w0, axis=axis)
+
+
+def _changed(a, b, rtol, atol):
+  """Elements of ``a`` (columns, *shape) that differ from ``b`` (the base), and non-finite ones."""
+  if not jnp.issubdtype(a.dtype, jnp.inexact):
+    return a != b, jnp.zeros(a.shape, bool)
+  fin = jnp.isfinite(a) & jnp.isfinite(b)
+  scale = jnp.max(jnp.where(jnp.isfinite(b), jnp.abs(b), 0.0), initial=0.0)
+  tol = rtol * jnp.maximum(jnp.abs(a), jnp.abs(b)) + atol * scale
+  return fin & (jnp.abs(a - b) > tol), ~fin
+
+
+def _build(closed, n_params: int, float_idx: Sequence[int], in_flags, out_float: Sequence[bool],
+           fast: bool) -> _Fns:
+  """The jitted base and chunk functions of one traced function (see :func:`gradient_table`)."""
+  jaxpr = closed.jaxpr
+  float_idx = tuple(float_idx)
+  other_idx = tuple(i for i in range(n_params) if i not in float_idx)
+  in_flags = tuple(in_flags)
+
+  def merge(pf, po):
+    flat: list[Any] = [None] * n_params
+    for i, x in zip(float_idx, pf):
+      flat[i] = x
+    for i, x in zip(other_idx, po):
+      flat[i] = x
+    return flat
+
+  def projection(pf, po, consts, x, r):
+    outs = jax.core.eval_jaxpr(jaxpr, consts, *merge(pf, po), *x)
+    s = jnp.zeros((), jnp.float32)
+    for o, ri, fl in zip(outs, r, out_float):
+      if fl:
+        s = s + jnp.sum(ri * jnp.real(o).astype(jnp.float32))
+    return s, outs
+
+  def contacts(pf, po, consts, x, phase):
+    acc = _ContactSum(phase)
+    _contact_eval(jaxpr, consts, merge(pf, po) + list(x), in_flags, acc)
+    return acc
+
+  grad_proj = jax.grad(projection, has_aux=True)
+  grad_simple = jax.grad(lambda pf, po, consts, x, phase: contacts(pf, po, consts, x, phase).simple)
+  options = {"xla_backend_optimization_level": 0} if fast else _COMPILER_OPTIONS
+
+  @functools.partial(jax.jit, compiler_options=options)
+  def base_fn(pf, po, consts, x, r, phase):
+    g, outs = grad_proj(pf, po, consts, x, r)
+
+    def sums(pf_):
+      acc = contacts(pf_, po, consts, x, phase)
+      return jnp.stack([acc.simple, acc.compound, acc.placed])
+
+    J = jax.jacrev(sums)(list(pf))
+    gc = [j[0] for j in J]
+    live = [(jnp.abs(j[0]) > 0) | (jnp.abs(j[1]) > 0) for j in J]
+    placed = [jnp.abs(j[2]) > 0 for j in J]
+    finite = jnp.array(True)
+    for t in list(g) + [o for o, fl in zip(outs, out_float) if fl]:
+      finite = finite & jnp.all(jnp.isfinite(t))
+    return g, gc, list(outs), live, placed, finite
+
+  @functools.partial(jax.jit, compiler_options=options, donate_argnums=(16, 17, 18, 19))
+  def chunk_fn(pf, po, consts, val, r, phase, g0, gc0, o0, live, rtol, atol, w0, rel, bit, valid,
+               acc_u, acc_a, acc_c, acc_o):
+    """``val``: one input column per probed (feature, id); accumulators are ORed into."""
+    def one(v):
+      g, outs = grad_proj(pf, po, consts, v, r)
+      gc = grad_simple(pf, po, consts, v, phase)
+      return g, gc, outs
+
+    G, GC, O = jax.vmap(one)(val)
+    W = acc_u[0].shape[-1] if acc_u else (acc_o[0].shape[-1] if acc_o else 1)
+    K = min(W, -(-rel.shape[0] // M.BITS) + 1)
+    place = lambda ch: _place(ch, rel, bit, valid, K)
+    new_u, new_a, new_c, new_o, nonfinite = [], [], [], [], []
+    for t in range(len(G)):
+      ch, nf = _changed(G[t], g0[t], rtol, atol)
+      contrib = place(ch)
+      new_u.append(_or_into(acc_u[t], contrib, w0))
+      new_a.append(_or_into(acc_a[t], jnp.where(live[t][..., None], jnp.uint32(0), contrib), w0))
+      nf = jnp.sum(nf.reshape(nf.shape[0], -1), axis=1)
+      nonfinite.append(jnp.sum(jnp.where(valid, nf, 0)))
+      new_c.append(_or_into(acc_c[t], place(_changed(GC[t], gc0[t], rtol, atol)[0]), w0))
+    for t in range(len(O)):
+      new_o.append(_or_into(acc_o[t], place(_changed(O[t], o0[t], rtol, atol)[0]), w0))
+    nonfinite = jnp.stack(nonfinite) if nonfinite else jnp.zeros((0,), jnp.int32)
+    return new_u, new_a, new_c, new_o, nonfinite
+
+  return _Fns(base_fn, chunk_fn)
+
+
+def _chunking(C: int, chunk_size: int | None, memory_budget: int | None, per_column: int) -> int:
+  """Columns per chunk: ``chunk_size``, or as many as ``memory_budget`` allows; balanced over chunks."""
+  if chunk_size is not None:
+    cap = chunk_size
+  else:
+    budget = _MEMORY_BUDGET if memory_budget is None else memory_budget
+    cap = max(1, min(_MAX_CHUNK, budget // max(per_column, 1)))
+  cap = max(1, min(cap, C))
+  n = -(-C // cap)
+  return -(-C // n)
+
+
+class _Run(NamedTuple):
+  positive: bool     # |normal| + 0.1 parameters and positive "on" values
+  annihilate: bool   # zero the live elements of placing first contacts
+  shift: int         # categorical base ids + shift (mod the number of ids)
+  label: str
+
+
+def _schedule(draws: int, annihilate: bool, categorical: bool) -> list[_Run]:
+  runs = [_Run(True, True, 0, "annihilating")] if annihilate else []
+  for d in range(draws):
+    shift = (d + 1) % 2 if categorical else 0
+    runs.append(_Run(d == 0, False, shift, f"draw {d}"))
+  return runs
+
+
 def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key=None, base: Any = None,
-                   draws: int = 3, chunk_size: int = 16, progress: bool | None = None,
+                   draws: int = 3, annihilate: bool = True, chunk_size: int | None = None,
+                   memory_budget: int | None = None, progress: bool | None = None,
                    num_ids: int | Mapping[str, int] | None = None, max_ids: int = 256,
                    keep: Sequence[str] = (), rtol: float = 1e-4, atol: float = 1e-6) -> FeatureTable:
   """Builds the feature→parameter table by gradient mapping (the probe).
 
-  For each draw of random parameters and each feature ``f``: the inputs are set
-  to ``base`` (zeros unless given) except feature ``f``, which is switched on;
-  a random projection of the outputs is differentiated w.r.t. every float
+  For each *run* (a parameter draw and a base) and each feature ``f``: the
+  inputs are set to the base except feature ``f``, which is switched on; a
+  random projection of the outputs is differentiated w.r.t. every float
   parameter, and the elements whose gradient differs from the base gradient
   (``|g_on - g_base| > rtol * max(|g_on|, |g_base|) + atol * max|g_base|``,
-  the last maximum over the leaf) are marked with ``f``. The table is the
-  union over draws.
+  the last maximum over the leaf) changed with ``f``.
 
-  * Float features are switched on to ``base + v`` with ``v`` random, nonzero
-    (``±U(0.5, 1.5)``; positive in draw 0), drawn per element (every replica
-    position of the feature: batch, time, unit slots...) and per draw.
+  Which runs mark an element: the probe also measures, per run, whether the
+  element's first contacts are *annihilated* at the base (their contact-local
+  gradient is zero; see docs/probe.md). There its gradient can only change
+  through a first-contact feature. An element annihilated in some run is
+  marked from those runs only; an element live in every run (an added bias,
+  an additive mean) from all runs. Changes seen only in live runs are kept as
+  evidence (``table.evidence.live_only``) and checked by :func:`cross_check`.
+
+  Runs:
+
+  * ``draws`` generic draws: draw 0 all-positive (``|normal| + 0.1``, positive
+    "on" values: no ReLU dead at a zero base), later ones ``normal(0, 1)``
+    (redrawn positive when the base gives non-finite values, e.g. a negative
+    variance). With categorical features, draws 0, 2, 4... use the base ids
+    ``+ 1`` (mod the number of ids), so that every embedding row is not
+    gathered at the base in some run.
+  * ``annihilate=True`` adds one positive run in which the elements that
+    *place* a value into a feature-dependent one and are live at the base
+    (biases and means added to features, rows gathered at the base id,
+    concatenated tokens...) are zero, so that later normalised inputs and
+    gathered embeddings vanish at the base and the kernels reading them single
+    out their features. Leaves in ``keep`` are never zeroed.
+  * Float features are switched on to ``base + v``, ``v`` random and nonzero
+    (``±U(0.5, 1.5)``, positive in positive runs), per element (every replica
+    position: batch, time, unit slots...) and per run.
   * Integer (categorical) features are compared at every id ``0 .. n-1``
-    against the base id (0 unless ``base`` says otherwise). ``n`` is taken from
-    ``num_ids`` or inferred from the jaxpr: the smallest table size of a
-    ``gather``/``dynamic_slice`` indexed by the feature, or the size of an
-    ``iota`` it is compared with (``one_hot``); 2 (ids 0 and 1) when nothing
-    bounds it; 2 for ``bool``. At most ``max_ids`` ids per draw are probed
+    against the base id. ``n`` is ``num_ids`` or inferred from the jaxpr: the
+    smallest table size of a ``gather``/``dynamic_slice`` indexed by the
+    feature, or the size of an ``iota`` it is compared with (``one_hot``); 2
+    when nothing bounds it; 2 for ``bool``. At most ``max_ids`` ids per run
     (a random sample when ``n`` is larger).
-  * Parameters are fresh draws for every float leaf: draw 0 is all-positive
-    (``|normal| + 0.1``, with positive "on" values too, so no ReLU is dead at
-    a zero base), later draws are ``normal(0, 1)`` (redrawn positive when the
-    base gives non-finite values, e.g. a negative variance). Integer parameter
-    leaves keep their concrete values (zeros for abstract leaves) and are
-    never marked.
-  * Output masks are filled by forward differences from the same runs: an
-    output element depends on ``f`` if it changes when ``f`` is switched on.
+  * Integer parameter leaves keep their concrete values (zeros for abstract
+    leaves) and are never marked.
+  * Output masks are filled by forward differences from all runs: an output
+    element depends on ``f`` if it changes when ``f`` is switched on.
 
-  Features (and categorical ids) are vmapped in chunks of ``chunk_size``; the
-  per-chunk computation is jitted once.
+  Columns (features and ids) are vmapped in chunks sized from
+  ``memory_budget``; the compiled functions are cached across calls (per
+  function object and abstract signature, weakly held, at most 8).
 
   Args:
     fn: a pure function ``fn(params, inputs) -> outputs``.
@@ -623,21 +929,25 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
     features: a feature spec matching ``inputs`` (see :func:`dependency_table`).
     key: a ``jax.random.key``; required.
     base: a concrete pytree like ``inputs``; defaults to zeros.
-    draws: number of independent parameter draws (union of patterns).
-    chunk_size: number of feature columns vmapped together.
+    draws: number of generic parameter draws (union of patterns).
+    annihilate: add the annihilating run (see above).
+    chunk_size: columns vmapped together; default: from ``memory_budget``.
+    memory_budget: bytes the columns of one chunk may use (estimated from the
+      parameter, input, output and intermediate sizes of ``fn``); default 1 GiB.
     progress: print progress lines to stderr; ``None`` prints them only when
       there are 16 chunks or more.
     num_ids: number of valid ids of the categorical features (an int for all
       of them, or ``{feature name: n}``); inferred when omitted.
-    max_ids: at most this many ids of one categorical feature per draw.
+    max_ids: at most this many ids of one categorical feature per run.
     keep: parameter leaf paths kept at their given (concrete) values in every
-      draw instead of being drawn, e.g. normalisation statistics, so that a
+      run instead of being drawn, e.g. normalisation statistics, so that a
       ``base`` at the running mean makes the normalised inputs vanish.
     rtol: relative tolerance of a gradient change.
     atol: absolute tolerance, relative to the leaf's largest base gradient.
 
   Returns:
-    A :class:`FeatureTable` with ``method="gradient"``.
+    A :class:`FeatureTable` with ``method="gradient"`` and ``evidence`` (a
+    :class:`ProbeEvidence`).
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxsurgery as js
@@ -652,8 +962,10 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
   key = _as_key(key)
   if draws < 1:
     raise ValueError(f"draws must be >= 1, got {draws}.")
-  if chunk_size < 1:
+  if chunk_size is not None and chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+  if memory_budget is not None and memory_budget <= 0:
+    raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}.")
   spec = feats.resolve(features, inputs)
   closed, out_shape, (ppaths, pleaves, pdef) = trace(fn, params, inputs)
   n_params = len(pleaves)
@@ -674,6 +986,7 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
   out_leaves = jax.tree_util.tree_flatten_with_path(out_shape)[0]
   opaths = tuple(feats.keystr(p) for p, _ in out_leaves)
   oshapes = {p: tuple(l.shape) for p, (_, l) in zip(opaths, out_leaves)}
+  out_float = tuple(bool(jnp.issubdtype(l.dtype, jnp.inexact)) for _, l in out_leaves)
   F = spec.num_features
   W = M.num_words(F)
 
@@ -682,73 +995,7 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
   n_ids = _resolve_num_ids(num_ids, spec, sites, walk)
   float_idx = [i for i, l in enumerate(pleaves) if jnp.issubdtype(l.dtype, jnp.inexact)]
   other_idx = [i for i in range(n_params) if i not in float_idx]
-
-  def merge(pf, po):
-    flat: list[Any] = [None] * n_params
-    for i, x in zip(float_idx, pf):
-      flat[i] = x
-    for i, x in zip(other_idx, po):
-      flat[i] = x
-    return flat
-
-  def projection(pf, po, x_flat, r):
-    out = fn(jax.tree_util.tree_unflatten(pdef, merge(pf, po)), jax.tree_util.tree_unflatten(idef, x_flat))
-    outs = jax.tree.leaves(out)
-    s = jnp.zeros((), jnp.float32)
-    for o, ri in zip(outs, r):
-      if jnp.issubdtype(o.dtype, jnp.inexact):
-        s = s + jnp.sum(ri * jnp.real(o).astype(jnp.float32))
-    return s, outs
-
   in_flags = [(True, False)] * n_params + [(False, bool(l.feature_ids)) for l in ileaves]
-
-  def contact_sums(pf, po, x_flat, phase):
-    acc = _ContactSum(phase)
-    _contact_eval(closed.jaxpr, closed.consts, merge(pf, po) + list(x_flat), in_flags, acc)
-    return acc
-
-  grad_proj = jax.grad(projection, has_aux=True)
-  has_compound = _uses(closed.jaxpr, _COMPOUND)
-  grad_simple = jax.grad(lambda pf, po, x, k: contact_sums(pf, po, x, k).simple)
-  grad_compound = jax.grad(lambda pf, po, x, k: contact_sums(pf, po, x, k).compound)
-
-  def changed(a, b):
-    """Elements of ``a`` (columns) that differ from ``b`` (the base column), and non-finite ones."""
-    if not jnp.issubdtype(a.dtype, jnp.inexact):
-      return a != b, jnp.zeros(a.shape, bool)
-    fin = jnp.isfinite(a) & jnp.isfinite(b)
-    scale = jnp.max(jnp.where(jnp.isfinite(b), jnp.abs(b), 0.0), initial=0.0)
-    tol = rtol * jnp.maximum(jnp.abs(a), jnp.abs(b)) + atol * scale
-    return fin & (jnp.abs(a - b) > tol), ~fin
-
-  # Small models: XLA's compile time dominates, so compile without backend optimisation.
-  n_elems = sum(int(np.prod(s, dtype=np.int64)) for s in shapes) * (min(chunk_size, 64) + 1)
-  options = _COMPILER_OPTIONS if n_elems > _FAST_COMPILE_ELEMENTS else {"xla_backend_optimization_level": 0}
-
-  @functools.partial(jax.jit, compiler_options=options)
-  def chunk_fn(pf, po, sel, val, base_flat, r, phase):
-    """Column 0 of ``sel``/``val`` is the base; columns 1.. switch one feature (or id) on."""
-    def one(s, v):
-      x = [jnp.where(si, vi, bi) for si, vi, bi in zip(s, v, base_flat)]
-      g, outs = grad_proj(pf, po, x, r)
-      gc = grad_simple(pf, po, x, phase)
-      return g, gc, outs
-    G, GC, O = jax.vmap(one)(sel, val)
-    g_ch, g_nf = [], []
-    for t in G:
-      a, b = changed(t, t[:1])
-      g_ch.append(a)
-      g_nf.append(jnp.sum(b.reshape(b.shape[0], -1), axis=1))  # per column
-    c_ch = [changed(t, t[:1])[0] for t in GC]
-    o_ch = [changed(t, t[:1])[0] for t in O]
-    base_live = [jnp.abs(t[0]) > 0 for t in GC]
-    if has_compound:  # base only: liveness of first contacts inside scan/while/cond
-      gcomp = grad_compound(pf, po, list(base_flat), phase)
-      base_live = [a | (jnp.abs(b) > 0) for a, b in zip(base_live, gcomp)]
-    finite = jnp.array(True)
-    for t in list(G) + [o for o in O if jnp.issubdtype(o.dtype, jnp.inexact)]:
-      finite = finite & jnp.all(jnp.isfinite(t[0]))
-    return g_ch, g_nf, c_ch, o_ch, base_live, finite
 
   # Columns: (feature, id index or None). One column per float feature; one per probed id.
   columns: list[tuple[int, int | None]] = []
@@ -761,96 +1008,179 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
       columns.extend((k, j) for j in range(min(n, max_ids)))
     else:
       columns.append((k, None))
-  C = len(columns)
-  chunk = max(1, min(chunk_size, C))
-  n_chunks = max(1, -(-C // chunk))
-  prog = _Progress(draws * n_chunks, progress, f"{C} columns x {draws} draws")
+  C = max(len(columns), 1)
+  size = lambda s: int(np.prod(s, dtype=np.int64))
+  n_float = sum(size(shapes[i]) for i in float_idx)
+  n_in = sum(size(l.shape) for l in ileaves)
+  n_out = sum(size(s) for s in oshapes.values())
+  work = _work(closed.jaxpr)
+  # Per column: output and contact-local gradients and the packing temporaries (3 x params),
+  # intermediates of the two evaluations, the input column and the outputs.
+  per_column = 4 * (3 * n_float + 2 * work + n_in + 2 * n_out)
+  chunk = _chunking(C, chunk_size, memory_budget, per_column)
+  n_chunks = -(-C // chunk)
+  runs = _schedule(draws, annihilate, bool(n_ids))
+  # Small problems: XLA's compile time dominates the run time, so compile without optimisation.
+  fast = (n_float + work) * chunk * n_chunks * len(runs) <= _FAST_COMPILE_ELEMENTS
 
-  g_packed = [np.zeros(s + (W,), np.uint32) for s in shapes]
-  c_packed = [np.zeros(s + (W,), np.uint32) for s in shapes]
-  o_packed = [np.zeros(oshapes[p] + (W,), np.uint32) for p in opaths]
-  live = [np.zeros(s, bool) for s in shapes]
-  nonfinite = [0] * n_params
+  avals = lambda leaves: tuple((tuple(l.shape), np.dtype(l.dtype).str) for l in leaves)
+  x64 = bool(getattr(jax.config, "jax_enable_x64", False))
+  signature = (pdef, avals(pleaves), idef, avals(ileaves), tuple(in_flags), fast, x64)
+  fns = _COMPILED.get_or_build(
+      fn, signature, lambda: _build(closed, n_params, float_idx, in_flags, out_float, fast))
+  consts = list(closed.consts)
+
+  prog = _Progress(len(runs) * n_chunks, progress, f"{len(columns)} columns x {len(runs)} runs")
+  K = min(W, -(-chunk // M.BITS) + 1)
+  acc_u = [jnp.zeros(shapes[i] + (W,), jnp.uint32) for i in float_idx]
+  acc_a = [jnp.zeros(shapes[i] + (W,), jnp.uint32) for i in float_idx]
+  acc_c = [jnp.zeros(shapes[i] + (W,), jnp.uint32) for i in float_idx]
+  acc_o = [jnp.zeros(oshapes[p] + (W,), jnp.uint32) for p in opaths]
+  live_any = [np.zeros(shapes[i], bool) for i in float_idx]
+  annihilated = [np.zeros(shapes[i], bool) for i in float_idx]
+  nonfinite = np.zeros(len(float_idx), np.int64)
+  zeroed = np.zeros(len(float_idx), np.int64)
   redrawn = 0
+  notes: list[str] = []
+  run_lines: list[str] = []
   po = [jnp.asarray(concrete[i]) if concrete[i] is not None else jnp.zeros(shapes[i], pleaves[i].dtype)
         for i in other_idx]
-  base_j = [jnp.asarray(b) for b in base_np]
+  rtol_j, atol_j = jnp.float32(rtol), jnp.float32(atol)
+  cat_sites = {k: sites[k] for k in n_ids}
 
-  def columns_input(part, rng, positive):
-    sel = [np.zeros((chunk + 1,) + b.shape, bool) for b in base_np]
-    val = [np.broadcast_to(b, (chunk + 1,) + b.shape).copy() for b in base_np]
-    for c, (k, idv) in enumerate(part, start=1):
+  def shifted_base(shift):
+    out = [b.copy() for b in base_np]
+    if shift:
+      for k, where in cat_sites.items():
+        for li, pos in where:
+          idx = (Ellipsis,) if pos is None else (slice(None),) * ileaves[li].axis + (pos,)
+          out[li][idx] = ((out[li][idx].astype(np.int64) + shift) % n_ids[k]).astype(out[li].dtype)
+    return out
+
+  def columns_input(part, rng, positive, base_run):
+    val = [np.broadcast_to(b, (chunk,) + b.shape).copy() for b in base_run]
+    for c, (k, idv) in enumerate(part):
       for li, pos in sites[k]:
         leaf = ileaves[li]
         idx = (c,) if pos is None else (c,) + (slice(None),) * leaf.axis + (pos,)
-        sel[li][idx] = True
         if np.issubdtype(leaf.dtype, np.inexact):
-          shape = sel[li][idx].shape
+          shape = val[li][idx].shape
           v = rng.uniform(0.5, 1.5, shape)
           if not positive:
             v = v * rng.choice([-1.0, 1.0], shape)
-          val[li][idx] = base_np[li][idx[1:]] + v.astype(leaf.dtype)
+          val[li][idx] = base_run[li][idx[1:]] + v.astype(leaf.dtype)
         else:
           val[li][idx] = np.asarray(idv).astype(leaf.dtype)
-    return sel, val
+    return val
 
-  for d, seed in enumerate(_np_rng(key).integers(0, 2**63, size=(draws, 2))):
+  def placement(part):
+    words = np.array([k // M.BITS for k, _ in part] + [0] * (chunk - len(part)), np.int32)
+    w0 = int(min(words[0], W - K))
+    rel = np.where(np.arange(chunk) < len(part), words - w0, 0).astype(np.int32)
+    bit = np.array([k % M.BITS for k, _ in part] + [0] * (chunk - len(part)), np.uint32)
+    valid = np.arange(chunk) < len(part)
+    return np.int32(w0), rel, bit, valid
+
+  pending = None
+  for run, seed in zip(runs, _np_rng(key).integers(0, 2**63, size=(len(runs), 2))):
     rng = np.random.default_rng(seed[1])
     phase = jnp.float32(rng.uniform(0.0, 2 * np.pi))  # of the contact-local cotangents
     r = [jnp.asarray(rng.standard_normal(oshapes[p]).astype(np.float32)) for p in opaths]
     ids = {k: (np.arange(n) if n <= max_ids else np.sort(rng.choice(n, max_ids, replace=False)))
            for k, n in n_ids.items()}
     cols = [(k, None if j is None else int(ids[k][j])) for k, j in columns]
-    # Draw 0 is all-positive (parameters and "on" values): no dead ReLUs at a zero base.
-    positive = d == 0
+    positive = on_positive = run.positive or run.annihilate
+    base_run = shifted_base(run.shift)
+    xb = [jnp.asarray(b) for b in base_run]
     flat = _draw_params(np.random.default_rng(seed[0]), pleaves, concrete, positive, kept)
     pf = [flat[i] for i in float_idx]
-    for c0 in range(0, max(C, 1), chunk):
+    info = fns.base(pf, po, consts, xb, r, phase)
+    if not bool(info[-1]) and not positive:
+      # Non-finite at the base (e.g. a negative variance): redraw this draw positive.
+      redrawn += 1
+      positive = True
+      flat = _draw_params(np.random.default_rng(seed[0]), pleaves, concrete, True, kept)
+      pf = [flat[i] for i in float_idx]
+      info = fns.base(pf, po, consts, xb, r, phase)
+    line = f"{run.label}: {'positive' if positive else 'normal(0, 1)'} parameters"
+    if run.annihilate and bool(info[-1]):
+      placed = info[4]
+      pf = [p if kept[i] else jnp.where(z, jnp.zeros((), p.dtype), p)
+            for p, z, i in zip(pf, placed, float_idx)]
+      n_zero = np.array([0 if kept[i] else int(np.asarray(z).sum()) for z, i in zip(placed, float_idx)])
+      zeroed += n_zero
+      line += f", {int(n_zero.sum())} placing elements zeroed"
+      info = fns.base(pf, po, consts, xb, r, phase)
+    if not bool(info[-1]):
+      if run.annihilate:
+        notes.append("the annihilating run was skipped: its base gives non-finite outputs or gradients "
+                     "(e.g. a division by a value that vanishes there)")
+        run_lines.append(line + " (skipped: non-finite at the base)")
+        for _ in range(n_chunks):
+          prog.step(run.label)
+        continue
+      warnings.warn(
+          f"gradient_table: {run.label} gives non-finite outputs or gradients at the base even with "
+          f"positive parameters; elements with non-finite gradients are not marked in this draw. "
+          f"Pass `keep=` for leaves that need their real values (e.g. variances) or a finite `base`.",
+          RuntimeWarning, stacklevel=2)
+    if run.shift and n_ids:
+      line += f", categorical base ids + {run.shift}"
+    run_lines.append(line)
+    g0, gc0, o0, live = info[0], info[1], info[2], info[3]
+    for t, l in enumerate(live):
+      l = np.asarray(l)
+      live_any[t] |= l
+      annihilated[t] |= ~l
+    for c0 in range(0, len(columns) or 1, chunk):
       part = cols[c0:c0 + chunk]
-      sel, val = columns_input(part, rng, d == 0)
-      out = chunk_fn(pf, po, sel, val, base_j, r, phase)
-      if c0 == 0 and not bool(out[-1]) and not positive:
-        # Non-finite at the base (e.g. a negative variance): redraw this draw positive.
-        redrawn += 1
-        positive = True
-        flat = _draw_params(np.random.default_rng(seed[0]), pleaves, concrete, True, kept)
-        pf = [flat[i] for i in float_idx]
-        out = chunk_fn(pf, po, sel, val, base_j, r, phase)
-      if c0 == 0 and not bool(out[-1]):
-        warnings.warn(
-            f"gradient_table: draw {d} gives non-finite outputs or gradients at the base even with "
-            f"positive parameters; elements with non-finite gradients are not marked in this draw. "
-            f"Pass `keep=` for leaves that need their real values (e.g. variances) or a finite `base`.",
-            RuntimeWarning, stacklevel=2)
-      if c0 == 0:
-        for i, m in zip(float_idx, out[4]):
-          live[i] |= np.asarray(m)
-      g_ch, g_nf, c_ch, o_ch = ([np.asarray(t) for t in ts] for ts in out[:4])
-      for c, (k, _) in enumerate(part, start=1):
-        word, bit = k // M.BITS, np.uint32(1) << np.uint32(k % M.BITS)
-        for t, i in enumerate(float_idx):
-          g_packed[i][..., word] |= g_ch[t][c].astype(np.uint32) * bit
-          c_packed[i][..., word] |= c_ch[t][c].astype(np.uint32) * bit
-        for t in range(len(opaths)):
-          o_packed[t][..., word] |= o_ch[t][c].astype(np.uint32) * bit
-      for t, i in enumerate(float_idx):
-        nonfinite[i] += int(g_nf[t][1:len(part) + 1].sum())
-      prog.step(f"draw {d + 1}/{draws}")
+      val = columns_input(part, rng, on_positive, base_run)
+      w0, rel, bit, valid = placement(part) if part else (np.int32(0), np.zeros(chunk, np.int32),
+                                                          np.zeros(chunk, np.uint32), np.zeros(chunk, bool))
+      acc_u, acc_a, acc_c, acc_o, nf = fns.chunk(
+          pf, po, consts, val, r, phase, g0, gc0, o0, live, rtol_j, atol_j, w0, rel, bit, valid,
+          acc_u, acc_a, acc_c, acc_o)
+      if pending is not None:  # wait for the previous chunk (the next one is queued meanwhile)
+        nonfinite += np.asarray(pending[0])
+        prog.step(pending[1])
+      pending = (nf, f"{run.label} ({len(run_lines)}/{len(runs)})")
+  if pending is not None:
+    nonfinite += np.asarray(pending[0])
+    prog.step(pending[1])
 
-  packed = {p: (None if not g.any() else M.compress(g)) for p, g in zip(ppaths, g_packed)}
-  table = FeatureTable(
-      features=spec.names, paths=tuple(ppaths), shapes=dict(zip(ppaths, shapes)),
-      dtypes={p: l.dtype for p, l in zip(ppaths, pleaves)}, packed=packed,
-      output_paths=opaths, output_shapes=oshapes,
-      output_packed={p: (None if not o.any() else M.compress(o)) for p, o in zip(opaths, o_packed)},
-      spec=spec, method="gradient", jaxpr=closed, param_treedef=pdef)
-  _EVIDENCE[table] = _Evidence(
-      contact_change={p: M.compress(c) for p, c in zip(ppaths, c_packed)},
-      live=dict(zip(ppaths, live)),
+  packed: dict[str, np.ndarray | None] = {p: None for p in ppaths}
+  contact_change = {p: None for p in ppaths}
+  live_only = {p: None for p in ppaths}
+  live_bits = {p: None for p in ppaths}
+  ann_bits = {p: None for p in ppaths}
+  for t, i in enumerate(float_idx):
+    p = ppaths[i]
+    u, a = np.asarray(acc_u[t]), np.asarray(acc_a[t])
+    sel = annihilated[t][..., None]
+    m = np.where(sel, a, u)
+    packed[p] = M.compress(m) if m.any() else None
+    extra = u & ~m
+    live_only[p] = M.compress(extra) if extra.any() else None
+    c = np.asarray(acc_c[t])
+    contact_change[p] = M.compress(c) if c.any() else None
+    live_bits[p] = _bits1(live_any[t])
+    ann_bits[p] = _bits1(annihilated[t])
+  output_packed = {}
+  for p, o in zip(opaths, acc_o):
+    o = np.asarray(o)
+    output_packed[p] = M.compress(o) if o.any() else None
+  evidence = ProbeEvidence(
+      features=tuple(spec.names), shapes=dict(zip(ppaths, shapes)), contact_change=contact_change,
+      live=live_bits, annihilated=ann_bits, live_only=live_only, runs=tuple(run_lines),
       num_ids={spec.names[k]: n for k, n in n_ids.items()}, ids_capped=tuple(capped),
       draws=draws, positive_draws=redrawn,
-      nonfinite={p: n for p, n in zip(ppaths, nonfinite) if n})
-  return table
+      nonfinite={ppaths[i]: int(n) for i, n in zip(float_idx, nonfinite) if n},
+      zeroed={ppaths[i]: int(n) for i, n in zip(float_idx, zeroed) if n}, notes=tuple(notes))
+  return FeatureTable(
+      features=spec.names, paths=tuple(ppaths), shapes=dict(zip(ppaths, shapes)),
+      dtypes={p: l.dtype for p, l in zip(ppaths, pleaves)}, packed=packed,
+      output_paths=opaths, output_shapes=oshapes, output_packed=output_packed,
+      spec=spec, method="gradient", jaxpr=closed, param_treedef=pdef, evidence=evidence)
 
 
 # ---------------------------------------------------------------------------
@@ -877,7 +1207,13 @@ class Difference(NamedTuple):
 
 
 class LeafAgreement(NamedTuple):
-  """Counts of (element, feature) pairs of one leaf."""
+  """Counts of (element, feature) pairs of one leaf.
+
+  ``both``/``table_only``/``probe_only`` compare the two tables; ``live_only``
+  counts pairs outside both tables that changed the element's gradient only in
+  runs where its first contact was live (probe evidence). ``legitimate`` and
+  ``missed`` classify the ``probe_only`` and ``live_only`` pairs.
+  """
 
   both: int
   table_only: int
@@ -885,6 +1221,7 @@ class LeafAgreement(NamedTuple):
   total: int
   legitimate: int = 0
   missed: int = 0
+  live_only: int = 0
 
   @property
   def exact(self) -> bool:
@@ -952,10 +1289,11 @@ class CrossCheck:
     from jaxsurgery._src import display
     rows = []
     for p, a in self.per_leaf.items():
-      rows.append([p or "<root>", f"{a.both}", f"{a.table_only}",
-                   f"{a.probe_only}" + (f" ({a.legitimate} legit, {a.missed} missed)" if a.probe_only else ""),
+      rows.append([p or "<root>", f"{a.both}", f"{a.table_only}", f"{a.probe_only}", f"{a.live_only}",
+                   f"{a.legitimate} legit, {a.missed} missed" if a.probe_only or a.live_only else "",
                    "exact" if a.exact else ""])
-    lines.append(display.columns(rows, ["parameter", "both", "table-only", "probe-only", ""]))
+    lines.append(display.columns(rows, ["parameter", "both", "table-only", "probe-only", "live-only",
+                                        "probe/live-only", ""]))
     if n_missed:
       lines.append("Missed (probe found, table lacks, not explained):")
       mgroups: dict[tuple[str, str], list[Miss]] = {}
@@ -1087,10 +1425,18 @@ def cross_check(table: FeatureTable, probe: FeatureTable) -> CrossCheck:
   notes: list[str] = []
   F = table.num_features
   names = table.features
-  ev = _EVIDENCE.get(probe)
+  ev = probe.evidence
+  if ev is not None and not isinstance(ev, ProbeEvidence):
+    notes.append(f"the probe's evidence is a {type(ev).__name__}, not a ProbeEvidence; ignored.")
+    ev = None
+  if ev is not None and (tuple(ev.features) != tuple(probe.features) or any(
+      tuple(ev.shapes.get(p, ())) != tuple(probe.shapes[p]) for p in probe.paths)):
+    notes.append("the probe's evidence describes other features or parameter shapes than the probe "
+                 "table; ignored.")
+    ev = None
   if ev is None:
-    notes.append("the probe carries no evidence from gradient_table in this process (contact-local "
-                 "gradients); every probe-only entry is reported as missed.")
+    notes.append("the probe carries no evidence from gradient_table (contact-local gradients, "
+                 "liveness); every probe-only entry is reported as missed.")
   elif ev.ids_capped:
     notes.append(f"categorical features with more than max_ids ids were sampled: {list(ev.ids_capped)}; "
                  "their unsampled rows appear as table-only.")
@@ -1099,6 +1445,8 @@ def cross_check(table: FeatureTable, probe: FeatureTable) -> CrossCheck:
                  "because the base gave non-finite values.")
   if ev is not None and ev.nonfinite:
     notes.append(f"non-finite gradients skipped (element-columns): {dict(ev.nonfinite)}")
+  if ev is not None:
+    notes.extend(ev.notes)
   walk = None
   if table.jaxpr is not None and table.spec is not None:
     walk = _static(table.jaxpr, len(table.paths), table.spec)
@@ -1138,13 +1486,19 @@ def cross_check(table: FeatureTable, probe: FeatureTable) -> CrossCheck:
           first_down[k] = rec
           down[k] = True
     if ev is not None:
-      cchange = M.unpack(ev.contact_change[path], shape, F)
-      live = ev.live[path]
+      cchange = ev.mask("contact_change", path)
+      live = ev.mask("live", path)
+      ann = ev.mask("annihilated", path)
+      x_only = ev.mask("live_only", path) & ~T & ~P
     else:
       cchange = np.zeros(shape + (F,), bool)
-      live = np.zeros(shape, bool)
-    ok_entry = p_only & ~cchange & live[..., None] & down
-    miss_entry = p_only & ~ok_entry
+      live = ann = np.zeros(shape, bool)
+      x_only = np.zeros(shape + (F,), bool)
+    # Probe-table entries of an element annihilated in some run come from such runs only, where
+    # only a first contact can change the gradient: never legitimate. Live-only entries were
+    # seen in live runs; probe-table entries of elements live in every run too.
+    ok_entry = ((p_only & (live & ~ann)[..., None]) | x_only) & ~cchange & down
+    miss_entry = (p_only | x_only) & ~ok_entry
     contacts = contacts_by_leaf[j]
     via = _compact(sorted({r.desc for r in contacts}), 3) if contacts else "no first contact found"
     kinds = sorted({_contact_phrase(r) for r in contacts})
@@ -1154,6 +1508,10 @@ def cross_check(table: FeatureTable, probe: FeatureTable) -> CrossCheck:
         if cchange[idx]:
           why = (f"the contact-local gradient (autodiff cut after the first contact via {via}) changes "
                  f"when {names[k]!r} is switched on: a first-contact touch the table lacks")
+        elif p_only[idx] and ann[e] and live[e]:
+          why = (f"its first contact ({via}) is annihilated at the base of some run (contact-local "
+                 f"gradient 0), and the probe reads this element from those runs only, where only a "
+                 f"first contact with {names[k]!r} can change its gradient; the table lacks it")
         elif not live[e]:
           why = (f"its first contact ({via}) is annihilated at the base (contact-local gradient 0 in "
                  f"every draw), so only a first contact with {names[k]!r} can change its gradient; the "
@@ -1167,11 +1525,14 @@ def cross_check(table: FeatureTable, probe: FeatureTable) -> CrossCheck:
       for idx in zip(*np.nonzero(ok_entry)):
         e, k = tuple(int(i) for i in idx[:-1]), int(idx[-1])
         rec = first_down[k]
-        if k not in cache:
-          cache[k] = (f"`{path}` enters via {via} ({'/'.join(kinds) or 'unknown'} contact, not annihilated "
-                      f"at the base), then {rec.desc} {rec.how} the feature: its cotangent, hence its "
-                      f"gradient, changes")
-        legit.append(Difference(path, e, names[k], rec.prim, cache[k]))
+        lo = bool(x_only[idx])
+        if (k, lo) not in cache:
+          cache[k, lo] = (
+              f"`{path}` enters via {via} ({'/'.join(kinds) or 'unknown'} contact, not annihilated "
+              f"at the base), then {rec.desc} {rec.how} the feature: its cotangent, hence its "
+              f"gradient, changes" + (" (seen only in runs where the contact is live; the probe table "
+                                      "reads this element from runs where it is annihilated)" if lo else ""))
+        legit.append(Difference(path, e, names[k], rec.prim, cache[k, lo]))
     n_t = int(t_only.sum())
     if n_t:
       confirmed = int((t_only & cchange).sum())
@@ -1183,7 +1544,8 @@ def cross_check(table: FeatureTable, probe: FeatureTable) -> CrossCheck:
       parts.append(f"contacts via {via} -- {ktxt}")
       notes_leaf[path] = "; ".join(parts)
     n_m = int(miss_entry.sum())
-    per_leaf[path] = LeafAgreement(both, n_t, int(p_only.sum()), total, int(ok_entry.sum()), n_m)
+    per_leaf[path] = LeafAgreement(both, n_t, int(p_only.sum()), total, int(ok_entry.sum()), n_m,
+                                   int(x_only.sum()))
 
   # Outputs: forward differences must be inside the forward masks.
   out_missed: list[Miss] = []

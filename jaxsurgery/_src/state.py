@@ -338,6 +338,13 @@ def _dropped_param(path: str, dropped: set[str]) -> str | None:
   return None
 
 
+def _groups_old_path(groups, entry: StateLeaf, leaf: LeafPlan) -> str:
+  for (prefix, root), g in groups.items():
+    if prefix == entry.prefix and leaf.old_path.startswith(root):
+      return g["old_prefix"] + leaf.old_path[len(root):]
+  return leaf.old_path
+
+
 def _plan_state(surgery, old_state, new_state_init, rename, prefixes):
   new_flat, new_treedef = jax.tree_util.tree_flatten_with_path(new_state_init)
   old_flat, _ = jax.tree_util.tree_flatten_with_path(old_state)
@@ -459,10 +466,17 @@ def _plan_state(surgery, old_state, new_state_init, rename, prefixes):
         "variables start with 'params/'), or pass the state whose params the table was built from.")
   expected = sum(g["counts"][REMAPPED] + g["counts"][MISSING] for g in groups.values())
   if expected and not any(g["counts"][REMAPPED] for g in groups.values()):
-    want = [l.why for l in entries if l.kind == MISSING][:4]
+    from jaxsurgery._src.display import fmt_shape
+    want = {}
+    for l in entries:
+      if l.kind == MISSING and l.prefix not in want:
+        leaf = plans[l.param]
+        want[l.prefix] = (f"{_groups_old_path(groups, l, leaf)!r} {fmt_shape(leaf.old_shape)} "
+                          f"(old {leaf.old_path!r}, for new {l.path!r})")
     raise SurgeryError(
-        "The old state holds none of the old model's parameters where the plan expects them:\n    "
-        + "\n    ".join(want) + f"\n  Old state leaves: {old_paths[:8]}{' ...' if len(old_paths) > 8 else ''}"
+        "The old state holds none of the old model's parameters where the plan expects them; e.g.\n    "
+        + "\n    ".join(want.values())
+        + f"\n  Old state leaves: {old_paths[:8]}{' ...' if len(old_paths) > 8 else ''}"
         "\n  Is it a checkpoint of another model? If its layout differs, map it with rename={old prefix: new prefix}.")
 
   dropped = {p for p, _ in surgery.report.dropped_leaves}

@@ -49,6 +49,7 @@ class FeatureTable:
   unknown_primitives: tuple[str, ...] = ()
   jaxpr: Any = None
   param_treedef: Any = None
+  evidence: Any = None  # gradient probe: what cross_check needs besides the masks (probe.ProbeEvidence)
 
   @property
   def num_features(self) -> int:

@@ -230,6 +230,20 @@ def _with_value_leaves(tree):
   return jax.tree_util.tree_map(lambda v: {"value": v}, tree)
 
 
+def _check_updatable(node):
+  if _is_node(node):
+    return
+  if isinstance(node, (tuple, list)):
+    for n in node:
+      _check_updatable(n)
+  elif isinstance(node, Mapping) and not isinstance(node, nnx.State):
+    for n in node.values():
+      _check_updatable(n)
+  else:
+    raise TypeError(f"transplant updates the new models in place, but got a {type(node).__name__}; pass "
+                    f"nnx.Module / nnx.Optimizer objects, or use remap_nnx, which returns the new state.")
+
+
 def _update(node, state, what: str):
   if _is_node(node):
     nnx.update(node, state)
@@ -297,6 +311,7 @@ def transplant(surgery: Surgery, old, new, *, rename: Mapping[str, str] | None =
     >>> new_opt = nnx.Optimizer(new_model, optax.adam(1e-3), wrt=nnx.Param)
     >>> print(jsf.transplant(surgery, (old_model, old_opt), (new_model, new_opt)))
   """
+  _check_updatable(new)
   state, report = remap_nnx(surgery, old, new, rename=rename, prefixes=prefixes, strict=strict,
                             return_report=True)
   _update(new, state, "new")

@@ -238,17 +238,25 @@ def pad(ctx, eqn, invals):
 
 def _join_masks(masks, sizes, d):
   """Masks laid side by side along axis ``d`` (operand k spans ``sizes[k]``)."""
-  if all(m is None for m in masks):
+  present = [m for m in masks if m is not None]
+  if not present:
     return None
-  if all(m is not None and m.shape[d] == 1 for m in masks) and all(
+  if len(present) == len(masks) and all(m.shape[d] == 1 for m in masks) and all(
       np.array_equal(masks[0], m) for m in masks[1:]):
     return masks[0]
-  common = list(np.broadcast_shapes(*(tuple(np.delete(m.shape, d)) for m in masks if m is not None)))
-  parts = []
+  shape = list(present[0].shape)  # other axes: 1 (compressed) or full, so max is the broadcast
+  for m in present[1:]:
+    shape = [max(a, b) for a, b in zip(shape, m.shape)]
+  shape[d] = int(sum(sizes))
+  out = (np.empty if len(present) == len(masks) else np.zeros)(tuple(shape), M.WORD)
+  idx = [slice(None)] * len(shape)
+  start = 0
   for size, m in zip(sizes, masks):
-    shape = common[:d] + [size] + common[d:]
-    parts.append(np.zeros(shape, M.WORD) if m is None else np.broadcast_to(m, shape))
-  return np.concatenate(parts, axis=d)
+    if m is not None:
+      idx[d] = slice(start, start + size)
+      out[tuple(idx)] = m
+    start += size
+  return out
 
 
 def _join_pull(invals, sizes, d, rank, to_operand):
