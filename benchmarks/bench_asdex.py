@@ -3,50 +3,136 @@
 One named feature per element of a flat input vector; jaxsurgery's answer is
 ``table.output_mask()`` (outputs x features), asdex's is the (m, n) Jacobian
 sparsity pattern w.r.t. the input (params are a non-differentiated argument, so
-asdex sees no parameter values). Both get the same concrete arrays and a fresh
-function object per call (no jax trace-cache hits for either).
+asdex sees no parameter values). Both get the same concrete arrays.
+
+Both tools trace ``fn`` to a jaxpr and interpret it, so a comparison must say
+which traces are reused. Three regimes, identical for both tools:
+
+* ``first``: the first call in a fresh Python process (after the imports), one
+  process per (model, tool), median of 3 processes. JAX's one-time work (the
+  first trace of every jnp function the model uses, ...) is included.
+* ``retrace``: a warm process and a *new function object* per call, so every
+  call traces ``fn`` again and no trace cache (JAX's or jaxsurgery's) can hit.
+* ``repeat``: a warm process and the *same function object* every call.
+  jaxsurgery reuses its cached trace and only interprets again; asdex has no
+  cache of its own, but its ``jax.make_jaxpr`` / ``jax.eval_shape`` calls hit
+  JAX's trace cache for the same function object.
+
+``trace_s`` is jaxsurgery's own (uncached) trace of a new function object: the
+part of a ``retrace`` call that is not interpretation, and so the ``ceiling``
+(asdex / trace) any interpreter speed-up could reach in that regime.
+
+  python benchmarks/bench_asdex.py                  # all measurements
+  python benchmarks/bench_asdex.py --first M TOOL   # internal: one first call
 """
 
 from __future__ import annotations
 
-import asdex
-import jax
-import numpy as np
+import json
+import subprocess
+import sys
+import time
 
 import common
-import jaxsurgery as js
-import models
 
-MODELS = [models.mlp(), models.convnet(), models.local_mlp(), models.set_encoder()]
+BUILDERS = ["mlp", "convnet", "local_mlp", "set_encoder"]
+FIRST_REPEATS = 3
+
+
+def _setup(builder: str):
+  import models
+  m = getattr(models, builder)()
+  return m, models.concrete(m.params), models.concrete(m.inputs)
+
+
+def _ours(m, P, X, f):
+  import jaxsurgery as js
+  return js.dependency_table(f, P, X, m.features)
+
+
+def _theirs(m, P, X, f):
+  import asdex
+  return asdex.jacobian_sparsity(f, P, X, argnums=1)
+
+
+def first_call(builder: str, tool: str) -> float:
+  """Seconds of the first call in this (fresh) process; both tools' modules are imported first."""
+  import asdex  # noqa: F401  (import cost is not part of the call)
+  import jax
+  import jaxsurgery  # noqa: F401
+  m, P, X = _setup(builder)
+  jax.block_until_ready((P, X))
+  run = _ours if tool == "jaxsurgery" else _theirs
+  t = time.perf_counter()
+  run(m, P, X, lambda p, x: m.fn(p, x))
+  return time.perf_counter() - t
+
+
+def run_first(builder: str, tool: str) -> list[float]:
+  out = []
+  for _ in range(FIRST_REPEATS):
+    p = subprocess.run([sys.executable, __file__, "--first", builder, tool], capture_output=True,
+                       text=True, check=True)
+    out.append(json.loads(p.stdout.strip().splitlines()[-1]))
+  return sorted(out)
 
 
 def main():
+  import jax
+  import numpy as np
+
+  from jaxsurgery._src import table as jtable
+
   rows = []
-  for m in MODELS:
-    P, X = models.concrete(m.params), models.concrete(m.inputs)
-    ours = lambda: js.dependency_table(lambda p, x: m.fn(p, x), P, X, m.features)
-    theirs = lambda: asdex.jacobian_sparsity(lambda p, x: m.fn(p, x), P, X, argnums=1)
-    t_ours = common.bench(ours, n=7)
-    t_theirs = common.bench(theirs, n=3)
-    t_trace = common.bench(lambda: jax.make_jaxpr(lambda p, x: m.fn(p, x))(P, X), n=7)
-    a = ours().output_mask()
-    b = np.asarray(theirs().todense()).astype(bool)
+  for builder in BUILDERS:
+    m, P, X = _setup(builder)
+    fresh = lambda: (lambda p, x: m.fn(p, x))   # a new function object per call
+    same = fresh()                              # one function object for every call
+    r = {}
+    r["ours"] = common.bench(lambda: _ours(m, P, X, fresh()), n=7)
+    r["asdex"] = common.bench(lambda: _theirs(m, P, X, fresh()), n=3)
+    r["ours_same"] = common.bench(lambda: _ours(m, P, X, same), n=7)
+    r["asdex_same"] = common.bench(lambda: _theirs(m, P, X, same), n=3)
+    r["trace"] = common.bench(lambda: jtable.trace(fresh(), P, X), n=7)
+    r["make_jaxpr"] = common.bench(lambda: jax.make_jaxpr(fresh())(P, X), n=7)
+    first_ours, first_asdex = run_first(builder, "jaxsurgery"), run_first(builder, "asdex")
+    a = _ours(m, P, X, fresh()).output_mask()
+    a_same = _ours(m, P, X, same).output_mask()
+    b = np.asarray(_theirs(m, P, X, fresh()).todense()).astype(bool)
+    med = lambda k: r[k]["median"]
     row = {"model": m.name, "n_in": int(X.size), "n_out": int(a.shape[0]),
-           "ours_s": t_ours["median"], "ours_first_s": t_ours["first"],
-           "asdex_s": t_theirs["median"], "asdex_first_s": t_theirs["first"],
-           "trace_s": t_trace["median"], "ratio": t_theirs["median"] / t_ours["median"],
-           # both run make_jaxpr once (asdex also eval_shape); ratio of the rest:
-           "ratio_excl_trace": (t_theirs["median"] - t_trace["median"])
-                               / max(t_ours["median"] - t_trace["median"], 1e-9),
-           "equal": bool(a.shape == b.shape and (a == b).all()), "nnz": int(b.sum()),
-           "nnz_ours": int(a.sum())}
+           # retrace: a new function object per call (every call traces)
+           "ours_s": med("ours"), "asdex_s": med("asdex"), "ratio": med("asdex") / med("ours"),
+           # repeat: the same function object (jaxsurgery's trace cache; JAX's for asdex)
+           "ours_same_s": med("ours_same"), "asdex_same_s": med("asdex_same"),
+           "ratio_same": med("asdex_same") / med("ours_same"),
+           # first call in a fresh process, median of FIRST_REPEATS processes
+           "ours_first_s": first_ours[len(first_ours) // 2],
+           "asdex_first_s": first_asdex[len(first_asdex) // 2],
+           "ours_first_runs": first_ours, "asdex_first_runs": first_asdex,
+           "trace_s": med("trace"), "make_jaxpr_s": med("make_jaxpr"),
+           "ceiling": med("asdex") / med("trace"),
+           "equal": bool(a.shape == b.shape and (a == b).all()),
+           "equal_same": bool(a_same.shape == b.shape and (a_same == b).all()),
+           "nnz": int(b.sum()), "nnz_ours": int(a.sum()),
+           "runs": {k: v["runs"] for k, v in r.items()}}
+    row["ratio_first"] = row["asdex_first_s"] / row["ours_first_s"]
     rows.append(row)
-    print(f"{m.name:22s} J {row['n_out']}x{row['n_in']:<5d} nnz {row['nnz']:>8d}  "
-          f"jaxsurgery {common.fmt_s(row['ours_s']):>9s}  asdex {common.fmt_s(row['asdex_s']):>9s}  "
-          f"(make_jaxpr {common.fmt_s(row['trace_s'])})  ratio {row['ratio']:5.0f}x "
-          f"({row['ratio_excl_trace']:.0f}x without make_jaxpr)  equal patterns: {row['equal']}")
+    f = common.fmt_s
+    print(f"{m.name:20s} J {row['n_out']}x{row['n_in']:<5d} nnz {row['nnz']:>8d}  equal {row['equal']}/"
+          f"{row['equal_same']}\n"
+          f"  retrace (new fn per call): jaxsurgery {f(row['ours_s']):>9s}  asdex {f(row['asdex_s']):>9s}"
+          f"  ratio {row['ratio']:5.0f}x  (jaxsurgery trace {f(row['trace_s'])}, make_jaxpr "
+          f"{f(row['make_jaxpr_s'])}, ceiling {row['ceiling']:.0f}x)\n"
+          f"  repeat (same fn):          jaxsurgery {f(row['ours_same_s']):>9s}  asdex "
+          f"{f(row['asdex_same_s']):>9s}  ratio {row['ratio_same']:5.0f}x\n"
+          f"  first call (fresh process): jaxsurgery {f(row['ours_first_s']):>9s}  asdex "
+          f"{f(row['asdex_first_s']):>9s}  ratio {row['ratio_first']:5.0f}x", flush=True)
   common.save("asdex", rows)
 
 
 if __name__ == "__main__":
-  main()
+  if len(sys.argv) == 4 and sys.argv[1] == "--first":
+    print(json.dumps(first_call(sys.argv[2], sys.argv[3])))
+  else:
+    main()

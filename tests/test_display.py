@@ -218,7 +218,7 @@ def test_report_html_reflects_counts():
       assert row[k] == f"{leaf.counts[k]:,}", (leaf.path, k, row)
     assert row["matched by"] == "same path" and row["axes"] == ", ".join(leaf.how)
   assert rows["l1/w"]["zeroed"] == "6" and rows["l1/w"]["moved"] == "12" and rows["l1/w"]["fresh"] == "12"
-  features = {r[0]: r[1] for r in table_with_header(parsed, "")[1:]}
+  features = {r[0]: r[1] for r in table_with_header(parsed, "features")[1:]}
   assert features["added"] == "new" and features["removed"] == "–"
   assert set(features["moved"].split(", ")) == {"a", "b", "c"}
   t = report.totals()
@@ -232,7 +232,7 @@ def test_report_html_removed_feature_dropped_leaf_and_rename():
   report = plan_mlp(["a", "b", "c"], ["a", "c"]).report
   parsed = parse(display.report_html(report))
   assert "function NOT preserved" in parsed.visible
-  features = {r[0]: r[1] for r in table_with_header(parsed, "")[1:]}
+  features = {r[0]: r[1] for r in table_with_header(parsed, "features")[1:]}
   assert features["removed"] == "b"
   assert any("'b' was removed" in r for r in report.reasons)
   assert "feature 'b' was removed" in parsed.visible
@@ -264,7 +264,7 @@ def test_report_html_removed_feature_dropped_leaf_and_rename():
   parsed = parse(display.report_html(surgery.report))
   rows = rows_by_name(table_with_header(parsed, "parameter"))
   assert rows["first/w"]["from"] == "l1/w (3, 4)" and rows["first/w"]["matched by"] == "rename"
-  assert {r[0]: r[1] for r in table_with_header(parsed, "")[1:]}["renamed"] == "b → hp"
+  assert {r[0]: r[1] for r in table_with_header(parsed, "features")[1:]}["renamed"] == "b → hp"
 
 
 def test_report_html_caps_leaf_rows():
@@ -300,6 +300,8 @@ def test_cross_check_html_ok():
   for path, a in check.per_leaf.items():
     assert rows[path]["both"] == f"{a.both:,}" and rows[path]["table-only"] == f"{a.table_only:,}"
     assert rows[path]["probe-only"] == f"{a.probe_only:,}" and rows[path]["missed"] == "0"
+    assert rows[path]["live-only"] == f"{getattr(a, 'live_only', 0):,}"
+    assert rows[path]["legitimate"] == f"{a.legitimate:,}"
     assert (rows[path]["exact"] == "✓") == a.exact
   assert "<root>" in rows_by_name(table_with_header(parsed, "output"))
   if check.table_only_notes:

@@ -19,9 +19,10 @@ from flax import nnx
 
 import jaxsurgery as js
 import jaxsurgery.flax as jsf
+import jaxsurgery.orbax as jso
 from jaxsurgery._src import features as feats
 from jaxsurgery._src.plan import SurgeryError
-from jaxsurgery._src.state import COPIED, INIT, MISSING, REMAPPED, StateReport, remap_state
+from jaxsurgery._src.state import COPIED, MISSING, REMAPPED, StateReport, remap_state
 
 OLD = ["hp", "mana", "x"]
 NEW = ["x", "hp", "armor", "mana"]
@@ -42,10 +43,11 @@ def as_np(x) -> np.ndarray:
 
 
 def role(param_path: str) -> str:
-  if not param_path.startswith(("l1/", "l2/")):
+  parts = param_path.split("/")
+  if "l1" not in parts and "l2" not in parts:
     return "same"   # e.g. NNX rng state, part of the plan when the table covers the whole state
-  layer = "l1" if "l1/" in param_path else "l2"
-  kind = "bias" if any(part in ("b", "bias") for part in param_path.split("/")) else "kernel"
+  layer = "l1" if "l1" in parts else "l2"
+  kind = "bias" if "b" in parts or "bias" in parts else "kernel"
   return {("l1", "kernel"): "in_kernel", ("l1", "bias"): "hidden_bias",
           ("l2", "kernel"): "out_kernel", ("l2", "bias"): "out_bias"}[layer, kind]
 
@@ -173,9 +175,12 @@ def test_optax_states_move_with_their_features(plain_surgery, name):
   assert js.verify(plain_surgery, mlp, mlp, old["params"], new["params"], X_OLD, X_NEW, key=jax.random.key(3)).ok
   # the remapped optimizer state is a valid state of the new model: training goes on
   x, y = data(jax.random.key(4), 4)
-  grads = jax.grad(lambda p: jnp.mean((mlp(p, x) - y) ** 2))(new["params"])
-  updates, _ = tx.update(grads, new["opt_state"], new["params"])
-  assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates))
+
+  @jax.jit
+  def updates(params, opt_state):
+    grads = jax.grad(lambda p: jnp.mean((mlp(p, x) - y) ** 2))(params)
+    return tx.update(grads, opt_state, params)[0]
+  assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates(new["params"], new["opt_state"])))
   text = repr(report)
   assert "param-shaped subtrees" in text and moments[0] in text and "left behind in the old state: nothing" in text
 
@@ -222,6 +227,18 @@ def test_moved_subtree_needs_rename_and_nothing_is_dropped_silently(plain_surger
   assert report.copied["opt_state/1/0/count"] == "opt_state/0/count"
   assert report.from_init == {}   # clip_by_global_norm has no state leaves
 
+  # a bare param tree into a whole train state: params remapped, the optimizer starts afresh (reported)
+  new, report = remap_state(plain_surgery, old["params"], init, rename={"": "params"}, return_report=True)
+  assert_image("in_kernel", old["params"]["l1"]["w"], new["params"]["l1"]["w"],
+               param_fresh("in_kernel", init["params"]["l1"]["w"]))
+  assert {l.prefix for l in report.of_kind(MISSING)} == {"ema/", "opt_state/1/0/mu/", "opt_state/1/0/nu/"}
+  assert set(report.from_init) >= {"step", "opt_state/1/0/count"}
+  # prefixes= restricts where param-shaped subtrees are looked for
+  _, report = remap_state(plain_surgery, old, init, rename={"opt_state/0": "opt_state/1/0"},
+                          prefixes=["params", "opt_state/1/0/mu"], return_report=True)
+  assert set(report.params) == {"params/", "opt_state/1/0/mu/"}
+  assert "opt_state/1/0/nu/l1/w" in report.from_init and "opt_state/0/nu/l1/w" in {p for p, *_ in report.left_behind}
+
 
 def test_another_models_state_is_a_clear_error(plain_surgery):
   tx = optax.adam(1e-2)
@@ -236,6 +253,41 @@ def test_another_models_state_is_a_clear_error(plain_surgery):
     remap_state(plain_surgery, init, {"something": {"else": jnp.zeros(3)}})
   with pytest.raises(SurgeryError, match="abstract"):
     remap_state(plain_surgery, init, jax.eval_shape(lambda: init))
+
+
+def test_python_scalars_raw_keys_and_opaque_leaves(plain_surgery):
+  old = {"params": mlp_params(jax.random.key(1), 3, H_OLD), "step": STEPS, "name": "old run",
+         "key": jax.random.key_data(jax.random.key(7))}    # raw uint32 key data, as some checkpoints hold it
+  init = {"params": mlp_params(jax.random.key(2), 4, H_NEW), "step": 0, "name": "new run",
+          "key": jax.random.key(8)}
+  new, report = remap_state(plain_surgery, old, init, return_report=True)
+  assert new["step"] == STEPS and report.copied["step"] == "step"
+  np.testing.assert_array_equal(jax.random.key_data(new["key"]), old["key"])
+  assert new["name"] == "new run" and "not an array" in report.from_init["name"]
+  assert [p for p, *_ in report.left_behind] == ["name"]
+
+
+def test_factored_statistics_are_reset_and_reported(plain_surgery):
+  tx = optax.adafactor(1e-2, min_dim_size_to_factor=2)   # v_row / v_col: not of their parameter's shape
+  old_p, new_p = mlp_params(jax.random.key(1), 3, H_OLD), mlp_params(jax.random.key(2), 4, H_NEW)
+  old = {"params": old_p, "opt_state": tx.init(old_p)}
+  old["opt_state"] = jax.tree.map(lambda a: a + 1, old["opt_state"])   # distinguishable from the new init
+  init = {"params": new_p, "opt_state": tx.init(new_p)}
+  new, report = remap_state(plain_surgery, old, init, return_report=True)
+  o, i, n = flat(old), flat(init), flat(new)
+  reset = {l.path for l in report.of_kind("reset")}
+  assert {"opt_state/0/v_row/l1/w", "opt_state/0/v_col/l1/w", "opt_state/0/v_col/l2/w"} <= reset
+  left = {q: why for q, _, _, why in report.left_behind}
+  for p in reset:
+    np.testing.assert_array_equal(n[p], i[p])
+    assert "cannot map" in left[p]
+  # l2/b is unchanged by the plan: its statistics are copied even though they are not param-shaped
+  assert report.copied["opt_state/0/v_row/l2/b"] == "opt_state/0/v_row/l2/b"
+  np.testing.assert_array_equal(n["opt_state/0/v_row/l2/b"], o["opt_state/0/v_row/l2/b"])
+  # the unfactored second moment of a vector parameter is param-shaped and remapped
+  assert_image("hidden_bias", o["opt_state/0/v/l1/b"], n["opt_state/0/v/l1/b"], 0.0)
+  with pytest.raises(SurgeryError, match="v_row/l1/w"):
+    remap_state(plain_surgery, old, init, strict=True)
 
 
 # -- (b) Linen TrainState ---------------------------------------------------------------------
@@ -276,7 +328,7 @@ def test_linen_train_state():
   new_fn, _ = jsf.linen_fn(new_m, new_v)
   assert js.verify(surgery, old_fn, new_fn, {"params": old.params}, {"params": new.params}, X_OLD, X_NEW,
                    key=jax.random.key(4), atol=1e-5).ok
-  new.apply_gradients(grads=jax.tree.map(jnp.ones_like, new.params))   # training goes on
+  jax.jit(lambda s: s.apply_gradients(grads=jax.tree.map(jnp.ones_like, s.params)))(new)   # training goes on
 
 
 # -- (c) NNX model + nnx.Optimizer ------------------------------------------------------------
@@ -335,7 +387,8 @@ def test_nnx_model_and_optimizer(nnx_surgery):
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves((nnx.state(new_model), nnx.state(new_opt)))):
     np.testing.assert_array_equal(as_np(a), as_np(b))
   x = jax.random.normal(jax.random.key(5), (8, 4))
-  new_opt.update(new_model, nnx.grad(lambda m: jnp.mean(m(x) ** 2))(new_model))   # training goes on
+  nnx.jit(lambda m, o: o.update(m, nnx.grad(lambda m: jnp.mean(m(x) ** 2))(m)))(new_model, new_opt)   # goes on
+  assert int(new_opt.step[...]) == STEPS + 1
 
 
 def test_nnx_wrong_model_names_the_path(nnx_surgery):
@@ -352,11 +405,12 @@ def test_nnx_wrong_model_names_the_path(nnx_surgery):
 
 # -- (d) Orbax: save the old state, restore it into the new model ------------------------------------
 
-ocp = pytest.importorskip("orbax.checkpoint")
-import jaxsurgery.orbax as jso  # noqa: E402
+@pytest.fixture
+def ocp():
+  return pytest.importorskip("orbax.checkpoint")   # a test dependency only; jaxsurgery.orbax imports it lazily
 
 
-def test_orbax_restore_plain_state(plain_surgery, tmp_path):
+def test_orbax_restore_plain_state(plain_surgery, tmp_path, ocp):
   make_tx, moments = TXS["masked_chain"]    # MaskedNode / EmptyState: None in the checkpoint metadata
   tx = make_tx()
   old = trained_plain_state(tx, jax.random.key(1))
@@ -382,7 +436,7 @@ def test_orbax_restore_plain_state(plain_surgery, tmp_path):
   assert flat(abstract)["params/l1/w"].shape == (3, H_OLD)
 
 
-def test_orbax_restore_nnx_and_another_models_checkpoint(nnx_surgery, tmp_path):
+def test_orbax_restore_nnx_and_another_models_checkpoint(nnx_surgery, tmp_path, ocp):
   old_model, old_opt = trained_nnx(1)
   ckpt = ocp.StandardCheckpointer()
   ckpt.save(tmp_path / "old", {"model": nnx.state(old_model), "opt": nnx.state(old_opt)})

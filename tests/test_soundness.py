@@ -356,7 +356,6 @@ def build_view(program):
   return view
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def _view_table(view):
   """Table of ``x * view(w)`` with one feature per output element, and the elements of w each output reads."""
   import jaxsurgery as js
@@ -371,6 +370,7 @@ def _view_table(view):
   return table, reads, n
 
 
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.sampled_from(sorted(VIEWS)), st.integers(0, 2**31 - 1)), min_size=1, max_size=5))
 def test_parameter_views_pull_back_to_the_elements_they_read(program):
   table, reads, n = _view_table(build_view(program))  # reads: (n, |w|)

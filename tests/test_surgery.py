@@ -389,3 +389,31 @@ def test_inserted_block_shifts_leaf_names_and_is_matched_by_dataflow():
   np.testing.assert_array_equal(np.asarray(new_p["Dense_3"]["kernel"]), np.asarray(old_p["Dense_1"]["kernel"]))
   np.testing.assert_array_equal(np.asarray(new_p["Dense_2"]["kernel"]), 0)
   assert "Dense_1/kernel -> Dense_3/kernel" in repr(surgery.report)
+
+
+def test_strict_accepts_removed_features_and_narrowed_axes():
+  old_p, new_init = mlp_params(KEY, 3, 6, 2), mlp_params(jax.random.key(1), 2, 4, 2)
+  old_t = js.dependency_table(mlp, old_p, jnp.ones((2, 3)), js.Features(["a", "b", "c"]))
+  new_t = js.dependency_table(mlp, new_init, jnp.ones((2, 2)), js.Features(["a", "c"]))
+  surgery = js.plan(old_t, new_t, strict=True)  # drops: feature b's row, units 4 and 5
+  assert surgery.report.dropped_elements()["l1/w"][1].all()
+
+
+def test_swapped_leaves_are_inconsistent_reported_and_strict_raises():
+  def fn(p, x):
+    return jnp.tanh(x["u"] @ p["wu"]) @ p["vu"] + jnp.tanh(x["g"] @ p["wg"]) @ p["vg"]
+  k = jax.random.split(KEY, 4)
+  params = {"wu": rand(k[0], (2, 4)), "wg": rand(k[1], (2, 4)), "vu": rand(k[2], (4, 1)), "vg": rand(k[3], (4, 1))}
+  x = {"u": jnp.ones((1, 2)), "g": jnp.ones((1, 2))}
+  spec = {"u": js.Features(["u0", "u1"]), "g": js.Features(["g0", "g1"])}
+  table = js.dependency_table(fn, params, x, spec)
+  # Swapped second layers: uniform touches (no feature axis), so only the element-wise check sees it.
+  swapped = js.plan(table, table, rename={"vu": "vg", "vg": "vu"})
+  assert any("4 elements of 'vg' come from elements of 'vu'" in r for r in swapped.report.reasons), \
+      swapped.report.reasons
+  with pytest.raises(js.SurgeryError, match="vg: 4 inconsistent elements"):
+    js.plan(table, table, rename={"vu": "vg", "vg": "vu"}, strict=True)
+  # Swapped first layers: their rows meet other features, so they are fresh and the old rows dropped.
+  with pytest.raises(js.SurgeryError, match="wg: axis 0 indices \\[0, 1\\] are dropped"):
+    js.plan(table, table, rename={"wu": "wg", "wg": "wu"}, strict=True)
+  assert not js.plan(table, table, strict=True).report.reasons  # the identity plan is clean

@@ -106,10 +106,14 @@ def _fast_trace_api():
     names = list(inspect.signature(pe.trace_to_jaxpr_dynamic).parameters)
     if names[:2] != ["fun", "in_avals"]:
       return None
-    for f in (api_util.flatten_fun_nokwargs, api_util.debug_info, jcore.shaped_abstractify,
+    for f in (api_util.flatten_fun_nokwargs, api_util.fun_sourceinfo, jcore.shaped_abstractify,
               jconfig.trace_context, jcore.trace_state_clean, lu.wrap_init):
       if not callable(f):
         return None
+    if tuple(lu.DebugInfo._fields[:4]) != ("traced_for", "func_src_info", "arg_names",
+                                           "result_paths"):
+      return None
+    jcore.initial_result_paths  # noqa: B018  (must exist)
     return api_util, jconfig, lu, pe
   except Exception:  # any of these internals missing or renamed: use make_jaxpr
     return None
@@ -177,8 +181,14 @@ def clear_trace_cache() -> None:
   _TRACES.clear()
 
 
-def trace_jaxpr(fn, args: tuple) -> tuple[ClosedJaxpr, Any]:
-  """``jax.make_jaxpr(fn, return_shape=True)(*args)`` for abstract ``args``, cached per ``fn``."""
+def trace_jaxpr(fn, args: tuple, arg_names: tuple[str, ...] | None = None
+                ) -> tuple[ClosedJaxpr, Any]:
+  """``jax.make_jaxpr(fn, return_shape=True)(*args)`` for abstract ``args``, cached per ``fn``.
+
+  ``arg_names`` (one per flat argument leaf) name the arguments in JAX's error
+  messages; building them from the function's signature (as jit does) costs more
+  than the rest of the setup.
+  """
   if _FAST is None:
     return jax.make_jaxpr(fn, return_shape=True)(*args)
   api_util, jconfig, lu, pe = _FAST
@@ -190,7 +200,10 @@ def trace_jaxpr(fn, args: tuple) -> tuple[ClosedJaxpr, Any]:
     hit = _TRACES.get(tk)
     if hit is not None:
       return hit
-  dbg = api_util.debug_info("jaxsurgery", fn, args, {})
+  if arg_names is not None and len(arg_names) != len(flat):
+    arg_names = None
+  dbg = lu.DebugInfo("jaxsurgery", api_util.fun_sourceinfo(fn), arg_names,
+                     jcore.initial_result_paths)
   wrapped, out_tree = api_util.flatten_fun_nokwargs(lu.wrap_init(fn, debug_info=dbg), in_tree)
   jaxpr, out_avals, consts = pe.trace_to_jaxpr_dynamic(wrapped, list(avals))
   closed = ClosedJaxpr(jaxpr, consts)

@@ -230,8 +230,7 @@ def report_html(report, max_rows: int = 25) -> str:
                ["moved", _names_html(report.moved)]]
   if report.renamed_features:
     feat_rows.append(["renamed", ", ".join(f"{_e(a)} → {_e(b)}" for a, b in report.renamed_features.items())])
-  parts.append(_section("features"))
-  parts.append(_html_table(["", "names"], feat_rows))
+  parts.append(_html_table(["features", "names"], feat_rows))
   why = {n: w for _, n, w in report.matching}
   rows, changed_hidden = [], 0
   for i, leaf in enumerate(report.leaves):
@@ -292,7 +291,7 @@ def cross_check_html(check, max_rows: int = 12) -> str:
   """HTML view of a probe :class:`CrossCheck`.
 
   Shows the verdict, per-leaf agreement of the boolean table and the gradient
-  probe (both / table-only / probe-only, legitimate and missed), output
+  probe (both / table-only / probe-only / live-only, legitimate and missed), output
   agreement, the missed entries and legitimate differences grouped by leaf and
   explanation, the table-only notes and general notes.
 
@@ -307,11 +306,11 @@ def cross_check_html(check, max_rows: int = 12) -> str:
            f"{_n(len(check.output_missed), 'bad')} missed output entries · "
            f"{len(check.legitimate):,} legitimate differences · {len(check.features):,} features</div>"]
   exact = f'<span style="color:{_COLORS["ok"]}">✓</span>'
-  rows = [[_path(p), _n(a.both), _n(a.table_only), _n(a.probe_only), _n(a.legitimate), _n(a.missed, "bad"),
-           exact if a.exact else ""] for p, a in check.per_leaf.items()]
+  rows = [[_path(p), _n(a.both), _n(a.table_only), _n(a.probe_only), _n(getattr(a, "live_only", 0)),
+           _n(a.legitimate), _n(a.missed, "bad"), exact if a.exact else ""] for p, a in check.per_leaf.items()]
   parts.append(_section("parameter leaves: (element, feature) pairs"))
-  parts.append(_html_table(["parameter", "both", "table-only", "probe-only", "legitimate", "missed", "exact"],
-                           rows, numeric=(1, 2, 3, 4, 5), max_rows=max_rows, what="parameter leaves"))
+  parts.append(_html_table(["parameter", "both", "table-only", "probe-only", "live-only", "legitimate", "missed",
+                            "exact"], rows, numeric=(1, 2, 3, 4, 5, 6), max_rows=max_rows, what="parameter leaves"))
   if check.output_per_leaf:
     orows = [[_path(p), _n(a.both), _n(a.table_only), _n(a.probe_only, "bad"), exact if a.exact else ""]
              for p, a in check.output_per_leaf.items()]
@@ -326,7 +325,7 @@ def cross_check_html(check, max_rows: int = 12) -> str:
     parts.append(_html_table(header, rows, numeric=(1,), max_rows=max_rows, what="groups"))
   if check.legitimate:
     rows = _group_rows(check.legitimate, check.features, lambda d: (d.path, d.explanation))
-    parts.append(_section("legitimate differences (probe only: the gradient sees effects after the first contact)"))
+    parts.append(_section("legitimate differences (the gradient sees effects after the first contact)"))
     parts.append(_html_table(header, rows, numeric=(1,), max_rows=max_rows, what="groups"))
   if check.table_only_notes:
     rows = [[_path(p), _e(note)] for p, note in check.table_only_notes.items()]

@@ -118,6 +118,22 @@ def join_pulls(*pulls: Pull | None) -> Pull | None:
   return pull
 
 
+def _frozen(t: np.ndarray) -> np.ndarray:
+  """A read-only array for the table: a view of ``t``, or a copy if ``t`` views a larger array.
+
+  Rules never write into masks, so sharing memory with the value masks is safe; the
+  view is read-only so that no caller of the table can write through it either,
+  and a copy keeps a large intermediate from staying alive behind a small touch.
+  (Copying every touch cost one full pass over the largest masks.)
+  """
+  base = t
+  while isinstance(base.base, np.ndarray):
+    base = base.base
+  t = t.copy() if base is not t and base.nbytes > t.nbytes else t.view()
+  t.flags.writeable = False
+  return t
+
+
 class Context:
   """State of one analysis: feature count, touches on parameters, options."""
 
@@ -144,11 +160,11 @@ class Context:
         raise AssertionError(f"touch of shape {t.shape[:-1]} on parameter {index} of shape {shape}")
       old = self.param_touch[index]
       if old is None:
-        new = np.array(M.compress(t))  # owned: later rules cannot alias it
+        new = _frozen(M.compress(t))
       elif not np.bitwise_and(t, np.bitwise_not(old)).any():
         return  # nothing new (no broadcast OR materialised)
       else:
-        new = M.compress(np.bitwise_or(old, t))
+        new = _frozen(M.compress(np.bitwise_or(old, t)))
       self.version += 1
       self.param_touch[index] = new
     return pull

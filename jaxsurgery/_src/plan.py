@@ -95,6 +95,10 @@ class Report:
     from jaxsurgery._src import display
     return display.report_text(self)
 
+  def _repr_html_(self) -> str:
+    from jaxsurgery._src import display
+    return display.report_html(self)
+
 
 # -- feature correspondence ---------------------------------------------------
 
@@ -371,14 +375,28 @@ def plan(old_table: FeatureTable, new_table: FeatureTable, *, rename: Mapping[st
                    f"size (the old model could not select the new rows)")
   preserved = False if any("removed" in r or "no counterpart" in r for r in reasons) else (
       True if not novel_outputs else None)
+  inconsistent = {}
+  for leaf in leaves:
+    if leaf.old_path is not None:
+      n_bad = _inconsistent(old_table, new_table, leaf, fmaps)
+      if n_bad:
+        inconsistent[leaf.path] = n_bad
+        reasons.append(f"{n_bad:,} elements of {leaf.path!r} come from elements of {leaf.old_path!r} that "
+                       f"shared features touch differently: check the leaf matching (pass rename=) or "
+                       f"the feature names")
+  if inconsistent and preserved:
+    preserved = None
   report = Report(tuple(leaves), dropped_leaves, added, removed, moved, feature_rename,
                   tuple(pairs), preserved, tuple(reasons))
   if strict:
-    extra = [l for l in leaves if l.counts["dropped"] and not _explained_drop(l, removed)]
-    if extra or dropped_leaves:
-      names = [l.path for l in extra] + [p for p, _ in dropped_leaves]
-      raise SurgeryError(f"strict=True: old parameter elements would be dropped in {names} beyond "
-                         f"removed features and narrowed axes. See surgery.report for details.")
+    unexplained = {l.path: why for l in leaves for why in [_unexplained_drop(old_table, l, removed)] if why}
+    unexplained.update({p: "no counterpart in the new model" for p, _ in dropped_leaves})
+    unexplained.update({p: f"{n:,} inconsistent elements" for p, n in inconsistent.items()})
+    if unexplained:
+      lines = "\n".join(f"  {p}: {why}" for p, why in unexplained.items())
+      raise SurgeryError(f"strict=True: old parameter elements would be dropped or misplaced beyond removed "
+                         f"features and narrowed axes:\n{lines}\nSee surgery.report; pass rename= to pair "
+                         f"leaves, or strict=False to accept.")
   return Surgery(old_table, new_table, report)
 
 
@@ -394,9 +412,44 @@ def _grown_axes(maps) -> dict[int, int]:
   return out
 
 
-def _explained_drop(leaf: LeafPlan, removed) -> bool:
-  """Drops along feature axes (removed features) or narrowed positional axes are expected."""
-  return all(h != "identity" for h, m in zip(leaf.how, leaf.maps) if m is not None) or bool(removed)
+def _unexplained_drop(old: FeatureTable, leaf: LeafPlan, removed) -> str | None:
+  """Why old elements of ``leaf`` are dropped, if neither a removed feature nor a narrowed
+  positional axis explains it (``None`` when everything dropped is expected)."""
+  if leaf.old_path is None or not leaf.counts["dropped"]:
+    return None
+  gone = np.array([old.features.index(f) for f in removed], dtype=np.int64)
+  for a, (m, how) in enumerate(zip(leaf.maps, leaf.how)):
+    if m is None:
+      continue
+    dropped = np.setdiff1d(np.arange(leaf.old_shape[a]), m[m >= 0])
+    if not len(dropped):
+      continue
+    if how == "features":
+      sig = _signatures(_restrict(old.packed[leaf.old_path], gone, leaf.old_shape), a, leaf.old_shape[a])
+      bad = [int(i) for i in dropped if not sig[i].any()]
+      if bad:
+        return f"axis {a} indices {bad[:8]} are dropped but touched by no removed feature"
+    elif leaf.shape[a] >= leaf.old_shape[a]:
+      return f"axis {a} ({how}) drops indices {dropped[:8].tolist()} although it did not shrink"
+  return None
+
+
+def _inconsistent(old: FeatureTable, new: FeatureTable, leaf: LeafPlan, fmaps) -> int:
+  """Carried-over elements whose touch sets (over shared features) differ between the tables."""
+  old_idx, new_idx = fmaps[0], fmaps[1]
+  if not len(old_idx):
+    return 0
+  nd = _restrict(new.packed[leaf.path], new_idx, leaf.shape)
+  od = _restrict(old.packed[leaf.old_path], old_idx, leaf.old_shape)
+  valid = np.ones((1,) * len(leaf.shape), bool)
+  for a, m in enumerate(leaf.maps):
+    if m is None:
+      continue
+    if od.shape[a] != 1:
+      od = np.take(od, np.maximum(m, 0), axis=a)
+    valid = valid & (m >= 0).reshape((1,) * a + (-1,) + (1,) * (len(leaf.shape) - a - 1))
+  differs = (nd != od).any(-1) & valid
+  return _broadcast_count(differs, leaf.shape) if differs.any() else 0
 
 
 def _broadcast_count(b, shape) -> int:

@@ -395,8 +395,8 @@ def _plan_state(surgery, old_state, new_state_init, rename, prefixes):
       old_path = old_prefix + leaf.old_path[len(root):]
       j = old_at.get(old_path)
       if j is None:
-        steps_why = (f"no leaf {old_path!r} in the old state (old source of {param!r})")
-        entries.append(StateLeaf(path, MISSING, None, param, prefix, steps_why))
+        why = f"no leaf {old_path!r} in the old state (old source of {param!r})"
+        entries.append(StateLeaf(path, MISSING, None, param, prefix, why))
         g["counts"][MISSING] += 1
         continue
       want_dtype = surgery.old_table.dtypes.get(leaf.old_path)
@@ -421,8 +421,8 @@ def _plan_state(surgery, old_state, new_state_init, rename, prefixes):
     if match is not None:  # under a param path, but not of the param's shape (factored moments...)
       _, prefix, root, param = match
       leaf = plans[param]
-      identity = (leaf.old_path is not None and leaf.zero is None and all(m is None for m in leaf.maps)
-                  and leaf.old_path[len(root):] == param[len(root):])
+      # the parameter is unchanged (same name, identity maps, nothing zeroed): its statistics still fit
+      identity = leaf.old_path == param and leaf.zero is None and all(m is None for m in leaf.maps)
       if j is not None and identity and old_sd[j] is not None and sd is not None \
           and _copy_conversion(old_sd[j], sd, x) == "same":
         used_old.add(j)
@@ -453,6 +453,11 @@ def _plan_state(surgery, old_state, new_state_init, rename, prefixes):
     steps.append(_Step(i, "copy", None, j, conv))
     entries.append(StateLeaf(path, COPIED, old_path, None, None))
 
+  abstract_old = [old_paths[s.old_index] for s in steps if s.old_index is not None
+                  and isinstance(old_leaves[s.old_index], jax.ShapeDtypeStruct)]
+  if abstract_old:
+    errors.append(f"  old state leaves {abstract_old[:5]} are abstract (ShapeDtypeStruct); restore the "
+                  f"checkpoint first (jaxsurgery.orbax.restore does both).")
   if errors:
     raise SurgeryError("The old state does not fit the old model the plan was built for:\n" + "\n".join(errors[:20])
                        + (f"\n  ... +{len(errors) - 20} more" if len(errors) > 20 else "")
@@ -546,8 +551,8 @@ def remap_state(surgery, old_state, new_state_init, *, rename: Mapping[str, str]
       abstract shapes: fresh elements take its values). Its structure, dtypes
       and shardings are those of the result.
     rename: ``{old state prefix: new state prefix}`` for subtrees that moved
-      (e.g. ``{"opt_state/0": "opt_state/1"}`` after inserting a transform
-      before adam; ``{"": "params"}`` when the old state is a bare param tree).
+      (e.g. ``{"opt_state": "opt_state/1"}`` when ``tx = adam`` became
+      ``chain(clip, adam)``; ``{"": "params"}`` when the old state is a bare param tree).
     prefixes: if given, only these prefixes of the new state hold param-shaped
       subtrees (``["params", "opt_state/0/mu", "opt_state/0/nu"]``); use it
       when another leaf happens to look like a parameter.

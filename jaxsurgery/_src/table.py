@@ -124,6 +124,10 @@ class FeatureTable:
   def __repr__(self) -> str:
     return self.summary()
 
+  def _repr_html_(self) -> str:
+    from jaxsurgery._src import display
+    return display.table_html(self)
+
 
 def _abstract(tree, what: str):
   leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
@@ -176,7 +180,9 @@ def trace(fn: Callable, params: Any, inputs: Any):
   aparams = jax.tree_util.tree_unflatten(pdef, pleaves)
   ainputs = jax.tree_util.tree_unflatten(idef, ileaves)
   try:
-    closed, out_shape = compat.trace_jaxpr(fn, (aparams, ainputs))
+    closed, out_shape = compat.trace_jaxpr(
+        fn, (aparams, ainputs), tuple(f"params/{p}" if p else "params" for p in ppaths)
+        + tuple(f"inputs/{p}" if p else "inputs" for p in ipaths))
   except Exception as e:
     msg = str(e)
     where = _user_frame(e)

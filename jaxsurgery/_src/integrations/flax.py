@@ -16,7 +16,7 @@ from flax import nnx
 from flax.training import train_state as train_state_lib
 
 from jaxsurgery._src import features as feats
-from jaxsurgery._src.plan import Surgery, SurgeryError, plan
+from jaxsurgery._src.plan import Surgery, plan
 from jaxsurgery._src.state import StateReport, remap_state
 from jaxsurgery._src.table import dependency_table
 from jaxsurgery._src.verify import verify
@@ -350,5 +350,4 @@ def remap_train_state(surgery: Surgery, old_state, new_state: train_state_lib.Tr
                      return_report=return_report)
 
 
-__all__ = ["nnx_fn", "plan_nnx", "verify_nnx", "linen_fn", "plan_linen", "remap_nnx", "transplant", "remap_train_state",
-           "SurgeryError"]
+__all__ = ["nnx_fn", "plan_nnx", "verify_nnx", "linen_fn", "plan_linen", "remap_nnx", "transplant", "remap_train_state"]

@@ -8,8 +8,8 @@ dependency of jaxsurgery.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any
+import re
+from collections.abc import Mapping
 
 import jax
 
@@ -32,83 +32,77 @@ def _is_item_dir(path) -> bool:
   return os.path.exists(os.path.join(path, "_METADATA"))
 
 
-def _step_dirs(path) -> list[int]:
+def _is_step_dir(path) -> bool:
+  return os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA")) and not _is_item_dir(path)
+
+
+def _step_dirs(path) -> dict[int, str]:
+  """``{step: directory}`` of a CheckpointManager root (``5``, or ``<prefix>_5`` with a step prefix)."""
   try:
     names = os.listdir(path)
   except (FileNotFoundError, NotADirectoryError):
-    return []
-  return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(path, n)))
+    return {}
+  out = {}
+  for n in names:
+    m = re.fullmatch(r"(?:.*_)?(\d+)", n)
+    full = os.path.join(path, n)
+    if m and os.path.isdir(full) and (_is_step_dir(full) or _is_item_dir(full)):
+      out.setdefault(int(m.group(1)), full)
+  return out
 
 
 class _Source:
-  """One checkpointed item: read its metadata, restore it with given abstract leaves."""
+  """One checkpointed item, resolved to its directory: read its metadata, restore it.
+
+  A ``CheckpointManager`` (object or root directory) is resolved to the item
+  directory of the requested step, which is read with ``StandardCheckpointer``:
+  that needs no handler registry, so a manager opened without knowing the
+  item's handler works too.
+  """
 
   def __init__(self, source, step: int | None, item: str | None):
     ocp = _ocp()
-    self.manager, self.path, self.item, self.step, self._own = None, None, item, step, False
+    self.item = item
     if isinstance(source, ocp.CheckpointManager):
-      self.manager = source
+      root = os.fspath(source.directory)
+      where = f"the CheckpointManager at {root!r}"
     else:
-      path = os.fspath(source)
-      if step is None and _is_item_dir(path):
-        self.path = path
-      elif step is None and os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA")):
-        items = sorted(n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n)))
-        self.path = os.path.join(path, self._pick(items, f"checkpoint {path!r}"))
-      elif _step_dirs(path):
-        self.manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
-        self._own = True
-      else:
+      root = os.fspath(source)
+      where = repr(root)
+    if step is None and _is_item_dir(root):
+      self.path = root
+    elif step is None and _is_step_dir(root):
+      self.path = self._item_dir(root, where)
+    else:
+      steps = _step_dirs(root)
+      if not steps:
         raise FileNotFoundError(
-            f"No orbax checkpoint at {path!r}: expected a checkpoint directory (with _METADATA), a step "
-            f"directory of a CheckpointManager, or a CheckpointManager root with numbered steps"
-            f"{'' if step is None else f' (step {step} was requested)'}.")
-    if self.manager is not None:
-      steps = list(self.manager.all_steps())
-      if self.step is None:
-        self.step = self.manager.latest_step()
-        if self.step is None:
-          raise FileNotFoundError(f"The CheckpointManager at {str(self.manager.directory)!r} has no checkpoints.")
-      elif self.step not in steps:
-        raise FileNotFoundError(f"No step {self.step} in {str(self.manager.directory)!r}; steps: {steps}.")
+            f"No orbax checkpoint at {where}: expected a checkpoint directory (with _METADATA), a step "
+            f"directory of a CheckpointManager, or a CheckpointManager root with step directories.")
+      step = max(steps) if step is None else step
+      if step not in steps:
+        raise FileNotFoundError(f"No step {step} in {where}; steps: {sorted(steps)}.")
+      self.path = self._item_dir(steps[step], f"step {step} of {where}")
+    self.step = step
 
-  def _pick(self, items: Sequence[str], where: str) -> str:
+  def _item_dir(self, step_dir: str, where: str) -> str:
+    if _is_item_dir(step_dir):
+      return step_dir
+    items = sorted(n for n in os.listdir(step_dir) if _is_item_dir(os.path.join(step_dir, n)))
     if self.item is not None:
       if self.item not in items:
-        raise KeyError(f"{where} has no item {self.item!r}; items: {list(items)}.")
-      return self.item
+        raise KeyError(f"{where} has no item {self.item!r}; items: {items}.")
+      return os.path.join(step_dir, self.item)
     if len(items) == 1:
-      return items[0]
-    raise KeyError(f"{where} holds several items {list(items)}; pass item=... to choose one.")
+      return os.path.join(step_dir, items[0])
+    raise KeyError(f"{where} holds the items {items}; pass item=... to choose one.")
 
   def metadata(self):
-    ocp = _ocp()
-    if self.manager is None:
-      md = ocp.StandardCheckpointer().metadata(self.path)
-      return getattr(md, "item_metadata", md)
-    md = self.manager.item_metadata(self.step)
-    if isinstance(md, ocp.args.Composite) or (isinstance(md, Mapping) and not hasattr(md, "tree")
-                                             and self._composite()):
-      names = [k for k in md.keys() if md[k] is not None]
-      self.item = self._pick(names, f"step {self.step} of {str(self.manager.directory)!r}")
-      md = md[self.item]
-    return md
-
-  def _composite(self) -> bool:
-    return bool(getattr(self.manager, "_item_names", None))
+    md = _ocp().StandardCheckpointer().metadata(self.path)
+    return getattr(md, "item_metadata", md)
 
   def restore(self, abstract):
-    ocp = _ocp()
-    if self.manager is None:
-      return ocp.StandardCheckpointer().restore(self.path, abstract)
-    if self.item is not None:
-      out = self.manager.restore(self.step, args=ocp.args.Composite(**{self.item: ocp.args.StandardRestore(abstract)}))
-      return out[self.item]
-    return self.manager.restore(self.step, args=ocp.args.StandardRestore(abstract))
-
-  def close(self):
-    if self._own:
-      self.manager.close()
+    return _ocp().StandardCheckpointer().restore(self.path, abstract)
 
 
 # -- abstract trees --------------------------------------------------------------------------
@@ -138,11 +132,7 @@ def old_abstract(source, *, step: int | None = None, item: str | None = None, sh
   Example:
     >>> abstract = jso.old_abstract("/ckpt/old_run", step=1000)   # doctest: +SKIP
   """
-  src = _Source(source, step, item)
-  try:
-    md = _tree(src.metadata())
-  finally:
-    src.close()
+  md = _tree(_Source(source, step, item).metadata())
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
   return jax.tree_util.tree_map(
       lambda m: jax.ShapeDtypeStruct(tuple(m.shape), jax.dtypes.canonicalize_dtype(m.dtype), sharding=sharding),
@@ -164,7 +154,7 @@ def _old_shardings(abstract, new_state_init, rename):
   to_new = _Renamer({n: o for o, n in (rename or {}).items()})  # old path -> new path
 
   def pick(path, leaf):
-    if getattr(leaf, "sharding", None) is not None:
+    if not hasattr(leaf, "shape") or getattr(leaf, "sharding", None) is not None:
       return leaf
     x = new.get(to_new.to_old(feats.keystr(path)))
     s = getattr(x, "sharding", None)
@@ -215,23 +205,18 @@ def restore(surgery: Surgery, source, new_state_init, *, step: int | None = None
     >>> nnx.update(new_model, state)
   """
   src = _Source(source, step, item)
+  given = old_state_abstract is not None
+  if not given:
+    old_state_abstract = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), jax.dtypes.canonicalize_dtype(m.dtype)),
+        _tree(src.metadata()), is_leaf=_is_meta)
+  abstract = _old_shardings(old_state_abstract, new_state_init, rename)
   try:
-    if old_state_abstract is None:
-      md = _tree(src.metadata())
-      old_state_abstract = jax.tree_util.tree_map(
-          lambda m: jax.ShapeDtypeStruct(tuple(m.shape), jax.dtypes.canonicalize_dtype(m.dtype)), md,
-          is_leaf=_is_meta)
-    elif src.manager is not None:
-      src.metadata()  # resolves the item name of a multi-item checkpoint
-    abstract = _old_shardings(old_state_abstract, new_state_init, rename)
-    try:
-      old_state = src.restore(abstract)
-    except (ValueError, KeyError, TypeError) as e:
-      where = src.path or f"step {src.step} of {str(src.manager.directory)!r}"
-      raise SurgeryError(f"Could not restore {where} with the given old_state_abstract: {e}\n  Leave "
-                         f"old_state_abstract=None to read the old tree from the checkpoint metadata.") from e
-  finally:
-    src.close()
+    old_state = src.restore(abstract)
+  except (ValueError, KeyError, TypeError) as e:
+    hint = ("Leave old_state_abstract=None to read the old tree from the checkpoint metadata." if given else
+            "Was the item written with StandardCheckpointer / PyTreeCheckpointer (StandardSave / PyTreeSave)?")
+    raise SurgeryError(f"Could not restore {src.path!r}: {e}\n  {hint}") from e
   return remap_state(surgery, old_state, new_state_init, rename=rename, prefixes=prefixes, strict=strict,
                      return_report=return_report)
 

@@ -105,15 +105,16 @@ def conv(ctx, eqn, invals):
   O = rhs.shape[rspec[0]]
   mask = None
   if lhs.mask is not None:
-    # to (N, C, spatial...) layout
-    m = M.lift(lhs.mask, lhs.ndim).transpose(list(lspec) + [r])
-    N, C = lhs.shape[lspec[0]], lhs.shape[lspec[1]]
+    m = M.lift(lhs.mask, lhs.ndim)
+    C = lhs.shape[lspec[1]]
     if B > 1:  # batch groups: over-approximate by the union over the batch
-      m = M.reduce_or(m, [0], keepdims=True)
+      m = M.reduce_or(m, [lspec[0]], keepdims=True)
+    if G == 1:  # OR over the input channels, in the operand's layout (no transposed copy)
+      m = M.reduce_or(m, [lspec[1]], keepdims=True)
+    # to (N, C, spatial...) layout
+    m = m.transpose(list(lspec) + [r])
     # OR over the input channels of each feature group -> (N, G, spatial...)
-    if m.shape[1] == 1:
-      pass
-    else:
+    if m.shape[1] > 1:
       m = np.bitwise_or.reduce(m.reshape((m.shape[0], G, C // G) + m.shape[2:]), axis=2)
     sp_shape = (m.shape[0], m.shape[1]) + tuple(lhs.shape[a] for a in lspec[2:])
     k = tuple(rhs.shape[a] for a in rspec[2:])

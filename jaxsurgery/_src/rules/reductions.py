@@ -12,7 +12,6 @@ Structure:
 
 from __future__ import annotations
 
-import itertools
 
 import jax
 import numpy as np
@@ -84,7 +83,7 @@ def window_or(m, shape, dims, strides, padding, base_dilation, window_dilation):
   if not axes:
     return m
   m = M.expand_axes(m, shape, axes)
-  if int(np.prod([dims[a] for a in axes])) <= 64:
+  if sum(dims[a] for a in axes) <= 64:
     return _window_or_numpy(m, axes, dims, strides, padding, base_dilation, window_dilation)
   win = [dims[a] if a in axes else 1 for a in range(r)] + [1]
   st = [strides[a] if a in axes else 1 for a in range(r)] + [1]
@@ -97,28 +96,44 @@ def window_or(m, shape, dims, strides, padding, base_dilation, window_dilation):
 
 
 def _window_or_numpy(m, axes, dims, strides, padding, base_dilation, window_dilation):
-  """Windowed OR as an OR of strided slices, one per tap (no JAX dispatch for small windows)."""
-  for a in axes:  # base dilation, then (possibly negative) padding, with zeros in the holes
-    n, bd, (lo, hi) = m.shape[a], base_dilation[a], padding[a]
-    size = (n - 1) * bd + 1 + max(lo, 0) + max(hi, 0)
-    out = np.zeros(m.shape[:a] + (size,) + m.shape[a + 1:], m.dtype)
-    idx = [slice(None)] * m.ndim
-    idx[a] = slice(max(lo, 0), max(lo, 0) + (n - 1) * bd + 1, bd)
-    out[tuple(idx)] = m
-    idx[a] = slice(max(-lo, 0), size - max(-hi, 0))
-    m = out[tuple(idx)]
+  """Windowed OR as ORs of strided slices (no JAX dispatch for small windows).
+
+  A window is a box, so the OR is separable: one axis at a time, ``sum(dims)``
+  slices instead of ``prod(dims)``. Base dilation and padding (possibly negative)
+  are applied first, in one allocation, with zeros in the holes.
+  """
+  lows, highs, grow = {}, {}, False
+  for a in axes:
+    lo, hi = padding[a]
+    lows[a], highs[a] = lo, hi
+    grow = grow or base_dilation[a] != 1 or lo > 0 or hi > 0
+  if grow:
+    shape, dst = list(m.shape), [slice(None)] * m.ndim
+    for a in axes:
+      n, bd = m.shape[a], base_dilation[a]
+      shape[a] = (n - 1) * bd + 1 + max(lows[a], 0) + max(highs[a], 0)
+      dst[a] = slice(max(lows[a], 0), max(lows[a], 0) + (n - 1) * bd + 1, bd)
+    out = np.zeros(shape, m.dtype)
+    out[tuple(dst)] = m
+    m = out
+  crop = [slice(None)] * m.ndim
+  for a in axes:  # negative padding crops
+    crop[a] = slice(max(-lows[a], 0), m.shape[a] - max(-highs[a], 0))
+  m = m[tuple(crop)]
   outn = {a: (m.shape[a] - (dims[a] - 1) * window_dilation[a] - 1) // strides[a] + 1 for a in axes}
   if min(outn.values()) <= 0:
     return np.zeros(tuple(max(outn.get(a, m.shape[a]), 0) for a in range(m.ndim - 1)) + m.shape[-1:], m.dtype)
-  res = None
-  for taps in itertools.product(*(range(dims[a]) for a in axes)):
+  # strided axes first: they shrink what the other axes' taps read
+  for a in sorted(axes, key=lambda a: -strides[a]):
     idx = [slice(None)] * m.ndim
-    for a, k in zip(axes, taps):
+    res = None
+    for k in range(dims[a]):
       s = k * window_dilation[a]
       idx[a] = slice(s, s + (outn[a] - 1) * strides[a] + 1, strides[a])
-    part = m[tuple(idx)]
-    res = part.copy() if res is None else np.bitwise_or(res, part, out=res)
-  return res
+      part = m[tuple(idx)]
+      res = part.copy() if res is None else np.bitwise_or(res, part, out=res)
+    m = res
+  return m
 
 
 def reduce_window(ctx, eqn, invals):
