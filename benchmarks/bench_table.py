@@ -67,8 +67,8 @@ def main():
   res["cold_table"] = run_cold("table")
   res["cold_jaxpr"] = run_cold("jaxpr")
 
-  # Warm: a fresh model function each call (JAX traces again), and the same function
-  # (jax.make_jaxpr's trace cache hits, so this is the interpretation alone).
+  # Warm: a fresh model function each call (traced again), and the same function
+  # (jaxsurgery's trace cache hits, so this is the interpretation alone).
   build = lambda f: js.dependency_table(f.fn, f.params, f.inputs, f.features)
   res["table_fresh"] = common.bench_fresh(models.five, build, n=7)
   res["jaxpr_fresh"] = common.bench_fresh(

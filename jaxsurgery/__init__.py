@@ -24,3 +24,4 @@ from jaxsurgery._src.probe import (  # noqa: E402
     CrossCheck, Difference, LeafAgreement, Miss, cross_check, gradient_table)
 from jaxsurgery._src.plan import Report, Surgery, SurgeryError, plan  # noqa: E402
 from jaxsurgery._src.verify import Verification, verify  # noqa: E402
+from jaxsurgery._src.state import StateReport, remap_state  # noqa: E402

@@ -417,3 +417,65 @@ def test_swapped_leaves_are_inconsistent_reported_and_strict_raises():
   with pytest.raises(js.SurgeryError, match="wg: axis 0 indices \\[0, 1\\] are dropped"):
     js.plan(table, table, rename={"wu": "wg", "wg": "wu"}, strict=True)
   assert not js.plan(table, table, strict=True).report.reasons  # the identity plan is clean
+
+
+def test_gate_split_after_a_jitted_matmul_is_found():
+  """The fused axis leaves a jit call before it is split: alignment follows it back out."""
+  def cell(p, x):
+    z = jax.jit(lambda a, w: a @ w)(x, p["w"])
+    i, g = jnp.split(z, 2, axis=-1)
+    return jax.nn.sigmoid(i) * jnp.tanh(g)
+  k = jax.random.split(KEY, 2)
+  old_p, new_init = {"w": rand(k[0], (3, 2 * 2))}, {"w": rand(k[1], (3, 2 * 3))}
+  spec = js.Features(["a", "b", "c"])
+  surgery, new_p = surgery_and_check(cell, lambda p, x: cell(p, x)[..., :2], old_p, new_init,
+                                     jnp.ones((1, 3)), jnp.ones((1, 3)), spec, spec)
+  leaf = {l.path: l for l in surgery.report.leaves}["w"]
+  assert leaf.how[1] == "blockwise 2x2 -> 2x3", leaf.how
+  np.testing.assert_array_equal(np.asarray(new_p["w"])[:, [0, 1, 3, 4]], np.asarray(old_p["w"]))
+
+
+def bn_mlp(p, x):
+  h = x @ p["l1"]["w"]
+  h = (h - p["bn"]["mean"]) * jax.lax.rsqrt(p["bn"]["var"] + 1e-5) * p["bn"]["scale"] + p["bn"]["bias"]
+  return jnp.tanh(h) @ p["l2"]["w"]
+
+
+def test_widened_batchnorm_keeps_new_units_trainable():
+  """Only the rows reading new units are zero: the new units' statistics, scale and bias keep
+  their init (a zero variance or scale would leave them without gradient)."""
+  def params(key, h):
+    k = jax.random.split(key, 6)
+    return {"l1": {"w": rand(k[0], (3, h))}, "l2": {"w": rand(k[1], (h, 2))},
+            "bn": {"mean": rand(k[2], (h,)), "var": jnp.exp(rand(k[3], (h,))), "scale": 1 + rand(k[4], (h,)),
+                   "bias": rand(k[5], (h,))}}
+  old_p, new_init = params(KEY, 4), params(jax.random.key(1), 6)
+  spec = js.Features(["a", "b", "c"])
+  surgery, new_p = surgery_and_check(bn_mlp, bn_mlp, old_p, new_init, jnp.ones((2, 3)), jnp.ones((2, 3)), spec, spec)
+  for name in ("mean", "var", "scale", "bias"):
+    np.testing.assert_array_equal(np.asarray(new_p["bn"][name])[4:], np.asarray(new_init["bn"][name])[4:])
+  np.testing.assert_array_equal(np.asarray(new_p["l2"]["w"])[4:], 0)
+  grad = jax.grad(lambda p: bn_mlp(p, jax.random.normal(KEY, (8, 3))).sum())(new_p)
+  assert np.abs(np.asarray(grad["l2"]["w"])[4:]).min() > 0  # the new units learn
+
+
+def test_layerscale_gate_is_the_cut_when_nothing_else_is():
+  """h + gamma * tanh(h @ w): no fresh weight reads the branch, so the elementwise gate is zeroed."""
+  def fn(blocks):
+    def f(p, x):
+      h = x @ p["in"]
+      for b in range(blocks):
+        h = h + p[f"gamma{b}"] * jnp.tanh(h @ p[f"w{b}"])
+      return h @ p["out"]
+    return f
+  def params(key, blocks):
+    k = jax.random.split(key, 2 + 2 * blocks)
+    p = {"in": rand(k[0], (3, 4)), "out": rand(k[1], (4, 2))}
+    for b in range(blocks):
+      p[f"w{b}"], p[f"gamma{b}"] = rand(k[2 + 2 * b], (4, 4)), 1 + rand(k[3 + 2 * b], (4,))
+    return p
+  spec = js.Features(["a", "b", "c"])
+  old_p, new_init = params(KEY, 0), params(jax.random.key(1), 1)
+  _, new_p = surgery_and_check(fn(0), fn(1), old_p, new_init, jnp.ones((2, 3)), jnp.ones((2, 3)), spec, spec)
+  np.testing.assert_array_equal(np.asarray(new_p["gamma0"]), 0)
+  np.testing.assert_array_equal(np.asarray(new_p["w0"]), np.asarray(new_init["w0"]))

@@ -4,8 +4,8 @@ Positional alignment is only right in the coordinates in which an axis is
 consumed. A fused LSTM kernel (in, 4H) is split into four gate blocks after the
 matmul; an attention projection (in, heads*hd) is reshaped to (heads, hd). This
 module follows one parameter axis forward through the jaxpr (through matmuls,
-elementwise ops, broadcasts, transposes, reshapes that keep it whole, calls and
-scan bodies) until it meets an op that cuts it:
+elementwise ops, broadcasts, transposes, reshapes that keep it whole, into and
+back out of calls and scan bodies) until it meets an op that cuts it:
 
 * ``split`` / equal ``slice``-s along it   -> ``Blocks(k)``: k equal blocks;
 * a ``reshape`` that factors it into (a, b) -> ``Factors((a, b))``.
@@ -42,8 +42,14 @@ def _shape(v):
   return tuple(getattr(v.aval, "shape", ()))
 
 
-def axis_structure(closed_jaxpr, param_index: int, axis: int, max_steps: int = 20000) -> Factors | None:
-  """The factorisation imposed on ``axis`` of parameter ``param_index`` (an invar index)."""
+def axis_structure(closed_jaxpr, param_index: int, axis: int, max_steps: int = 20000,
+                   cache: dict | None = None) -> Factors | None:
+  """The factorisation imposed on ``axis`` of parameter ``param_index`` (an invar index).
+
+  ``cache`` holds each jaxpr's consumer index; pass one dict per plan (the jaxprs
+  must stay alive while it is used, as keys are ``id``s).
+  """
+  cache = {} if cache is None else cache
   jaxpr = closed_jaxpr.jaxpr
   start = jaxpr.invars[param_index]
   n = _shape(start)[axis]
@@ -51,37 +57,39 @@ def axis_structure(closed_jaxpr, param_index: int, axis: int, max_steps: int = 2
   queue = deque([(jaxpr, start, axis)])
   seen = set()
   steps = 0
+  returns: dict[int, tuple] = {}  # id(sub-jaxpr) -> (sub, parent jaxpr, eqn, ys offset)
   while queue and steps < max_steps:
     j, var, ax = queue.popleft()
     if (id(var), ax) in seen:
       continue
     seen.add((id(var), ax))
-    for eqn in _consumers(j, var):
+    back = returns.get(id(j))
+    if back is not None and back[0] is j:  # leaving a call or scan body: continue outside
+      _, parent, eqn, ys_from = back
+      for k, o in enumerate(j.outvars):
+        if o is var:
+          queue.append((parent, eqn.outvars[k], ax + (1 if k >= ys_from else 0)))
+    for eqn in _consumers(j, var, cache):
       steps += 1
-      found = _step(eqn, var, ax, n, queue, j)
+      found = _step(eqn, var, ax, n, queue, j, returns)
       if found is not None:
         return found
   return None
 
 
-_CONSUMERS: dict[int, dict] = {}
-
-
-def _consumers(jaxpr, var):
-  table = _CONSUMERS.get(id(jaxpr))
-  if table is None:
+def _consumers(jaxpr, var, cache: dict):
+  entry = cache.get(id(jaxpr))
+  if entry is None or entry[0] is not jaxpr:
     table = {}
     for eqn in jaxpr.eqns:
       for v in eqn.invars:
         if not isinstance(v, compat.Literal):
           table.setdefault(id(v), []).append(eqn)
-    _CONSUMERS[id(jaxpr)] = table
-    if len(_CONSUMERS) > 256:
-      _CONSUMERS.pop(next(iter(_CONSUMERS)))
-  return table.get(id(var), [])
+    entry = cache[id(jaxpr)] = (jaxpr, table)  # the jaxpr is kept alive: its id stays unique
+  return entry[1].get(id(var), [])
 
 
-def _step(eqn, var, ax, n, queue, jaxpr):
+def _step(eqn, var, ax, n, queue, jaxpr, returns):
   name = eqn.primitive.name
   pos = [i for i, v in enumerate(eqn.invars) if v is var]
   p = eqn.params
@@ -145,12 +153,14 @@ def _step(eqn, var, ax, n, queue, jaxpr):
       sub, _ = compat.sub_jaxpr(p)
     except KeyError:
       return None
+    returns[id(sub)] = (sub, jaxpr, eqn, len(sub.outvars))
     for i in pos:
       queue.append((sub, sub.invars[i], ax))
     return None
   if name == "scan":
     nc, ncarry = compat.scan_counts(p)
     sub, _ = compat.open_jaxpr(p["jaxpr"])
+    returns[id(sub)] = (sub, jaxpr, eqn, ncarry)  # ys gain the leading time axis
     for i in pos:
       if i < nc:
         queue.append((sub, sub.invars[i], ax))

@@ -155,7 +155,10 @@ class _TraceCache:
     hit = self.entries.get(key)
     if hit is None or hit[0]() is not target:
       return None
-    self.entries.move_to_end(key)
+    try:
+      self.entries.move_to_end(key)
+    except KeyError:  # dropped meanwhile (another thread)
+      pass
     return hit[1]
 
   def put(self, tk, value) -> None:

@@ -137,11 +137,12 @@ def _unpulled(outs):
 class _Context(Context):
   """The mask interpreter with one bit (novelty), online zeroing and zero tracking."""
 
-  def __init__(self, table, fresh: list, prezero: list, grown: list):
+  def __init__(self, table, fresh: list, prezero: list, grown: list, eager_mul: bool):
     super().__init__(1, [table.shapes[p] for p in table.paths], strict=False,
                      rules=registry.active_rules())
     self.fresh = fresh
     self.prezero = prezero
+    self.eager_mul = eager_mul        # zero fresh elementwise factors of novel values too
     self.grown = grown                # per param: {axis: old size} for axes grown at the end
     self.param_of: dict[int, int] = {}  # id(param Val) -> param index
     self.assumed: set[int] = set()    # params whose grown rows were taken as unselected
@@ -192,6 +193,11 @@ class _Context(Context):
       self._record(eqn, effective, outs)
       return outs
     if name in _PRODUCTS:
+      if name == "mul" and not self.eager_mul:
+        # Elementwise: the product stays at the same (new) position, where a later
+        # contraction can cut it; zeroing here would leave the new unit without gradient.
+        effective = [dataclasses.replace(e, pull=None) if involved[k] else e
+                     for k, e in enumerate(effective)]
       outs = super().apply(eqn, effective)  # touches: fresh elements times novelty -> zero
       outs = self._cut(eqn, invals, outs)
     elif name in _SUMS:
@@ -269,6 +275,8 @@ class _Context(Context):
     for k, v in enumerate(invals):
       if id(v) not in self.views or v.pull is None or not novs[k].any():
         continue
+      if all(w.const is not None for j, w in enumerate(invals) if j != k):
+        continue  # a fresh statistic plus a constant (var + eps) is not an old value
       others = np.zeros((1,) * len(shape), bool)
       for j, n in enumerate(novs):
         if j != k:
@@ -299,12 +307,12 @@ class _Context(Context):
 
 def run(table, added: tuple[str, ...], fresh: Mapping[str, np.ndarray | None],
         prezero: Mapping[str, np.ndarray | None] | None = None,
-        grown: Mapping[str, Mapping[int, int]] | None = None) -> Novelty:
+        grown: Mapping[str, Mapping[int, int]] | None = None, eager_mul: bool = False) -> Novelty:
   """One novelty pass over ``table``'s program (see the module docstring)."""
   added_ids = {table.features.index(n) for n in added}
   fresh_list = [fresh.get(p) for p in table.paths]
   pre = [None if prezero is None else prezero.get(p) for p in table.paths]
-  ctx = _Context(table, fresh_list, pre, [dict((grown or {}).get(p, {})) for p in table.paths])
+  ctx = _Context(table, fresh_list, pre, [dict((grown or {}).get(p, {})) for p in table.paths], eager_mul)
   args = []
   for i, p in enumerate(table.paths):
     f = fresh_list[i]
@@ -359,23 +367,31 @@ def analyse(table, added: tuple[str, ...], fresh: Mapping[str, np.ndarray | None
   decisions in place from the start, keeping only the decisions that novelty
   still forces, until they are stable.
 
+  Elementwise products first do not zero (a new unit's scale keeps its init, and a
+  later contraction cuts the unit); if that leaves novelty at an output, they zero
+  too (a fresh LayerScale gate on an inserted branch is the only cut there).
+
   If novelty still reaches an output, the conservative zeroing (every fresh
   element novelty touches, without cuts) is tried on top and kept only if it
   proves preservation; otherwise the online decisions stand and the spreading
   operations are reported (zeroing more would only kill fresh units).
   """
-  result = run(table, added, fresh, grown=grown)
-  prezero = result.touched
-  for _ in range(max_rounds):
-    result = run(table, added, fresh, prezero=prezero, grown=grown)
-    if _same(result.touched, prezero, table.paths):
-      break
+  for eager_mul in (False, True):
+    result = run(table, added, fresh, grown=grown, eager_mul=eager_mul)
     prezero = result.touched
-  if not result.novel_outputs:
-    return result
+    for _ in range(max_rounds):
+      result = run(table, added, fresh, prezero=prezero, grown=grown, eager_mul=eager_mul)
+      if _same(result.touched, prezero, table.paths):
+        break
+      prezero = result.touched
+    if not result.novel_outputs:
+      return result
+    if not eager_mul:
+      lazy = result
+  result = lazy  # neither proves preservation: report the decisions that keep new units alive
   extra = _conservative(table, added, fresh)
   merged = {p: _or(result.zeroed.get(p), extra.get(p)) for p in table.paths}
-  second = run(table, added, fresh, prezero=merged, grown=grown)
+  second = run(table, added, fresh, prezero=merged, grown=grown, eager_mul=True)
   return second if not second.novel_outputs else result
 
 

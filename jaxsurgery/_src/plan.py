@@ -543,6 +543,12 @@ class Surgery:
       out.append(_apply_leaf(leaf, old.get(leaf.old_path), x))
     return jax.tree_util.tree_unflatten(treedef, out)
 
+  def remap_state(self, old_state, new_state_init, **kwargs):
+    """Remaps a whole training state (params, EMA, optimizer moments, counts): see
+    :func:`jaxsurgery.remap_state`."""
+    from jaxsurgery._src.state import remap_state
+    return remap_state(self, old_state, new_state_init, **kwargs)
+
   def __call__(self, old_params, new_params_init):
     leaves = jax.tree_util.tree_leaves((old_params, new_params_init))
     if any(isinstance(x, jax.core.Tracer) for x in leaves):

@@ -741,7 +741,7 @@ def _work(jaxpr) -> int:
 
 
 class _Fns(NamedTuple):
-  base: Callable    # (pf, po, consts, x, r, phase) -> base gradients, liveness, finiteness
+  base: Callable    # (pf, po, consts, x, r, phase) -> liveness, placing elements, finiteness
   chunk: Callable   # (..., accumulators) -> accumulators with the chunk's columns ORed in
 
 
@@ -835,18 +835,23 @@ def _build(closed, n_params: int, float_idx: Sequence[int], in_flags, out_float:
     finite = jnp.array(True)
     for t in list(g) + [o for o, fl in zip(outs, out_float) if fl]:
       finite = finite & jnp.all(jnp.isfinite(t))
-    return g, gc, list(outs), live, placed, finite
+    return live, placed, finite
 
-  @functools.partial(jax.jit, compiler_options=options, donate_argnums=(16, 17, 18, 19))
-  def chunk_fn(pf, po, consts, val, r, phase, g0, gc0, o0, live, rtol, atol, w0, rel, bit, valid,
+  @functools.partial(jax.jit, compiler_options=options, donate_argnums=(13, 14, 15, 16))
+  def chunk_fn(pf, po, consts, val, r, phase, live, rtol, atol, w0, rel, bit, valid,
                acc_u, acc_a, acc_c, acc_o):
-    """``val``: one input column per probed (feature, id); accumulators are ORed into."""
+    """``val``: column 0 is the base, columns 1.. switch one (feature, id) on; the changed bits
+    are ORed into the accumulators. The base is a column of the same vmapped computation, so
+    that elements the feature does not reach compare bitwise equal (a separately compiled
+    base can round differently)."""
     def one(v):
       g, outs = grad_proj(pf, po, consts, v, r)
       gc = grad_simple(pf, po, consts, v, phase)
       return g, gc, outs
 
     G, GC, O = jax.vmap(one)(val)
+    g0, gc0, o0 = [t[0] for t in G], [t[0] for t in GC], [t[0] for t in O]
+    G, GC, O = [t[1:] for t in G], [t[1:] for t in GC], [t[1:] for t in O]
     W = acc_u[0].shape[-1] if acc_u else (acc_o[0].shape[-1] if acc_o else 1)
     K = min(W, -(-rel.shape[0] // M.BITS) + 1)
     place = lambda ch: _place(ch, rel, bit, valid, K)
@@ -1044,11 +1049,11 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
   # Per column: output and contact-local gradients and the packing temporaries (3 x params),
   # intermediates of the two evaluations, the input column and the outputs.
   per_column = 4 * (3 * n_float + 2 * work + n_in + 2 * n_out)
-  chunk = _chunking(C, chunk_size, memory_budget, per_column)
+  chunk = _chunking(C, chunk_size, memory_budget, per_column)  # (+ 1 base column per chunk)
   n_chunks = -(-C // chunk)
   runs = _schedule(draws, annihilate, bool(n_ids))
   # Small problems: XLA's compile time dominates the run time, so compile without optimisation.
-  fast = (n_float + work) * chunk * n_chunks * len(runs) <= _FAST_COMPILE_ELEMENTS
+  fast = (n_float + work) * (chunk + 1) * n_chunks * len(runs) <= _FAST_COMPILE_ELEMENTS
 
   avals = lambda leaves: tuple((tuple(l.shape), np.dtype(l.dtype).str) for l in leaves)
   x64 = bool(getattr(jax.config, "jax_enable_x64", False))
@@ -1087,8 +1092,8 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
     return out
 
   def columns_input(part, rng, positive, base_run):
-    val = [np.broadcast_to(b, (chunk,) + b.shape).copy() for b in base_run]
-    for c, (k, idv) in enumerate(part):
+    val = [np.broadcast_to(b, (chunk + 1,) + b.shape).copy() for b in base_run]
+    for c, (k, idv) in enumerate(part, start=1):
       for li, pos in sites[k]:
         leaf = ileaves[li]
         idx = (c,) if pos is None else (c,) + (slice(None),) * leaf.axis + (pos,)
@@ -1134,7 +1139,7 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
       info = fns.base(pf, po, consts, xb, r, phase)
     line = f"{run.label}: {'positive' if positive else 'normal(0, 1)'} parameters"
     if run.annihilate and bool(info[-1]):
-      placed = [np.asarray(z) & (not kept[i]) for z, i in zip(info[4], float_idx)]
+      placed = [np.asarray(z) & (not kept[i]) for z, i in zip(info[1], float_idx)]
       pf = [jax.device_put(np.where(z, np.zeros((), flat[i].dtype), flat[i]))
             for z, i in zip(placed, float_idx)]
       n_zero = np.array([int(z.sum()) for z in placed], np.int64)
@@ -1157,7 +1162,7 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
     if run.shift and n_ids:
       line += f", categorical base ids + {run.shift}"
     run_lines.append(line)
-    g0, gc0, o0, live = info[0], info[1], info[2], info[3]
+    live = info[0]
     for t, l in enumerate(live):
       l = np.asarray(l)
       live_any[t] |= l
@@ -1168,7 +1173,7 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
       w0, rel, bit, valid = placement(part) if part else (np.int32(0), np.zeros(chunk, np.int32),
                                                           np.zeros(chunk, np.uint32), np.zeros(chunk, bool))
       acc_u, acc_a, acc_c, acc_o, nf = fns.chunk(
-          pf, po, consts, val, r, phase, g0, gc0, o0, live, rtol_j, atol_j, w0, rel, bit, valid,
+          pf, po, consts, val, r, phase, live, rtol_j, atol_j, w0, rel, bit, valid,
           acc_u, acc_a, acc_c, acc_o)
       if pending is not None:  # wait for the previous chunk (the next one is queued meanwhile)
         nonfinite += np.asarray(pending[0])
