@@ -479,3 +479,21 @@ def test_layerscale_gate_is_the_cut_when_nothing_else_is():
   _, new_p = surgery_and_check(fn(0), fn(1), old_p, new_init, jnp.ones((2, 3)), jnp.ones((2, 3)), spec, spec)
   np.testing.assert_array_equal(np.asarray(new_p["gamma0"]), 0)
   np.testing.assert_array_equal(np.asarray(new_p["w0"]), np.asarray(new_init["w0"]))
+
+
+def test_new_feature_statistics_keep_a_usable_divisor_and_verify_catches_nan():
+  def fn(p, x):
+    return jnp.tanh(((x - p["mean"]) / p["std"]) @ p["w"]) @ p["v"]
+  def params(key, n):
+    k = jax.random.split(key, 4)
+    return {"mean": rand(k[0], (n,)), "std": jnp.exp(rand(k[1], (n,))), "w": rand(k[2], (n, 4)),
+            "v": rand(k[3], (4, 2))}
+  old_p, new_init = params(KEY, 3), params(jax.random.key(1), 4)
+  old_x, new_x = jnp.ones((2, 3)), jnp.ones((2, 4))
+  surgery, new_p = surgery_and_check(fn, fn, old_p, new_init, old_x, new_x,
+                                     js.Features(["a", "b", "c"]), js.Features(["a", "new", "b", "c"]))
+  assert float(new_p["std"][1]) == float(new_init["std"][1]) > 0  # not a zero divisor
+  np.testing.assert_array_equal(np.asarray(new_p["w"])[1], 0)  # the cut is the kernel row
+  broken = dict(new_p, std=new_p["std"].at[1].set(0.0))  # what a zeroed divisor would do: 0 * inf
+  check = js.verify(surgery, fn, fn, old_p, broken, old_x, new_x, key=KEY)
+  assert not check.ok and check.max_abs_diff[""] == float("inf"), check

@@ -208,7 +208,10 @@ def trace_jaxpr(fn, args: tuple, arg_names: tuple[str, ...] | None = None
   dbg = lu.DebugInfo("jaxsurgery", api_util.fun_sourceinfo(fn), arg_names,
                      jcore.initial_result_paths)
   wrapped, out_tree = api_util.flatten_fun_nokwargs(lu.wrap_init(fn, debug_info=dbg), in_tree)
-  jaxpr, out_avals, consts = pe.trace_to_jaxpr_dynamic(wrapped, list(avals))
+  res = pe.trace_to_jaxpr_dynamic(wrapped, list(avals))
+  if not (isinstance(res, tuple) and len(res) == 3 and isinstance(res[0], Jaxpr)):
+    return jax.make_jaxpr(fn, return_shape=True)(*args)  # the internal API changed shape
+  jaxpr, out_avals, consts = res
   closed = ClosedJaxpr(jaxpr, consts)
   out_shape = jax.tree_util.tree_unflatten(out_tree(), [
       jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=getattr(a, "weak_type", False))

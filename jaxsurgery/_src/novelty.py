@@ -14,7 +14,8 @@ meets fresh elements:
   other operand is not novel would change an old value, so it is zeroed (the
   output bias of an inserted residual block); one added to a novel value keeps
   its initial value (the bias of a new unit).
-* anywhere else a fresh element touched by novelty is zeroed (conservative).
+* nowhere else: a zeroed divisor, ``rsqrt`` or ``log`` argument would make an
+  infinity, and ``0 * inf`` is NaN, so no later cut could hold.
 
 Zeroed elements are tracked through the feature-free ops that parameters reach
 their products through (broadcast, reshape, transpose, slice, casts...), by
@@ -205,7 +206,10 @@ class _Context(Context):
     elif name == "gather" and id(invals[0]) in self.param_of and invals[1].mask is None:
       outs = super().apply(eqn, [self._unselected(eqn, invals[0], effective[0]), effective[1]])
     else:
-      outs = super().apply(eqn, effective)
+      # No decision here: a zero is safe only as a factor or a summand (a zeroed
+      # divisor or log argument would make infinities that no later cut removes).
+      outs = super().apply(eqn, [dataclasses.replace(e, pull=None) if involved[k] else e
+                                 for k, e in enumerate(effective)])
     outs = _unpulled(outs)
     self._record(eqn, effective, outs)
     return outs
@@ -338,25 +342,6 @@ def run(table, added: tuple[str, ...], fresh: Mapping[str, np.ndarray | None],
   return Novelty(zeroed, novel, tuple(ctx.sites.values()), touched, assumed)
 
 
-def _conservative(table, added, fresh) -> dict[str, np.ndarray | None]:
-  """Every fresh element that novelty touches without any cut (always enough, may over-zero)."""
-  ctx = Context(1, [table.shapes[p] for p in table.paths], strict=False)
-  args = [Val(table.shapes[p], table.dtypes[p], mask=None if fresh.get(p) is None else _pack(fresh[p]),
-              pull=ctx.param_pull(i)) for i, p in enumerate(table.paths)]
-  added_ids = {table.features.index(n) for n in added}
-  for leaf, mask in zip(table.spec.leaves, table.spec.input_masks(flagged=added_ids)):
-    args.append(Val(leaf.shape, leaf.dtype, mask=mask))
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    ctx.run(table.jaxpr.jaxpr, const_vals(table.jaxpr.consts), args)
-  out = {}
-  for i, p in enumerate(table.paths):
-    f, t = fresh.get(p), ctx.param_touch[i]
-    z = None if f is None or t is None else f & _dense(t, table.shapes[p])
-    out[p] = None if z is None or not z.any() else z
-  return out
-
-
 def analyse(table, added: tuple[str, ...], fresh: Mapping[str, np.ndarray | None],
             grown: Mapping[str, Mapping[int, int]] | None = None, max_rounds: int = 6) -> Novelty:
   """Zeroed fresh elements and what novelty still reaches.
@@ -371,10 +356,8 @@ def analyse(table, added: tuple[str, ...], fresh: Mapping[str, np.ndarray | None
   later contraction cuts the unit); if that leaves novelty at an output, they zero
   too (a fresh LayerScale gate on an inserted branch is the only cut there).
 
-  If novelty still reaches an output, the conservative zeroing (every fresh
-  element novelty touches, without cuts) is tried on top and kept only if it
-  proves preservation; otherwise the online decisions stand and the spreading
-  operations are reported (zeroing more would only kill fresh units).
+  If novelty still reaches an output, the decisions that keep new units alive
+  stand and the spreading operations are reported.
   """
   for eager_mul in (False, True):
     result = run(table, added, fresh, grown=grown, eager_mul=eager_mul)
@@ -388,11 +371,7 @@ def analyse(table, added: tuple[str, ...], fresh: Mapping[str, np.ndarray | None
       return result
     if not eager_mul:
       lazy = result
-  result = lazy  # neither proves preservation: report the decisions that keep new units alive
-  extra = _conservative(table, added, fresh)
-  merged = {p: _or(result.zeroed.get(p), extra.get(p)) for p in table.paths}
-  second = run(table, added, fresh, prezero=merged, grown=grown, eager_mul=True)
-  return second if not second.novel_outputs else result
+  return lazy  # neither proves preservation: keep the decisions that leave new units alive
 
 
 def _same(a, b, paths) -> bool:
@@ -404,11 +383,3 @@ def _same(a, b, paths) -> bool:
                                             np.broadcast_to(y, np.broadcast_shapes(x.shape, y.shape))):
       return False
   return True
-
-
-def _or(a, b):
-  if a is None:
-    return b
-  if b is None:
-    return a
-  return a | b

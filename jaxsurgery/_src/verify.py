@@ -113,6 +113,18 @@ def verify(surgery, old_fn: Callable, new_fn: Callable, old_params: Any, new_par
       if np.shape(a) != np.shape(b):
         raise ValueError(f"Output {name!r} has shape {np.shape(a)} in the old model and {np.shape(b)} "
                          f"in the new one; verify compares outputs of equal shape.")
-      d = float(jnp.max(jnp.abs(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32)))) if np.size(a) else 0.0
-      worst[name] = max(worst.get(name, 0.0), d)
+      worst[name] = max(worst.get(name, 0.0), _max_diff(a, b))
   return Verification(all(d <= atol for d in worst.values()), worst, atol, samples)
+
+
+def _max_diff(a, b) -> float:
+  """Largest |a - b|; ``inf`` where exactly one side is NaN or they are infinities that differ
+  (a NaN must never pass as "no difference")."""
+  if not np.size(a):
+    return 0.0
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  same = (a == b) | (np.isnan(a) & np.isnan(b))
+  with np.errstate(invalid="ignore"):
+    d = np.where(same, 0.0, np.abs(a - b))
+  d = np.where(np.isnan(d), np.inf, d)
+  return float(d.max())
