@@ -33,6 +33,25 @@ def _random_leaf(key, leaf: feats.InputLeaf, int_high: int):
   return jax.random.normal(key, leaf.shape, leaf.dtype)
 
 
+def id_bound(closed_jaxpr) -> int | None:
+  """Smallest size of an axis that the program gathers from with computed indices."""
+  from jaxsurgery._src import compat
+  sizes = []
+  stack = [closed_jaxpr.jaxpr if hasattr(closed_jaxpr, "jaxpr") else closed_jaxpr]
+  while stack:
+    jaxpr = stack.pop()
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "gather" and not isinstance(eqn.invars[1], compat.Literal):
+        shape = eqn.invars[0].aval.shape
+        sizes += [shape[a] for a in eqn.params["dimension_numbers"].start_index_map
+                  if eqn.params["slice_sizes"][a] == 1 and shape[a] > 1]
+      for v in eqn.params.values():
+        for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+          if isinstance(sub, (compat.Jaxpr, compat.ClosedJaxpr)):
+            stack.append(compat.open_jaxpr(sub)[0])
+  return min(sizes) if sizes else None
+
+
 def matched_inputs(key, old_spec, new_spec, old_inputs, new_inputs, feature_rename, int_high=2):
   """Random new inputs and old inputs that agree on every shared feature."""
   keys = jax.random.split(key, len(new_spec.leaves) + len(old_spec.leaves))
@@ -49,17 +68,21 @@ def matched_inputs(key, old_spec, new_spec, old_inputs, new_inputs, feature_rena
           if src.shape == leaf.shape:
             x = src.astype(leaf.dtype)
       else:
-        cols = []
+        # One gather per source leaf (not one op per feature): columns of the old leaf
+        # taken from the new leaf that holds the same feature, the rest stay random.
+        by_source: dict[int, tuple[list[int], list[int]]] = {}
         for pos, k in enumerate(leaf.feature_ids):
           name = feature_rename.get(old_spec.names[k], old_spec.names[k])
-          col = jnp.take(x, pos, axis=leaf.axis)
           if name in new_loc and new_loc[name][1] is not None:
             li, npos = new_loc[name]
-            src = jnp.take(new_leaves[li], npos, axis=new_spec.leaves[li].axis)
-            if src.shape == col.shape:
-              col = src.astype(leaf.dtype)
-          cols.append(col)
-        x = jnp.stack(cols, axis=leaf.axis)
+            by_source.setdefault(li, ([], []))[0].append(pos)
+            by_source[li][1].append(npos)
+        xo = jnp.moveaxis(x, leaf.axis, -1)
+        for li, (pos, npos) in by_source.items():
+          src = jnp.moveaxis(new_leaves[li], new_spec.leaves[li].axis, -1)[..., np.asarray(npos)]
+          if src.shape[:-1] == xo.shape[:-1]:
+            xo = xo.at[..., np.asarray(pos)].set(src.astype(leaf.dtype))
+        x = jnp.moveaxis(xo, -1, leaf.axis)
     else:
       same = [i for i, l in enumerate(new_spec.leaves) if l.path == leaf.path and l.shape == leaf.shape]
       if same:
@@ -72,7 +95,7 @@ def matched_inputs(key, old_spec, new_spec, old_inputs, new_inputs, feature_rena
 
 def verify(surgery, old_fn: Callable, new_fn: Callable, old_params: Any, new_params: Any,
            old_inputs: Any, new_inputs: Any, *, key, samples: int = 4, atol: float = 1e-6,
-           int_high: int = 2) -> Verification:
+           int_high: int | None = None) -> Verification:
   """Checks numerically that the new model computes what the old one did.
 
   Draws random inputs for the new model (new features random), builds old
@@ -88,7 +111,9 @@ def verify(surgery, old_fn: Callable, new_fn: Callable, old_params: Any, new_par
     samples: number of random input draws.
     atol: tolerance on ``max |old - new|``.
     int_high: integer (categorical) inputs are drawn from ``[0, int_high)``, so
-      that they are valid ids for both vocabularies.
+      that they are valid ids for both vocabularies. Default: the smallest
+      table size that the old model gathers from with computed indices (its
+      vocabulary), or 2 if it gathers nothing.
 
   Returns:
     A :class:`Verification` with ``ok`` and the worst difference per output.
@@ -97,6 +122,8 @@ def verify(surgery, old_fn: Callable, new_fn: Callable, old_params: Any, new_par
     >>> js.verify(surgery, mlp, mlp, old_p, new_p, x_old, x_new, key=jax.random.key(0))  # doctest: +SKIP
   """
   old_t, new_t = surgery.old_table, surgery.new_table
+  if int_high is None:
+    int_high = id_bound(old_t.jaxpr) or 2
   rename = dict(surgery.report.renamed_features)
   worst: dict[str, float] = {}
   old_call = jax.jit(old_fn)
