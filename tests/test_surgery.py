@@ -504,3 +504,35 @@ def test_new_feature_statistics_keep_a_usable_divisor_and_verify_catches_nan():
   broken = dict(new_p, std=new_p["std"].at[1].set(0.0))  # what a zeroed divisor would do: 0 * inf
   check = js.verify(surgery, fn, fn, old_p, broken, old_x, new_x, key=KEY)
   assert not check.ok and check.max_abs_diff[""] == float("inf"), check
+
+
+def test_more_attention_heads_is_exact():
+  def params(key, heads, hd=2, d=3):
+    k = jax.random.split(key, 4)
+    return {n: rand(kk, (d, heads * hd)) for n, kk in zip("qkv", k[:3])} | {"o": rand(k[3], (heads * hd, d))}
+  old_p, new_init = params(KEY, 2), params(jax.random.key(1), 3)
+  x = jax.random.normal(KEY, (1, 4, 3))
+  spec = js.Features(["a", "b", "c"])
+  surgery, new_p = surgery_and_check(attention_fn(2, 2), attention_fn(3, 2), old_p, new_init, x, x, spec, spec)
+  np.testing.assert_array_equal(np.asarray(new_p["o"])[4:], 0)  # the new head's output rows
+  for n in "qkv":  # the new head reads the old stream: init
+    np.testing.assert_array_equal(np.asarray(new_p[n])[:, 4:], np.asarray(new_init[n])[:, 4:])
+
+
+def test_new_input_leaf_with_its_own_encoder():
+  def old_fn(p, x):
+    return jnp.tanh(x["units"] @ p["wu"]) @ p["head"]
+
+  def new_fn(p, x):
+    return jnp.tanh(x["units"] @ p["wu"] + x["globals"] @ p["wg"]) @ p["head"]
+  k = jax.random.split(KEY, 4)
+  old_p = {"wu": rand(k[0], (2, 4)), "head": rand(k[1], (4, 1))}
+  new_init = {"wu": rand(k[2], (2, 4)), "wg": rand(k[3], (3, 4)), "head": rand(k[1], (4, 1))}
+  old_x = {"units": jnp.ones((2, 2))}
+  new_x = {"units": jnp.ones((2, 2)), "globals": jnp.ones((2, 3))}
+  surgery, new_p = surgery_and_check(
+      old_fn, new_fn, old_p, new_init, old_x, new_x, {"units": js.Features(["hp", "mana"])},
+      {"units": js.Features(["hp", "mana"]), "globals": js.Features(["time", "gold", "xp"])})
+  assert surgery.report.added == ("time", "gold", "xp")
+  np.testing.assert_array_equal(np.asarray(new_p["wg"]), 0)
+  np.testing.assert_array_equal(np.asarray(new_p["wu"]), np.asarray(old_p["wu"]))
