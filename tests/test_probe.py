@@ -1,7 +1,9 @@
 """Tests of the gradient probe (gradient_table) and its cross-check against the boolean table."""
 
 import dataclasses
+import gc
 import os
+import pickle
 import sys
 
 import jax
@@ -13,59 +15,43 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import zoo  # noqa: E402
 
 import jaxsurgery as js  # noqa: E402
+from jaxsurgery._src import masks  # noqa: E402
+from jaxsurgery._src.probe import ProbeEvidence  # noqa: E402
 from jaxsurgery._src.rules import registry  # noqa: E402  (the real dot_general rule, to break it)
 
 KEY = jax.random.key(0)  # results were also checked with keys 1-4
 
 
-def _five_base(m):
-  """Base at the running means: the normalised unit and global features vanish."""
-  base = jax.tree.map(jnp.zeros_like, m.inputs)
-  base["units"] = jnp.broadcast_to(m.params["obs_norm"]["mean"], m.inputs["units"].shape)
-  base["globals"] = jnp.broadcast_to(m.params["globals_norm"]["mean"], m.inputs["globals"].shape)
-  return {"base": base, "keep": ("obs_norm/mean", "globals_norm/mean")}
-
-
-def _batchnorm_base(m):
-  mean = m.params["batch_stats"]["in_norm"]["mean"]
-  return {"base": jnp.broadcast_to(mean, m.inputs.shape),
-          "keep": ("batch_stats/in_norm/mean", "batch_stats/in_norm/var")}
-
-
-# Probe options per model (design §5: a base at the running mean, statistics kept).
-OPTIONS = {"five": _five_base, "batchnorm": _batchnorm_base}
-
-# Singles on which the gradient cannot single out features, with the reason. Everywhere else
-# the probe must agree with the table exactly, element by element.
-NOT_ANNIHILATED = {
-    "embedding": {
-        "hero_embed": "row of the base id is gathered at the base: its gradient is the downstream cotangent",
-        "item_embed": "row of the base id is gathered at the base",
-        "dense1/kernel": "rows reading the gathered embeddings multiply a nonzero base value",
-    },
-    "batchnorm": {
-        "batch_stats/in_norm/mean": "additive (x - mean)",
-        "params/in_norm/bias": "additive",
-        "params/dense1/kernel": "multiplies the normalised input, which is the BatchNorm bias at the base",
-    },
-    "five": {
-        "obs_norm/mean": "additive (x - mean)",
-        "globals_norm/mean": "additive (x - mean)",
-        "unit_embed": "row of the base id is gathered at the base",
-    },
+# Singles whose first contact is *additive* (x - mean, + bias): their gradient is the cotangent
+# at their position, which changes with every feature reaching a nonlinearity downstream, while
+# the first-contact table marks them with their own feature only. No gradient probe can single
+# out features there (test_additive_parameters_cannot_single_out_features); everywhere else the
+# probe must agree with the table exactly, element by element.
+ADDITIVE = {
+    "batchnorm": {"batch_stats/in_norm/mean": "x - mean", "params/in_norm/bias": "+ bias"},
+    "five": {"obs_norm/mean": "x - mean", "globals_norm/mean": "x - mean"},
 }
 
 
 def _tables(m, **kw):
-  opts = OPTIONS[m.name](m) if m.name in OPTIONS else {}
-  opts.update(kw)
   table = js.dependency_table(m.fn, m.params, m.inputs, m.features)
-  probe = js.gradient_table(m.fn, m.params, m.inputs, m.features, key=KEY, **opts)
+  probe = js.gradient_table(m.fn, m.params, m.inputs, m.features, key=KEY, **kw)
   return table, probe
+
+
+def _pack(dense):
+  """A dense bool (..., F) mask as a FeatureTable stores it."""
+  return masks.compress(masks.pack(dense))
+
+
+def _exact_singles(m, check):
+  """The singles of ``m`` on which table and probe agree exactly."""
+  return {s for s in m.singles if check.per_leaf[s].exact}
 
 
 @pytest.mark.parametrize("name", zoo.names())
 def test_zoo_cross_check(name):
+  """Default probe settings (zero base, nothing kept) on every zoo model."""
   m = zoo.get(name)
   table, probe = _tables(m)
   assert isinstance(probe, js.FeatureTable) and probe.method == "gradient"
@@ -80,22 +66,128 @@ def test_zoo_cross_check(name):
   for p in table.output_paths:
     assert not (probe.output_mask(p) & ~table.output_mask(p)).any()
   assert any(probe.output_mask(p).any() for p in probe.output_paths)
-  # Every legitimate difference names the operation that explains it.
+  # Every legitimate difference names the operation that explains it; every probe-only and
+  # live-only entry is classified.
   for d in check.legitimate:
     assert d.op and d.path in d.explanation and "`" in d.explanation
-  special = NOT_ANNIHILATED.get(name, {})
+  for p, a in check.per_leaf.items():
+    assert a.legitimate + a.missed == a.probe_only + a.live_only, (p, a)
+  additive = ADDITIVE.get(name, {})
   for s in m.singles:
     a = check.per_leaf[s]
     assert a.missed == 0
-    if s in special:
-      assert a.probe_only == a.legitimate > 0, (s, a)
-      if a.table_only:  # the gradient is blind to additive first contacts
-        assert "additive" in check.table_only_notes[s], check.table_only_notes[s]
+    if s in additive:
+      assert a.probe_only == a.legitimate > 0 and a.live_only == 0, (s, a)
+      ops = {d.op for d in check.legitimate if d.path == s}
+      assert ops and ops <= {"max", "reduce_max"}, ops  # the ReLU / max-pool after the contact
+      assert "additive" in check.report()
     else:
       assert a.exact, (s, a, check.report())
       np.testing.assert_array_equal(table.mask(s), probe.mask(s))
-  for s in special:
-    assert s in m.singles
+  assert set(additive) <= set(m.singles)
+
+
+def test_exact_singles_count():
+  """Pins the documented count (docs/probe.md): test_zoo_cross_check requires exact agreement on
+  every single outside ADDITIVE, so growing ADDITIVE to pass it must change this number too."""
+  total = sum(len(zoo.get(name).singles) for name in zoo.names())
+  exact = total - sum(len(v) for v in ADDITIVE.values())
+  assert (exact, total) == (27, 31)
+
+
+def test_annihilating_run_is_what_makes_kernels_exact():
+  """Without the annihilating run, the kernel rows reading gathered embeddings (nonzero at the
+  base) carry every feature that flips a ReLU: legitimate differences, not exact agreement."""
+  m = zoo.get("embedding")
+  table = js.dependency_table(m.fn, m.params, m.inputs, m.features)
+  without = js.cross_check(table, js.gradient_table(m.fn, m.params, m.inputs, m.features, key=KEY,
+                                                    annihilate=False))
+  assert without.ok and not without.agrees("dense1/kernel")
+  legit = {(d.index[0], d.feature) for d in without.legitimate if d.path == "dense1/kernel"}
+  assert legit and all(i < 7 for i, _ in legit)  # rows 0..6 read the hero and item embeddings
+  probe = js.gradient_table(m.fn, m.params, m.inputs, m.features, key=KEY)
+  ev = probe.evidence
+  assert ev.runs[0].startswith("annihilating") and len(ev.runs) == 4
+  # The biases added to features and the rows gathered at the base id were zeroed.
+  assert ev.zeroed["dense1/bias"] == 8 and ev.zeroed["out/bias"] == 3
+  assert ev.zeroed["hero_embed"] == 4 and ev.zeroed["item_embed"] == 3  # one row each
+  assert "dense1/kernel" not in ev.zeroed
+  with_ = js.cross_check(table, probe)
+  assert with_.ok and with_.agrees("dense1/kernel") and with_.agrees("hero_embed")
+  # The gradient changes seen in live runs are kept as evidence and classified, not dropped.
+  assert with_.per_leaf["dense1/kernel"].live_only > 0
+  assert any(d.path == "dense1/kernel" and "live" in d.explanation for d in with_.legitimate)
+
+
+def test_base_and_keep_at_the_running_mean():
+  """design §5: a base at the running mean with the statistics kept (the manual way)."""
+  m = zoo.get("batchnorm")
+  mean = m.params["batch_stats"]["in_norm"]["mean"]
+  keep = ("batch_stats/in_norm/mean", "batch_stats/in_norm/var")
+  table, probe = _tables(m, base=jnp.broadcast_to(mean, m.inputs.shape), keep=keep)
+  check = js.cross_check(table, probe)
+  assert check.ok, check.report()
+  assert _exact_singles(m, check) == set(m.singles) - set(ADDITIVE["batchnorm"])
+  assert not set(keep) & set(probe.evidence.zeroed)  # kept leaves are never zeroed
+  assert probe.evidence.zeroed["params/in_norm/bias"] == 4
+
+
+def test_additive_parameters_cannot_single_out_features():
+  """Why the additive singles cannot agree exactly, for any criterion on output gradients.
+
+  1. The first-contact table depends on how the function is written, gradients do not:
+     ``relu((x + b) @ w) @ v`` and ``relu(x @ w + b @ w) @ v`` are the same function, so every
+     gradient-based probe gives both the same mask for ``b``, but the tables differ (``b[i]``
+     meets feature i in the first, every feature in the second).
+  2. The gradient of an added parameter is the cotangent at its position: it changes when a
+     feature other than its own flips a ReLU downstream (zoo ``batchnorm``), and the cross-check
+     names that operation for every such element.
+  """
+  fa = lambda p, x: jax.nn.relu((x + p["b"]) @ p["w"]) @ p["v"]
+  fb = lambda p, x: jax.nn.relu(x @ p["w"] + p["b"] @ p["w"]) @ p["v"]
+  rng = np.random.default_rng(0)
+  params = {"b": rng.standard_normal(4), "w": rng.standard_normal((4, 6)), "v": rng.standard_normal((6, 2))}
+  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+  x, spec = jnp.asarray(rng.standard_normal((3, 4)), jnp.float32), js.Features(list("pqrs"))
+  for _ in range(3):  # the same function: same values and gradients at random points
+    xr = jnp.asarray(rng.standard_normal((3, 4)), jnp.float32)
+    np.testing.assert_allclose(fa(params, xr), fb(params, xr), rtol=1e-5, atol=1e-5)
+    ga, gb = (jax.grad(lambda p, f=f: jnp.sum(f(p, xr) ** 2))(params) for f in (fa, fb))
+    for k in params:
+      np.testing.assert_allclose(ga[k], gb[k], rtol=1e-4, atol=1e-5)
+  ta, tb = js.dependency_table(fa, params, x, spec), js.dependency_table(fb, params, x, spec)
+  np.testing.assert_array_equal(ta.mask("b"), np.eye(4, dtype=bool))
+  assert tb.mask("b").all()
+  pa, pb = (js.gradient_table(f, params, x, spec, key=KEY) for f in (fa, fb))
+  np.testing.assert_array_equal(pa.mask("b"), pb.mask("b"))  # one probe mask, two tables
+  assert not (np.array_equal(pa.mask("b"), ta.mask("b")) and np.array_equal(pb.mask("b"), tb.mask("b")))
+  ca, cb = js.cross_check(ta, pa), js.cross_check(tb, pb)
+  assert ca.ok and cb.ok and cb.agrees("b") and not ca.agrees("b")
+  off = {(d.index, d.feature): d.op for d in ca.legitimate if d.path == "b"}
+  assert set(off) == {((i,), f) for i in range(4) for f in "pqrs" if f != "pqrs"[i]}
+  assert set(off.values()) == {"max"}  # the ReLU after the contact
+
+  # 2. Numerically, on the zoo: the gradient of in_norm/mean[0] (feature x) changes when vy
+  # (feature 3) alone is switched on, because a ReLU after dense1 flips.
+  m = zoo.get("batchnorm")
+  rng = np.random.default_rng(1)
+  P = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype), m.params)
+  P["batch_stats"]["in_norm"]["var"] = jnp.abs(P["batch_stats"]["in_norm"]["var"]) + 0.1
+  r = jnp.asarray(rng.standard_normal((2, 2)), jnp.float32)
+  grad_mean = lambda x: jax.grad(lambda p: jnp.sum(r * m.fn(p, x)))(P)["batch_stats"]["in_norm"]["mean"]
+  x0 = jnp.zeros(m.inputs.shape)
+  changed = [bool(jnp.any(grad_mean(x0.at[:, 3].set(v)) != grad_mean(x0))) for v in (-3.0, -1.0, 1.0, 3.0)]
+  assert any(changed)
+  table, probe = _tables(m)
+  check = js.cross_check(table, probe)
+  for s in ADDITIVE["batchnorm"]:
+    T, Pm = table.mask(s), probe.mask(s)
+    assert (T.sum(axis=1) == 1).all()  # its own feature only
+    assert (Pm & ~T).any()
+    entries = {(d.index, d.feature): d for d in check.legitimate if d.path == s}
+    assert set(entries) == {((i,), check.features[k]) for i, k in zip(*np.nonzero(Pm & ~T))}
+    for d in entries.values():
+      assert d.op == "max" and "additive" in d.explanation and "`max`" in d.explanation
 
 
 REAL_DOT_GENERAL = registry.lookup("dot_general")
@@ -190,9 +282,12 @@ def test_live_first_contact_still_caught():
   assert [(m.path, m.feature) for m in check.missed] == [("w", "a")]
   assert "contact-local gradient" in check.missed[0].explanation
   assert [(d.feature, d.op) for d in check.legitimate] == [("b", "tanh")]
-  # Without the probe's evidence (a rebuilt table object) the check is strict and says so.
-  strict = js.cross_check(table, dataclasses.replace(probe))
+  # The evidence travels with the table object (a rebuilt table keeps it) ...
+  assert js.cross_check(table, dataclasses.replace(probe)).ok
+  # ... and without it the check is strict and says so.
+  strict = js.cross_check(table, dataclasses.replace(probe, evidence=None))
   assert not strict.ok and any("no evidence" in n for n in strict.notes)
+  assert [(m.path, m.feature) for m in strict.missed] == [("w", "b")]
 
 
 def test_abstract_params_and_inputs_match_concrete():
@@ -206,8 +301,15 @@ def test_abstract_params_and_inputs_match_concrete():
     np.testing.assert_array_equal(a.output_mask(p), b.output_mask(p))
   # Categorical features: every row of each embedding is probed (ids inferred from the gathers).
   assert a.lookup("hero")["hero_embed"].all() and a.lookup("items")["item_embed"].all()
-  # Only the row gathered at the base (id 0) sees other features (through later operations).
-  assert not a.lookup("hero")["item_embed"][1:].any() and a.lookup("hero")["item_embed"][0].any()
+  # Only its own feature marks an embedding: the row gathered at the base id is read from the
+  # runs whose base ids are shifted (where it is not gathered) ...
+  assert not a.lookup("hero")["item_embed"].any() and not a.lookup("items")["hero_embed"].any()
+  ev = a.evidence
+  assert ev.mask("annihilated", "item_embed").all() and ev.num_ids == {"hero": 5, "items": 7}
+  # ... while in the runs where it is gathered at the base, its gradient (the cotangent there)
+  # does change with the other features: kept as live-only evidence, rows 0 and 1 only.
+  live_only = ev.mask("live_only", "item_embed")[..., a.features.index("hero")]
+  assert live_only[:2].any() and not live_only[2:].any()
   # Another key and fewer draws: the same first-contact pattern of the items feature.
   c = js.gradient_table(m.fn, params, inputs, m.features, key=jax.random.key(7), draws=2)
   np.testing.assert_array_equal(a.lookup("items")["item_embed"], c.lookup("items")["item_embed"])
@@ -253,10 +355,13 @@ def test_progress(capsys):
   params = {"w": jax.ShapeDtypeStruct((4, 2), jnp.float32)}
   x, spec = jax.ShapeDtypeStruct((1, 4), jnp.float32), js.Features(list("abcd"))
   js.gradient_table(fn, params, x, spec, key=KEY, draws=1, chunk_size=2)
-  assert capsys.readouterr().err == ""  # 2 chunks: quiet by default
+  assert capsys.readouterr().err == ""  # 2 runs x 2 chunks: quiet by default
   js.gradient_table(fn, params, x, spec, key=KEY, draws=2, chunk_size=2, progress=True)
   err = capsys.readouterr().err
-  assert "gradient_table" in err and "chunk 4/4" in err and "draw 2/2" in err
+  assert "gradient_table(4 columns x 3 runs)" in err and "chunk 6/6" in err and "(3/3)" in err
+  js.gradient_table(fn, params, x, spec, key=KEY, draws=8, chunk_size=1, annihilate=False)
+  err = capsys.readouterr().err  # 32 chunks: progress by default
+  assert "chunk 32/32 (100%)" in err and "draw 7 (8/8)" in err
 
 
 def test_chunking_does_not_change_the_table():
@@ -265,3 +370,103 @@ def test_chunking_does_not_change_the_table():
   b = js.gradient_table(m.fn, m.params, m.inputs, m.features, key=KEY, chunk_size=8)
   for p in a.paths:
     np.testing.assert_array_equal(a.mask(p), b.mask(p))
+
+
+def test_annihilated_element_entry_is_never_legitimate():
+  """A kernel row reading a gathered embedding is live in the generic runs (the embedding is
+  nonzero at the base) but annihilated in the annihilating run: the probe reads it from there,
+  where only its own feature can change its gradient, so a table lacking that entry is caught."""
+  m = zoo.get("embedding")
+  table, probe = _tables(m)
+  mask = table.mask("dense1/kernel").copy()
+  k = table.features.index("hero")
+  assert mask[0, :, k].all()
+  mask[0, 3, k] = False
+  broken = dataclasses.replace(table, packed={**table.packed, "dense1/kernel": _pack(mask)})
+  check = js.cross_check(broken, probe)
+  assert not check.ok
+  assert [(x.path, x.index, x.feature) for x in check.missed] == [("dense1/kernel", (0, 3), "hero")]
+  assert "contact-local gradient" in check.missed[0].explanation
+  # Even with no contact-local evidence for it (e.g. a contact inside a scan), the entry is
+  # missed: the element is annihilated in some run, so its probe entries are first contacts.
+  ev = probe.evidence
+  cc = ev.mask("contact_change", "dense1/kernel").copy()
+  cc[0, 3, k] = False
+  blind = dataclasses.replace(ev, contact_change={**ev.contact_change, "dense1/kernel": _pack(cc)})
+  check = js.cross_check(broken, dataclasses.replace(probe, evidence=blind))
+  assert [(x.path, x.index, x.feature) for x in check.missed] == [("dense1/kernel", (0, 3), "hero")]
+  assert "annihilated at the base of some run" in check.missed[0].explanation
+
+
+def test_evidence_persists_with_the_table():
+  """The cross-check evidence is a field of the probe table: it survives dataclasses.replace
+  and pickling (without the jaxpr, which does not pickle), and the checks are identical."""
+  m = zoo.get("five")
+  table, probe = _tables(m)
+  ev = probe.evidence
+  assert isinstance(ev, ProbeEvidence) and ev.features == probe.features
+  reloaded = pickle.loads(pickle.dumps(dataclasses.replace(probe, jaxpr=None)))
+  assert reloaded.jaxpr is None and isinstance(reloaded.evidence, ProbeEvidence)
+  a, b = js.cross_check(table, probe), js.cross_check(table, reloaded)
+  assert a.ok and b.ok and a.report() == b.report()
+  assert a.legitimate == b.legitimate and a.per_leaf == b.per_leaf
+  for p in probe.paths:
+    np.testing.assert_array_equal(reloaded.mask(p), probe.mask(p))
+    for what in ("live", "annihilated", "contact_change", "live_only"):
+      np.testing.assert_array_equal(reloaded.evidence.mask(what, p), ev.mask(what, p))
+  # Without evidence every probe-only entry is missed; evidence of other features is ignored.
+  strict = js.cross_check(table, dataclasses.replace(probe, evidence=None))
+  assert not strict.ok and strict.per_leaf["obs_norm/mean"].missed == a.per_leaf["obs_norm/mean"].legitimate
+  other = dataclasses.replace(probe, evidence=dataclasses.replace(ev, features=ev.features[::-1]))
+  check = js.cross_check(table, other)
+  assert not check.ok and any("other features" in n for n in check.notes)
+
+
+def test_compiled_functions_are_cached_weakly():
+  """A second call with the same function and shapes compiles nothing; the cache entry dies with
+  the function and the cache stays bounded."""
+  from jaxsurgery._src import probe as P
+  compiles = []
+  listener = lambda event, duration, **kw: compiles.append(event) if "backend_compile" in event else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    fn = lambda p, x: jnp.tanh(x @ p["w"]) @ p["v"]
+    params = {"w": jnp.ones((3, 5)), "v": jnp.ones((5, 2))}
+    x, spec = jnp.ones((2, 3)), js.Features(["a", "b", "c"])
+    first = js.gradient_table(fn, params, x, spec, key=KEY)
+    hits, n_first = P._COMPILED.hits, len(compiles)
+    assert n_first > 0
+    second = js.gradient_table(fn, params, x, spec, key=jax.random.key(1))
+    assert P._COMPILED.hits == hits + 1 and len(compiles) == n_first  # nothing compiled
+    for p in first.paths:
+      np.testing.assert_array_equal(first.mask(p), second.mask(p))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  mine = [k for k, (ref, _) in P._COMPILED.entries.items() if ref() is fn]
+  assert len(mine) == 1
+  del fn, first, second
+  gc.collect()
+  assert mine[0] not in P._COMPILED.entries
+  for k in range(P._CACHE_SIZE + 2):
+    f = lambda p, x, k=k: jnp.tanh(x @ p["w"]) * k
+    js.gradient_table(f, {"w": jnp.ones((3, 2))}, x, spec, key=KEY, draws=1, annihilate=False)
+  assert len(P._COMPILED.entries) <= P._CACHE_SIZE
+
+
+def test_chunks_from_the_memory_budget():
+  m = zoo.get("mlp_linen")
+  default = js.gradient_table(m.fn, m.params, m.inputs, m.features, key=KEY, progress=True)
+  tiny = js.gradient_table(m.fn, m.params, m.inputs, m.features, key=KEY, memory_budget=1, progress=True)
+  for p in default.paths:
+    np.testing.assert_array_equal(default.mask(p), tiny.mask(p))
+  for p in default.output_paths:
+    np.testing.assert_array_equal(default.output_mask(p), tiny.output_mask(p))
+  with pytest.raises(ValueError, match="memory_budget"):
+    js.gradient_table(m.fn, m.params, m.inputs, m.features, key=KEY, memory_budget=0)
+  with pytest.raises(ValueError, match="chunk_size"):
+    js.gradient_table(m.fn, m.params, m.inputs, m.features, key=KEY, chunk_size=0)
+  from jaxsurgery._src import probe as P
+  assert P._chunking(300, None, None, 1) == 100        # capped at 128, balanced: 3 x 100
+  assert P._chunking(99, None, 10 * 1000, 1000) == 10  # 10 per chunk by the budget
+  assert P._chunking(99, 16, None, 10**12) == 15       # chunk_size wins; 7 chunks of 15
+  assert P._chunking(3, None, 1, 10**9) == 1           # at least one column

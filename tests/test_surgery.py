@@ -536,3 +536,42 @@ def test_new_input_leaf_with_its_own_encoder():
   assert surgery.report.added == ("time", "gold", "xp")
   np.testing.assert_array_equal(np.asarray(new_p["wg"]), 0)
   np.testing.assert_array_equal(np.asarray(new_p["wu"]), np.asarray(old_p["wu"]))
+
+
+def test_dense_reading_a_concatenation_is_aligned_per_piece():
+  """torso(concat([max_u h, mean_u h, glob])): widening h shifts the later pieces; each piece
+  of the kernel's rows is aligned on its own (not by prefix)."""
+  def fn(p, x):
+    h = jnp.tanh(x["units"] @ p["unit"])                                   # (U, H)
+    g = jnp.tanh(x["globals"] @ p["glob"])                                 # (H,)
+    pooled = jnp.concatenate([h.max(0), h.mean(0)], -1)
+    return jnp.tanh(jnp.concatenate([pooled, g], -1) @ p["torso"]) @ p["out"]
+  def params(key, h):
+    k = jax.random.split(key, 4)
+    return {"unit": rand(k[0], (2, h)), "glob": rand(k[1], (3, h)), "torso": rand(k[2], (3 * h, 5)),
+            "out": rand(k[3], (5, 1))}
+  old_p, new_init = params(KEY, 4), params(jax.random.key(1), 6)
+  x = {"units": jnp.ones((7, 2)), "globals": jnp.ones((3,))}
+  spec = {"units": js.Features(["hp", "mana"]), "globals": js.Features(["t", "gold", "xp"])}
+  surgery, new_p = surgery_and_check(fn, fn, old_p, new_init, x, x, spec, spec)
+  leaf = {l.path: l for l in surgery.report.leaves}["torso"]
+  assert leaf.how[0] == "features in segments 4+4+4 -> 6+6+6", leaf.how
+  t_old, t_new = np.asarray(old_p["torso"]), np.asarray(new_p["torso"])
+  for k in range(3):
+    np.testing.assert_array_equal(t_new[6 * k:6 * k + 4], t_old[4 * k:4 * k + 4])
+    np.testing.assert_array_equal(t_new[6 * k + 4:6 * k + 6], 0)  # rows reading new units
+
+
+def test_positional_axis_contracted_against_pieces_is_aligned_per_piece():
+  def fn(p, x):
+    both = jnp.concatenate([jnp.tanh(x @ p["a"]), jax.nn.relu(x @ p["b"])], -1)
+    return both @ p["w"]
+  def params(key, h):
+    k = jax.random.split(key, 3)
+    return {"a": rand(k[0], (3, h)), "b": rand(k[1], (3, h)), "w": rand(k[2], (2 * h, 2))}
+  old_p, new_init = params(KEY, 4), params(jax.random.key(1), 6)
+  spec = js.Features(["a", "b", "c"])
+  surgery, new_p = surgery_and_check(fn, fn, old_p, new_init, jnp.ones((2, 3)), jnp.ones((2, 3)), spec, spec)
+  assert {l.path: l for l in surgery.report.leaves}["w"].how[0] == "segments 4+4 -> 6+6"
+  w_old, w_new = np.asarray(old_p["w"]), np.asarray(new_p["w"])
+  np.testing.assert_array_equal(w_new[[0, 1, 2, 3, 6, 7, 8, 9]], w_old)

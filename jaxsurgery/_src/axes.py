@@ -8,7 +8,10 @@ elementwise ops, broadcasts, transposes, reshapes that keep it whole, into and
 back out of calls and scan bodies) until it meets an op that cuts it:
 
 * ``split`` / equal ``slice``-s along it   -> ``Blocks(k)``: k equal blocks;
-* a ``reshape`` that factors it into (a, b) -> ``Factors((a, b))``.
+* a ``reshape`` that factors it into (a, b) -> ``Factors((a, b))``;
+* a contraction with a ``concatenate``-d partner (a dense layer reading
+  ``concat([pooled, globals])``) -> ``Segments(sizes)``: each piece is aligned
+  on its own, so widening ``pooled`` does not shift the ``globals`` rows.
 
 The first cut found (in program order) is the structure used for alignment.
 """
@@ -33,6 +36,16 @@ class Factors:
     return "x".join(str(s) for s in self.sizes)
 
 
+@dataclasses.dataclass(frozen=True)
+class Segments:
+  """The axis is contracted against a concatenation: consecutive pieces of these sizes."""
+
+  sizes: tuple[int, ...]
+
+  def describe(self) -> str:
+    return "+".join(str(s) for s in self.sizes)
+
+
 def _reshape_groups(a, b):
   from jaxsurgery._src.rules.structural import _reshape_groups as groups
   return groups(tuple(a), tuple(b))
@@ -43,7 +56,7 @@ def _shape(v):
 
 
 def axis_structure(closed_jaxpr, param_index: int, axis: int, max_steps: int = 20000,
-                   cache: dict | None = None) -> Factors | None:
+                   cache: dict | None = None) -> Factors | Segments | None:
   """The factorisation imposed on ``axis`` of parameter ``param_index`` (an invar index).
 
   ``cache`` holds each jaxpr's consumer index; pass one dict per plan (the jaxprs
@@ -71,7 +84,7 @@ def axis_structure(closed_jaxpr, param_index: int, axis: int, max_steps: int = 2
           queue.append((parent, eqn.outvars[k], ax + (1 if k >= ys_from else 0)))
     for eqn in _consumers(j, var, cache):
       steps += 1
-      found = _step(eqn, var, ax, n, queue, j, returns)
+      found = _step(eqn, var, ax, n, queue, j, returns, cache)
       if found is not None:
         return found
   return None
@@ -89,7 +102,41 @@ def _consumers(jaxpr, var, cache: dict):
   return entry[1].get(id(var), [])
 
 
-def _step(eqn, var, ax, n, queue, jaxpr, returns):
+def _producers(jaxpr, cache: dict) -> dict:
+  entry = cache.get(("producers", id(jaxpr)))
+  if entry is None or entry[0] is not jaxpr:
+    table = {id(o): eqn for eqn in jaxpr.eqns for o in eqn.outvars}
+    entry = cache[("producers", id(jaxpr))] = (jaxpr, table)
+  return entry[1]
+
+
+_PASS = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision"})
+
+
+def _pieces(jaxpr, var, ax, cache, depth: int = 0) -> list[int]:
+  """Sizes of the concatenated pieces that ``var`` is made of along ``ax`` (flattening
+  nested concatenations, through casts and elementwise ops with scalar partners)."""
+  from jaxsurgery._src.rules import elementwise
+  n = _shape(var)[ax]
+  eqn = _producers(jaxpr, cache).get(id(var))
+  while eqn is not None and depth < 64:
+    name = eqn.primitive.name
+    same = [v for v in eqn.invars if not isinstance(v, compat.Literal) and _shape(v) == _shape(var)]
+    if name == "concatenate" and eqn.params["dimension"] == ax:
+      out = []
+      for v in eqn.invars:
+        out += _pieces(jaxpr, v, ax, cache, depth + 1)
+      return out
+    if (name in _PASS or name in elementwise.UNARY or name in elementwise.NARY) and len(same) == 1 and all(
+        isinstance(v, compat.Literal) or v is same[0] or not _shape(v) for v in eqn.invars):
+      var, eqn = same[0], _producers(jaxpr, cache).get(id(same[0]))
+      depth += 1
+      continue
+    break
+  return [n]
+
+
+def _step(eqn, var, ax, n, queue, jaxpr, returns, cache):
   name = eqn.primitive.name
   pos = [i for i, v in enumerate(eqn.invars) if v is var]
   p = eqn.params
@@ -135,6 +182,12 @@ def _step(eqn, var, ax, n, queue, jaxpr, returns):
   if name == "dot_general":
     (lc, rc), (lb, rb) = p["dimension_numbers"]
     for i in pos:
+      mine, theirs = (lc, rc) if i == 0 else (rc, lc)
+      if ax in mine:
+        pieces = _pieces(jaxpr, eqn.invars[1 - i], theirs[list(mine).index(ax)], cache)
+        if len(pieces) > 1:
+          return Segments(tuple(pieces))
+    for i in pos:
       if i == 0:
         nd, c, b = len(_shape(eqn.invars[0])), lc, lb
         free = [a for a in range(nd) if a not in c and a not in b]
@@ -174,9 +227,17 @@ def _step(eqn, var, ax, n, queue, jaxpr, returns):
   return None
 
 
-def index_map(new_n: int, old_n: int, new_s: Factors | None, old_s: Factors | None) -> tuple[np.ndarray, str]:
+def index_map(new_n: int, old_n: int, new_s, old_s) -> tuple[np.ndarray, str]:
   """Old index per new index (-1: fresh) along a positional axis, and how it was aligned."""
-  if (new_s is not None and old_s is not None and len(new_s.sizes) == len(old_s.sizes)
+  if (isinstance(new_s, Segments) and isinstance(old_s, Segments)
+      and len(new_s.sizes) == len(old_s.sizes) and sum(new_s.sizes) == new_n and sum(old_s.sizes) == old_n):
+    parts = []
+    old_start = np.cumsum((0,) + old_s.sizes[:-1])
+    for size, old_size, start in zip(new_s.sizes, old_s.sizes, old_start):
+      j = np.arange(size)
+      parts.append(np.where(j < old_size, start + j, -1))
+    return np.concatenate(parts), f"segments {old_s.describe()} -> {new_s.describe()}"
+  if (isinstance(new_s, Factors) and isinstance(old_s, Factors) and len(new_s.sizes) == len(old_s.sizes)
       and int(np.prod(new_s.sizes)) == new_n and int(np.prod(old_s.sizes)) == old_n):
     grid = np.indices(new_s.sizes).reshape(len(new_s.sizes), -1)
     ok = np.all(grid < np.asarray(old_s.sizes)[:, None], axis=0)

@@ -76,6 +76,7 @@ class Novelty:
   touched: Mapping[str, np.ndarray | None] = dataclasses.field(default_factory=dict, repr=False)
   # Gathered tables grown at the end: preservation holds for ids the old table had.
   assumed_in_range: tuple[str, ...] = ()
+  deferred: int = 0  # elementwise fresh factors of novel values left at init (lazy mode)
 
 
 def _dense(mask, shape) -> np.ndarray:
@@ -98,6 +99,43 @@ def _fit(b: np.ndarray, shape) -> np.ndarray:
     b = b.any(axis=tuple(range(extra)))
   axes = tuple(a for a, (m, n) in enumerate(zip(b.shape, shape)) if n == 1 and m != 1)
   return b.any(axis=axes, keepdims=True) if axes else b
+
+
+def _squeeze(b: np.ndarray) -> np.ndarray:
+  """``b`` with the axes along which it is constant shrunk to size 1."""
+  b = np.asarray(b)
+  return M.compress(b[..., None])[..., 0] if b.ndim else b
+
+
+def _contract(x, y, x_shape, y_shape, dims) -> np.ndarray:
+  """``OR_c x[b, i, c] & y[b, c, j]`` for bool arrays broadcastable to the operands, in
+  dot_general layout, without expanding the free axes along which they are constant.
+
+  Where one side is constant along the contracted axes, the other is first reduced
+  over them (an outer product remains); otherwise a float matmul over the shared axes.
+  """
+  from jax import lax
+  (xc, yc), (xb, yb) = dims
+  x, y = _squeeze(np.broadcast_to(x, np.broadcast_shapes(x.shape, (1,) * len(x_shape)))), _squeeze(
+      np.broadcast_to(y, np.broadcast_shapes(y.shape, (1,) * len(y_shape))))
+  x = x.reshape((1,) * (len(x_shape) - x.ndim) + x.shape)
+  y = y.reshape((1,) * (len(y_shape) - y.ndim) + y.shape)
+  if all(x.shape[a] == 1 for a in xc):
+    y = y.any(axis=tuple(yc), keepdims=True)
+  elif all(y.shape[a] == 1 for a in yc):
+    x = x.any(axis=tuple(xc), keepdims=True)
+  else:
+    xt, yt = list(x.shape), list(y.shape)
+    for a, b in zip(xc, yc):
+      xt[a] = yt[b] = x_shape[a]
+    x, y = np.broadcast_to(x, xt), np.broadcast_to(y, yt)
+  xt, yt = list(x.shape), list(y.shape)
+  for a, b in zip(xb, yb):
+    xt[a] = yt[b] = max(x.shape[a], y.shape[b])
+  x, y = np.broadcast_to(x, xt), np.broadcast_to(y, yt)
+  out = lax.dot_general(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32), dims,
+                        preferred_element_type=jnp.float32)
+  return np.asarray(out) > 0
 
 
 def _share(mask, shape) -> float:
@@ -144,10 +182,13 @@ class _Context(Context):
     self.fresh = fresh
     self.prezero = prezero
     self.eager_mul = eager_mul        # zero fresh elementwise factors of novel values too
+    self.deferred = 0                 # lazy mode: fresh factors of novel values left at init
     self.grown = grown                # per param: {axis: old size} for axes grown at the end
     self.param_of: dict[int, int] = {}  # id(param Val) -> param index
     self.assumed: set[int] = set()    # params whose grown rows were taken as unselected
     self.views: dict[int, tuple[Val, object]] = {}  # id(val) -> (val kept alive, zero fn)
+    self._zero_cache: dict[int, tuple] = {}       # param -> (touch it was computed from, zeros)
+    self._effective_cache: dict[int, tuple] = {}  # id(val) -> (val, zeros, effective val)
     self.sites: dict[tuple[str, str, str], Site] = {}
 
   # -- zeros ---------------------------------------------------------------
@@ -155,26 +196,26 @@ class _Context(Context):
     f = self.fresh[i]
     if f is None:
       return None
-    z = self.prezero[i]
     t = self.param_touch[i]
+    hit = self._zero_cache.get(i)
+    if hit is not None and hit[0] is t:  # touches are replaced, never mutated
+      return hit[1]
+    z = self.prezero[i]
     if t is not None:
-      hit = f & _dense(t, self.param_shapes[i])
-      z = hit if z is None else (z | hit)
-    return None if z is None or not z.any() else z
+      new = f & _dense(t, self.param_shapes[i])
+      z = new if z is None else (z | new)
+    z = None if z is None or not z.any() else _squeeze(z)
+    self._zero_cache[i] = (t, z)
+    return z
 
   def zero_of(self, val: Val) -> np.ndarray | None:
     entry = self.views.get(id(val))
     return None if entry is None else entry[1]()
 
   def _view(self, val: Val, fn) -> None:
-    cache = {}
+    self.views[id(val)] = (val, fn)
 
-    def cached():
-      if cache.get("version") != self.version:
-        cache["version"], cache["value"] = self.version, fn()
-      return cache["value"]
-    self.views[id(val)] = (val, cached)
-
+  # -- evaluation -----------------------------------------------------------
   # -- evaluation -----------------------------------------------------------
   def apply(self, eqn, invals):
     name = eqn.primitive.name
@@ -197,10 +238,15 @@ class _Context(Context):
       if name == "mul" and not self.eager_mul:
         # Elementwise: the product stays at the same (new) position, where a later
         # contraction can cut it; zeroing here would leave the new unit without gradient.
+        if any(involved[k] and any(e.mask is not None for j, e in enumerate(effective) if j != k)
+               for k in range(len(invals))):
+          self.deferred += 1
         effective = [dataclasses.replace(e, pull=None) if involved[k] else e
                      for k, e in enumerate(effective)]
       outs = super().apply(eqn, effective)  # touches: fresh elements times novelty -> zero
       outs = self._cut(eqn, invals, outs)
+      if any(involved[k] and self._effective(v).mask is not None for k, v in enumerate(invals[:2])):
+        return _unpulled(outs)  # novelty from a kept fresh factor is "random in", not a spread
     elif name in _SUMS:
       outs = self._sum(eqn, invals)
     elif name == "gather" and id(invals[0]) in self.param_of and invals[1].mask is None:
@@ -219,8 +265,13 @@ class _Context(Context):
     z = self.zero_of(v)
     if z is None or v.mask is None:
       return v
+    hit = self._effective_cache.get(id(v))
+    if hit is not None and hit[0] is v and hit[1] is z:
+      return hit[2]
     nov = _dense(v.mask, v.shape) & ~z
-    return dataclasses.replace(v, mask=_pack(nov))
+    out = dataclasses.replace(v, mask=_pack(nov))
+    self._effective_cache[id(v)] = (v, z, out)
+    return out
 
   def _unselected(self, eqn, param: Val, effective: Val) -> Val:
     """A gathered table grown at its end (a vocabulary): rows past the old size are
@@ -241,13 +292,18 @@ class _Context(Context):
 
   def _derive(self, eqn, parent: Val, out: Val, cast: bool) -> None:
     parent_fn = self.views[id(parent)][1]
+    last = []
 
     def zero():
       z = parent_fn()
       if z is None or cast:
         return z
+      if last and last[0] is z:  # the parent's zeros did not change
+        return last[1]
       full = jnp.asarray(np.broadcast_to(z, parent.shape))
-      return np.asarray(compat.bind(eqn, [full])[0]).astype(bool)
+      value = _squeeze(np.asarray(compat.bind(eqn, [full])[0]).astype(bool))
+      last[:] = [z, value]
+      return value
     self._view(out, zero)
 
   def _cut(self, eqn, invals, outs):
@@ -260,6 +316,12 @@ class _Context(Context):
     live = [np.ones((1,) * v.ndim, bool) if z is None else ~z for v, z in zip((a, b), zs)]
     if eqn.primitive.name == "mul":
       out = (nov[0] & live[1]) | (nov[1] & live[0])
+    elif eqn.primitive.name == "dot_general":
+      out = np.zeros((1,) * len(outs[0].shape), bool)
+      if nov[0].any():
+        out = out | _contract(nov[0], live[1], a.shape, b.shape, eqn.params["dimension_numbers"])
+      if nov[1].any():
+        out = out | _contract(live[0], nov[1], a.shape, b.shape, eqn.params["dimension_numbers"])
     else:
       full = lambda x, v: jnp.asarray(np.broadcast_to(x, v.shape), jnp.float32)
       params = dict(eqn.params, preferred_element_type=np.float32)
@@ -304,9 +366,21 @@ class _Context(Context):
     if before == 0.0:
       return
     after = max(_share(o.mask, o.shape) for o in outs)
-    if after > before + 1e-9:
+    if after > before * (1 + 1e-6) + 1e-9:  # shares are float ratios
       site = Site(eqn.primitive.name, _where(eqn), _scope(eqn), min(before, 1.0), after)
       self.sites.setdefault((site.primitive, site.where, site.scope), site)
+
+
+_PACKED: dict[int, tuple] = {}
+
+
+def _packed_fresh(fresh) -> dict:
+  """Packed fresh masks, computed once per ``fresh`` mapping (the rounds share it)."""
+  hit = _PACKED.get(id(fresh))
+  if hit is None or hit[0] is not fresh:
+    _PACKED.clear()  # one plan at a time: keep only the latest
+    hit = _PACKED[id(fresh)] = (fresh, {p: None if f is None else _pack(f) for p, f in fresh.items()})
+  return hit[1]
 
 
 def run(table, added: tuple[str, ...], fresh: Mapping[str, np.ndarray | None],
@@ -318,10 +392,10 @@ def run(table, added: tuple[str, ...], fresh: Mapping[str, np.ndarray | None],
   pre = [None if prezero is None else prezero.get(p) for p in table.paths]
   ctx = _Context(table, fresh_list, pre, [dict((grown or {}).get(p, {})) for p in table.paths], eager_mul)
   args = []
+  packed = _packed_fresh(fresh)
   for i, p in enumerate(table.paths):
     f = fresh_list[i]
-    val = Val(table.shapes[p], table.dtypes[p], mask=None if f is None else _pack(f),
-              pull=ctx.param_pull(i))
+    val = Val(table.shapes[p], table.dtypes[p], mask=packed.get(p), pull=ctx.param_pull(i))
     if f is not None:
       ctx._view(val, lambda i=i: ctx.param_zero(i))
       ctx.param_of[id(val)] = i
@@ -339,7 +413,7 @@ def run(table, added: tuple[str, ...], fresh: Mapping[str, np.ndarray | None],
     touched[p] = None if z is None or not z.any() else z
   novel = tuple(p for p, v in zip(table.output_paths, outs) if not M.is_empty(v.mask))
   assumed = tuple(table.paths[i] for i in sorted(ctx.assumed))
-  return Novelty(zeroed, novel, tuple(ctx.sites.values()), touched, assumed)
+  return Novelty(zeroed, novel, tuple(ctx.sites.values()), touched, assumed, ctx.deferred)
 
 
 def analyse(table, added: tuple[str, ...], fresh: Mapping[str, np.ndarray | None],
@@ -362,15 +436,21 @@ def analyse(table, added: tuple[str, ...], fresh: Mapping[str, np.ndarray | None
   for eager_mul in (False, True):
     result = run(table, added, fresh, grown=grown, eager_mul=eager_mul)
     prezero = result.touched
-    for _ in range(max_rounds):
+    for r in range(max_rounds):
       result = run(table, added, fresh, prezero=prezero, grown=grown, eager_mul=eager_mul)
-      if _same(result.touched, prezero, table.paths):
+      # Later rounds only add decisions, so they end (a bias can otherwise flip between
+      # "added to novelty" and "alone" as the cuts around it change).
+      following = result.touched if r < 1 else {p: _or(prezero.get(p), result.touched.get(p))
+                                                 for p in table.paths}
+      if _same(following, prezero, table.paths):
         break
-      prezero = result.touched
+      prezero = following
     if not result.novel_outputs:
       return result
     if not eager_mul:
       lazy = result
+      if not result.deferred:  # nothing an eager pass would zero differently
+        break
   return lazy  # neither proves preservation: keep the decisions that leave new units alive
 
 
@@ -383,3 +463,11 @@ def _same(a, b, paths) -> bool:
                                             np.broadcast_to(y, np.broadcast_shapes(x.shape, y.shape))):
       return False
   return True
+
+
+def _or(a, b):
+  if a is None:
+    return b
+  if b is None:
+    return a
+  return _squeeze(a | b)

@@ -235,26 +235,44 @@ def _varies(packed, shape, axis) -> bool:
   return bool((sig != sig[:1]).any())
 
 
-def _match_signatures(new_sig: np.ndarray, old_sig: np.ndarray) -> np.ndarray:
+def _match_signatures(new_sig: np.ndarray, old_sig: np.ndarray, new_seg=None, old_seg=None) -> np.ndarray:
+  """New index -> old index with the same signature (-1: none).
+
+  A signature held by one index on each side (a named feature) matches directly,
+  wherever it sits. Shared signatures (the units of a layer) match in order: the
+  k-th new index takes the k-th old one, within the same concatenated piece when
+  the axis is consumed as pieces (``new_seg``/``old_seg``: piece number per index).
+  """
+  def pools(sig, seg):
+    out: dict[bytes, list[int]] = {}
+    for i, s_ in enumerate(sig):
+      if s_.any():
+        out.setdefault(np.packbits(s_).tobytes(), []).append(i)
+    return out
+  new_pools, old_pools = pools(new_sig, new_seg), pools(old_sig, old_seg)
   out = np.full(len(new_sig), -1, np.int64)
-  pools: dict[bytes, list[int]] = {}
-  for i, s in enumerate(old_sig):
-    if s.any():
-      pools.setdefault(np.packbits(s).tobytes(), []).append(i)
-  taken: dict[bytes, int] = {}
-  for j, s in enumerate(new_sig):
-    if not s.any():
+  for key, news in new_pools.items():
+    olds = old_pools.get(key, [])
+    if len(news) == 1 and len(olds) == 1:
+      out[news[0]] = olds[0]
       continue
-    key = np.packbits(s).tobytes()
-    k = taken.get(key, 0)
-    pool = pools.get(key, [])
-    if k < len(pool):
-      out[j] = pool[k]
-      taken[key] = k + 1
+    if new_seg is not None and old_seg is not None:
+      for piece in set(new_seg[news].tolist()):
+        ns = [i for i in news if new_seg[i] == piece]
+        os_ = [i for i in olds if old_seg[i] == piece]
+        out[ns[:len(os_)]] = os_[:len(ns)]
+    else:
+      out[news[:len(olds)]] = olds[:len(news)]
   return out
 
 
-def _align_leaf(old: FeatureTable, new: FeatureTable, old_path: str, new_path: str, fmaps):
+def _pieces_of(structure, size):
+  if isinstance(structure, axes_lib.Segments) and sum(structure.sizes) == size:
+    return np.repeat(np.arange(len(structure.sizes)), structure.sizes)
+  return None
+
+
+def _align_leaf(old: FeatureTable, new: FeatureTable, old_path: str, new_path: str, fmaps, axes_cache):
   old_idx, new_idx = fmaps[0], fmaps[1]
   shape, old_shape = new.shapes[new_path], old.shapes[old_path]
   if len(shape) != len(old_shape):
@@ -266,15 +284,20 @@ def _align_leaf(old: FeatureTable, new: FeatureTable, old_path: str, new_path: s
   old_pi, new_pi = old.paths.index(old_path), new.paths.index(new_path)
   for a, (n, o) in enumerate(zip(shape, old_shape)):
     if _varies(new.packed[new_path], shape, a) or _varies(old.packed[old_path], old_shape, a):
-      m = _match_signatures(_signatures(new_dense, a, n), _signatures(old_dense, a, o))
+      new_seg = _pieces_of(axes_lib.axis_structure(new.jaxpr, new_pi, a, cache=axes_cache), n)
+      old_seg = _pieces_of(axes_lib.axis_structure(old.jaxpr, old_pi, a, cache=axes_cache), o)
+      if new_seg is None or old_seg is None or new_seg[-1] != old_seg[-1]:
+        new_seg = old_seg = None
+      m = _match_signatures(_signatures(new_dense, a, n), _signatures(old_dense, a, o), new_seg, old_seg)
       maps.append(None if (n == o and np.array_equal(m, np.arange(n))) else m)
-      how.append("features")
+      how.append("features" if new_seg is None else "features in segments " + "+".join(
+          str(c) for c in np.bincount(old_seg)) + " -> " + "+".join(str(c) for c in np.bincount(new_seg)))
     elif n == o:
       maps.append(None)
       how.append("identity")
     else:
-      ns = axes_lib.axis_structure(new.jaxpr, new_pi, a)
-      os_ = axes_lib.axis_structure(old.jaxpr, old_pi, a)
+      ns = axes_lib.axis_structure(new.jaxpr, new_pi, a, cache=axes_cache)
+      os_ = axes_lib.axis_structure(old.jaxpr, old_pi, a, cache=axes_cache)
       m, desc = axes_lib.index_map(n, o, ns, os_)
       maps.append(m)
       how.append(desc)
@@ -325,9 +348,10 @@ def plan(old_table: FeatureTable, new_table: FeatureTable, *, rename: Mapping[st
   by_new = {n: (o, why) for o, n, why in pairs}
 
   aligned = {}
+  axes_cache: dict = {}  # consumer/producer indexes of both jaxprs, for this plan only
   for n in new_table.paths:
     if n in by_new:
-      aligned[n] = _align_leaf(old_table, new_table, by_new[n][0], n, fmaps)
+      aligned[n] = _align_leaf(old_table, new_table, by_new[n][0], n, fmaps, axes_cache)
   fresh = {}
   for n in new_table.paths:
     if n in aligned:

@@ -4,28 +4,31 @@
 input (zeros unless given), each feature is switched on alone and a random
 projection of the outputs is differentiated with respect to every parameter;
 the parameter elements whose gradient changes are marked with the feature.
-Parameters are random (fresh draws, union over draws) so that dead units or
-zero-initialised weights cannot hide an interaction.
+Parameters are random (fresh draws, several runs) so that dead units or
+zero-initialised weights cannot hide an interaction, and one *annihilating* run
+zeroes the parameters that give feature-dependent values a nonzero base (added
+biases and means, embedding rows gathered at the base id).
 
 :func:`cross_check` compares that probe with the boolean table. The expected
 relation is probe ⊆ table. A probe entry the table lacks is *legitimate* only
 by a checkable criterion (see :func:`cross_check` and docs/probe.md); every
 other one is reported as missed.
 
-Besides the output gradients, the probe records two pieces of evidence per
-draw that the cross-check uses to classify differences:
+Besides the output gradients, the probe records evidence per run, stored with
+the table (``FeatureTable.evidence``, a :class:`ProbeEvidence`):
 
 * the *contact-local gradient*: the jaxpr is re-evaluated with every value that
   depends on a named feature detached from autodiff (``stop_gradient``) after
   the operation where a feature-free, parameter-derived value first meets it
   (the "first contact" of design §4). Its gradient is ``sum_c J_c^T u_c`` over
-  those contacts ``c`` with fixed random cotangents ``u_c``: it sees the
+  those contacts ``c`` with fixed pseudo-random cotangents ``u_c``: it sees the
   first-contact Jacobians and nothing downstream of them. It changes with a
   feature exactly when a first-contact partner of the element changes with it;
 * whether that contact-local gradient is nonzero at the base ("live"): a
   parameter whose first contact is annihilated at the base (a kernel row times
   a zero input) cannot have its output gradient changed by anything but its own
-  first-contact features.
+  first-contact features. The probe table reads such elements from the runs
+  where they are annihilated; what live runs add is kept as evidence.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ _COMPILER_OPTIONS: dict[str, Any] | None = None
 _FAST_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 _SUPPORTED_OPTIONS: dict[tuple, bool] = {}
 # (params + intermediates) x columns x runs below which XLA's compile time dominates the run time
-_FAST_COMPILE_ELEMENTS = 1 << 24
+_FAST_COMPILE_ELEMENTS = 1 << 27
 
 # Primitives whose sub-jaxpr is evaluated in place by both walks below.
 _CALLS = frozenset(compat.JIT_NAMES + compat.CALL_NAMES)
@@ -352,6 +355,23 @@ def _static(closed, n_params: int, spec: feats.ResolvedSpec) -> _Static:
 # Contact-local evaluation (autodiff cut after every first contact).
 
 
+def _hash_weights(shape, seed):
+  """Pseudo-random weights in (-0.5, 0.5), never 0, from an integer hash of the position.
+
+  No PRNG (threefry is slow to compile) and no transcendental: XLA fuses these weights into
+  every (vmapped) consumer, where a cosine hash was recomputed per column and cost more than
+  the contact-local gradient itself.
+  """
+  n = jnp.arange(int(np.prod(shape, dtype=np.int64)), dtype=jnp.uint32).reshape(shape)
+  h = (n + seed) * np.uint32(0x85EBCA6B)
+  h = h ^ (h >> 16)
+  h = h * np.uint32(0xC2B2AE35)
+  h = h ^ (h >> 13)
+  h = h * np.uint32(0x27D4EB2F)
+  h = h ^ (h >> 16)
+  return ((h >> 8).astype(jnp.float32) + 0.5) * np.float32(1.0 / (1 << 24)) - 0.5
+
+
 class _ContactSum:
   """Accumulates ``sum_c <u_c, out_c>`` over first-contact outputs.
 
@@ -361,8 +381,8 @@ class _ContactSum:
   live elements the annihilating run zeroes.
   """
 
-  def __init__(self, phase):
-    self.phase = phase
+  def __init__(self, seed):
+    self.seed = jnp.asarray(seed, jnp.uint32)
     self.count = 0
     self.simple = jnp.zeros((), jnp.float32)
     self.compound = jnp.zeros((), jnp.float32)
@@ -373,9 +393,7 @@ class _ContactSum:
       o = jnp.asarray(o)
       if not jnp.issubdtype(o.dtype, jnp.inexact) or o.size == 0:
         continue
-      # Generic nonzero weights without a PRNG (threefry is slow to compile): a cosine hash.
-      n = jnp.arange(o.size, dtype=jnp.float32).reshape(o.shape)
-      w = jnp.cos(n * 12.9898 + 78.233 * (self.count + 1) + self.phase)
+      w = _hash_weights(o.shape, self.seed ^ np.uint32(((self.count + 1) * 0x9E3779B9) & 0xFFFFFFFF))
       self.count += 1
       term = jnp.sum(w * jnp.real(o).astype(jnp.float32))
       if compound:
@@ -482,9 +500,11 @@ class ProbeEvidence:
     ids_capped: categorical features whose ids were sampled (``max_ids``).
     draws: number of generic draws.
     positive_draws: generic draws redrawn positive after non-finite values.
-    nonfinite: leaf -> element-columns skipped (non-finite gradient).
+    nonfinite: leaf -> elements with a non-finite gradient in some column (not marked there).
     zeroed: leaf -> elements zeroed in the annihilating run.
     notes: remarks for the cross-check report.
+    columns: probed (feature, id) columns per run.
+    chunk: columns vmapped together (from ``chunk_size`` or ``memory_budget``).
   """
 
   features: tuple[str, ...]
@@ -501,6 +521,8 @@ class ProbeEvidence:
   nonfinite: Mapping[str, int]
   zeroed: Mapping[str, int]
   notes: tuple[str, ...] = ()
+  columns: int = 0
+  chunk: int = 0
 
   def mask(self, what: str, path: str) -> np.ndarray:
     """A dense mask: ``"live"``/``"annihilated"`` -> bool ``shape``; ``"contact_change"``/
@@ -598,7 +620,7 @@ def _draw_params(rng: np.random.Generator, pleaves, concrete, positive: bool, ke
         x = np.abs(x) + 0.1
       if fan_in and len(l.shape) >= 2:
         x = x / max(1, int(np.prod(l.shape[:-1], dtype=np.int64)))
-      out.append(x.astype(l.dtype))
+      out.append(np.asarray(x, dtype=l.dtype))
     else:  # integer / bool parameters: kept (or zeros for abstract leaves); never differentiated
       out.append(np.zeros(tuple(l.shape), l.dtype) if c is None else np.asarray(c))
   return out
@@ -741,7 +763,7 @@ def _work(jaxpr) -> int:
 
 
 class _Fns(NamedTuple):
-  base: Callable    # (pf, po, consts, x, r, phase) -> liveness, placing elements, finiteness
+  base: Callable    # (pf, po, consts, x, r, seed) -> liveness, placing elements, finiteness
   chunk: Callable   # (..., accumulators) -> accumulators with the chunk's columns ORed in
 
 
@@ -811,63 +833,76 @@ def _build(closed, n_params: int, float_idx: Sequence[int], in_flags, out_float:
         s = s + jnp.sum(ri * jnp.real(o).astype(jnp.float32))
     return s, outs
 
-  def contacts(pf, po, consts, x, phase):
-    acc = _ContactSum(phase)
+  def contacts(pf, po, consts, x, seed):
+    acc = _ContactSum(seed)
     _contact_eval(jaxpr, consts, merge(pf, po) + list(x), in_flags, acc)
     return acc
 
   grad_proj = jax.grad(projection, has_aux=True)
-  grad_simple = jax.grad(lambda pf, po, consts, x, phase: contacts(pf, po, consts, x, phase).simple)
+  grad_simple = jax.grad(lambda pf, po, consts, x, seed: contacts(pf, po, consts, x, seed).simple)
   options = _supported(_FAST_COMPILER_OPTIONS) if fast else _COMPILER_OPTIONS
 
-  @functools.partial(jax.jit, compiler_options=options)
-  def base_fn(pf, po, consts, x, r, phase):
+  def flat(ts, lead: tuple = ()):
+    """Float leaves -> one flat vector (one fusion per operation instead of one per leaf)."""
+    if not ts:
+      return jnp.zeros(lead + (0,), jnp.float32)
+    dtype = jnp.result_type(*[t.dtype for t in ts])
+    return jnp.concatenate([t.reshape(lead + (-1,)).astype(dtype) for t in ts], axis=-1)
+
+  def leaf_scale(ts):
+    """Per element: the largest finite |value| of its leaf (the scale of ``atol``)."""
+    return flat([jnp.broadcast_to(jnp.max(jnp.where(jnp.isfinite(t), jnp.abs(t), 0), initial=0), t.shape)
+                 for t in ts])
+
+  # The base function runs a few times per call: always compile it fast.
+  @functools.partial(jax.jit, compiler_options=_supported(_FAST_COMPILER_OPTIONS))
+  def base_fn(pf, po, consts, x, r, seed):
+    """Liveness (flat), tolerance scales (flat), placing elements (per leaf), finiteness."""
     g, outs = grad_proj(pf, po, consts, x, r)
 
     def sums(pf_):
-      acc = contacts(pf_, po, consts, x, phase)
+      acc = contacts(pf_, po, consts, x, seed)
       return jnp.stack([acc.simple, acc.compound, acc.placed])
 
-    J = jax.jacrev(sums)(list(pf))
-    gc = [j[0] for j in J]
-    live = [(jnp.abs(j[0]) > 0) | (jnp.abs(j[1]) > 0) for j in J]
+    J = jax.jacrev(sums)(list(pf)) if pf else []
+    live = flat([((jnp.abs(j[0]) > 0) | (jnp.abs(j[1]) > 0)).astype(jnp.float32) for j in J]) > 0
     placed = [jnp.abs(j[2]) > 0 for j in J]
     finite = jnp.array(True)
     for t in list(g) + [o for o, fl in zip(outs, out_float) if fl]:
       finite = finite & jnp.all(jnp.isfinite(t))
-    return live, placed, finite
+    return live, leaf_scale(g), leaf_scale([j[0] for j in J]), placed, finite
 
-  @functools.partial(jax.jit, compiler_options=options, donate_argnums=(13, 14, 15, 16))
-  def chunk_fn(pf, po, consts, val, r, phase, live, rtol, atol, w0, rel, bit, valid,
-               acc_u, acc_a, acc_c, acc_o):
+  def changed(a, b, scale, rtol, atol):
+    fin = jnp.isfinite(a) & jnp.isfinite(b)
+    tol = rtol * jnp.maximum(jnp.abs(a), jnp.abs(b)) + atol * scale
+    return fin & (jnp.abs(a - b) > tol), ~fin
+
+  @functools.partial(jax.jit, compiler_options=options, donate_argnums=(15, 16, 17, 18, 19))
+  def chunk_fn(pf, po, consts, val, r, seed, live, scale_g, scale_c, rtol, atol, w0, rel, bit, valid,
+               acc_u, acc_a, acc_c, acc_nf, acc_o):
     """``val``: column 0 is the base, columns 1.. switch one (feature, id) on; the changed bits
-    are ORed into the accumulators. The base is a column of the same vmapped computation, so
-    that elements the feature does not reach compare bitwise equal (a separately compiled
-    base can round differently)."""
+    are ORed into the accumulators (flat over the float leaves, outputs per leaf). The base is a
+    column of the same vmapped computation, so that elements the feature does not reach compare
+    bitwise equal (a separately compiled base can round differently)."""
     def one(v):
       g, outs = grad_proj(pf, po, consts, v, r)
-      gc = grad_simple(pf, po, consts, v, phase)
-      return g, gc, outs
+      gc = grad_simple(pf, po, consts, v, seed)
+      return flat(g), flat(gc), outs
 
     G, GC, O = jax.vmap(one)(val)
-    g0, gc0, o0 = [t[0] for t in G], [t[0] for t in GC], [t[0] for t in O]
-    G, GC, O = [t[1:] for t in G], [t[1:] for t in GC], [t[1:] for t in O]
-    W = acc_u[0].shape[-1] if acc_u else (acc_o[0].shape[-1] if acc_o else 1)
+    W = acc_u.shape[-1]
     K = min(W, -(-rel.shape[0] // M.BITS) + 1)
     place = lambda ch: _place(ch, rel, bit, valid, K)
-    new_u, new_a, new_c, new_o, nonfinite = [], [], [], [], []
-    for t in range(len(G)):
-      ch, nf = _changed(G[t], g0[t], rtol, atol)
-      contrib = place(ch)
-      new_u.append(_or_into(acc_u[t], contrib, w0))
-      new_a.append(_or_into(acc_a[t], jnp.where(live[t][..., None], jnp.uint32(0), contrib), w0))
-      nf = jnp.sum(nf.reshape(nf.shape[0], -1), axis=1)
-      nonfinite.append(jnp.sum(jnp.where(valid, nf, 0)))
-      new_c.append(_or_into(acc_c[t], place(_changed(GC[t], gc0[t], rtol, atol)[0]), w0))
-    for t in range(len(O)):
-      new_o.append(_or_into(acc_o[t], place(_changed(O[t], o0[t], rtol, atol)[0]), w0))
-    nonfinite = jnp.stack(nonfinite) if nonfinite else jnp.zeros((0,), jnp.int32)
-    return new_u, new_a, new_c, new_o, nonfinite
+    ch, nf = changed(G[1:], G[0], scale_g, rtol, atol)
+    contrib = place(ch)
+    acc_u = _or_into(acc_u, contrib, w0)
+    acc_a = _or_into(acc_a, jnp.where(live[:, None], jnp.uint32(0), contrib), w0)
+    nf = nf & valid[:, None]
+    acc_nf = acc_nf | jnp.any(nf, axis=0)
+    acc_c = _or_into(acc_c, place(changed(GC[1:], GC[0], scale_c, rtol, atol)[0]), w0)
+    acc_o = [_or_into(acc, place(_changed(o[1:], o[0], rtol, atol)[0]), w0) for acc, o in zip(acc_o, O)]
+    # A small output to wait on (the accumulators are donated to the next chunk).
+    return acc_u, acc_a, acc_c, acc_nf, acc_o, jnp.sum(nf)
 
   return _Fns(base_fn, chunk_fn)
 
@@ -1046,9 +1081,10 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
   n_in = sum(size(l.shape) for l in ileaves)
   n_out = sum(size(s) for s in oshapes.values())
   work = _work(closed.jaxpr)
-  # Per column: output and contact-local gradients and the packing temporaries (3 x params),
-  # intermediates of the two evaluations, the input column and the outputs.
-  per_column = 4 * (3 * n_float + 2 * work + n_in + 2 * n_out)
+  # Bytes per column: the output and contact-local gradients (2 x params), the intermediates kept
+  # for the backward pass, the input column and the outputs (measured: five_L1024, 10M params,
+  # 7.7M intermediates: ~83 MB per column, estimate 114 MB).
+  per_column = 4 * (2 * n_float + work + n_in + 2 * n_out)
   chunk = _chunking(C, chunk_size, memory_budget, per_column)  # (+ 1 base column per chunk)
   n_chunks = -(-C // chunk)
   runs = _schedule(draws, annihilate, bool(n_ids))
@@ -1065,14 +1101,13 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
   prog = _Progress(len(runs) * n_chunks, progress, f"{len(columns)} columns x {len(runs)} runs")
   K = min(W, -(-chunk // M.BITS) + 1)
   # Device accumulators, updated in place (donated) by every chunk; numpy -> device_put, no compiles.
+  # Float leaves are flattened into one vector (in float_idx order): one fusion per operation.
   zeros = lambda shape: jax.device_put(np.zeros(shape + (W,), np.uint32))
-  acc_u = [zeros(shapes[i]) for i in float_idx]
-  acc_a = [zeros(shapes[i]) for i in float_idx]
-  acc_c = [zeros(shapes[i]) for i in float_idx]
+  acc_u, acc_a, acc_c = zeros((n_float,)), zeros((n_float,)), zeros((n_float,))
+  acc_nf = jax.device_put(np.zeros(n_float, bool))
   acc_o = [zeros(oshapes[p]) for p in opaths]
-  live_any = [np.zeros(shapes[i], bool) for i in float_idx]
-  annihilated = [np.zeros(shapes[i], bool) for i in float_idx]
-  nonfinite = np.zeros(len(float_idx), np.int64)
+  live_any = np.zeros(n_float, bool)
+  annihilated = np.zeros(n_float, bool)
   zeroed = np.zeros(len(float_idx), np.int64)
   redrawn = 0
   notes: list[str] = []
@@ -1118,7 +1153,7 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
   pending = None
   for run, seed in zip(runs, _np_rng(key).integers(0, 2**63, size=(len(runs), 2))):
     rng = np.random.default_rng(seed[1])
-    phase = np.float32(rng.uniform(0.0, 2 * np.pi))  # of the contact-local cotangents
+    cseed = np.uint32(rng.integers(0, 2**32))  # of the contact-local cotangents
     r = [jax.device_put(rng.standard_normal(oshapes[p]).astype(np.float32)) for p in opaths]
     ids = {k: (np.arange(n) if n <= max_ids else np.sort(rng.choice(n, max_ids, replace=False)))
            for k, n in n_ids.items()}
@@ -1129,23 +1164,36 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
     flat = _draw_params(np.random.default_rng(seed[0]), pleaves, concrete, positive, kept,
                         fan_in=run.annihilate)
     pf = [jax.device_put(flat[i]) for i in float_idx]
-    info = fns.base(pf, po, consts, xb, r, phase)
+    info = fns.base(pf, po, consts, xb, r, cseed)
     if not bool(info[-1]) and not positive:
       # Non-finite at the base (e.g. a negative variance): redraw this draw positive.
       redrawn += 1
       positive = True
       flat = _draw_params(np.random.default_rng(seed[0]), pleaves, concrete, True, kept)
       pf = [jax.device_put(flat[i]) for i in float_idx]
-      info = fns.base(pf, po, consts, xb, r, phase)
+      info = fns.base(pf, po, consts, xb, r, cseed)
     line = f"{run.label}: {'positive' if positive else 'normal(0, 1)'} parameters"
+    if positive and not on_positive:
+      line += " (redrawn: non-finite at the base with normal(0, 1))"
     if run.annihilate and bool(info[-1]):
-      placed = [np.asarray(z) & (not kept[i]) for z, i in zip(info[1], float_idx)]
-      pf = [jax.device_put(np.where(z, np.zeros((), flat[i].dtype), flat[i]))
-            for z, i in zip(placed, float_idx)]
-      n_zero = np.array([int(z.sum()) for z in placed], np.int64)
-      zeroed += n_zero
-      line += f", kernels / fan-in, {int(n_zero.sum())} placing elements zeroed"
-      info = fns.base(pf, po, consts, xb, r, phase)
+      # Zero the elements that place a nonzero value into a feature-dependent one at the base,
+      # lowest rank first (a bias before the kernel of `b @ w + x @ w`: zeroing b already
+      # zeroes the placed value, and w keeps multiplying the features), until none is left.
+      vals = {i: np.array(flat[i], copy=True) for i in float_idx}
+      done = {i: np.zeros(shapes[i], bool) for i in float_idx}
+      for _ in range(8):
+        placed = {i: np.asarray(z) & ~done[i] & (not kept[i]) for z, i in zip(info[3], float_idx)}
+        ranks = [len(shapes[i]) for i, z in placed.items() if z.any()]
+        if not ranks or not bool(info[-1]):
+          break
+        for i, z in placed.items():
+          if len(shapes[i]) == min(ranks):
+            vals[i][z] = 0
+            done[i] |= z
+            zeroed[float_idx.index(i)] += int(z.sum())
+        pf = [jax.device_put(vals[i]) for i in float_idx]
+        info = fns.base(pf, po, consts, xb, r, cseed)
+      line += f", kernels / fan-in, {int(zeroed.sum())} placing elements zeroed"
     if not bool(info[-1]):
       if run.annihilate:
         notes.append("the annihilating run was skipped: its base gives non-finite outputs or gradients "
@@ -1162,25 +1210,24 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
     if run.shift and n_ids:
       line += f", categorical base ids + {run.shift}"
     run_lines.append(line)
-    live = info[0]
-    for t, l in enumerate(live):
-      l = np.asarray(l)
-      live_any[t] |= l
-      annihilated[t] |= ~l
+    live, scale_g, scale_c = info[0], info[1], info[2]
+    live_np = np.asarray(live)
+    live_any |= live_np
+    annihilated |= ~live_np
     for c0 in range(0, len(columns) or 1, chunk):
       part = cols[c0:c0 + chunk]
       val = columns_input(part, rng, on_positive, base_run)
       w0, rel, bit, valid = placement(part) if part else (np.int32(0), np.zeros(chunk, np.int32),
                                                           np.zeros(chunk, np.uint32), np.zeros(chunk, bool))
-      acc_u, acc_a, acc_c, acc_o, nf = fns.chunk(
-          pf, po, consts, val, r, phase, live, rtol_j, atol_j, w0, rel, bit, valid,
-          acc_u, acc_a, acc_c, acc_o)
+      acc_u, acc_a, acc_c, acc_nf, acc_o, done = fns.chunk(
+          pf, po, consts, val, r, cseed, live, scale_g, scale_c, rtol_j, atol_j, w0, rel, bit, valid,
+          acc_u, acc_a, acc_c, acc_nf, acc_o)
       if pending is not None:  # wait for the previous chunk (the next one is queued meanwhile)
-        nonfinite += np.asarray(pending[0])
+        pending[0].block_until_ready()
         prog.step(pending[1])
-      pending = (nf, f"{run.label} ({len(run_lines)}/{len(runs)})")
+      pending = (done, f"{run.label} ({len(run_lines)}/{len(runs)})")
   if pending is not None:
-    nonfinite += np.asarray(pending[0])
+    pending[0].block_until_ready()
     prog.step(pending[1])
 
   packed: dict[str, np.ndarray | None] = {p: None for p in ppaths}
@@ -1188,18 +1235,25 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
   live_only = {p: None for p in ppaths}
   live_bits = {p: None for p in ppaths}
   ann_bits = {p: None for p in ppaths}
-  for t, i in enumerate(float_idx):
-    p = ppaths[i]
-    u, a = np.asarray(acc_u[t]), np.asarray(acc_a[t])
-    sel = annihilated[t][..., None]
-    m = np.where(sel, a, u)
+  acc_u, acc_a, acc_c, acc_nf = (np.asarray(a) for a in (acc_u, acc_a, acc_c, acc_nf))
+  nonfinite = {}
+  start = 0
+  for i in float_idx:
+    p, n = ppaths[i], size(shapes[i])
+    part = slice(start, start + n)
+    start += n
+    u, a = acc_u[part].reshape(shapes[i] + (W,)), acc_a[part].reshape(shapes[i] + (W,))
+    ann = annihilated[part].reshape(shapes[i])
+    m = np.where(ann[..., None], a, u)
     packed[p] = M.compress(m) if m.any() else None
     extra = u & ~m
     live_only[p] = M.compress(extra) if extra.any() else None
-    c = np.asarray(acc_c[t])
+    c = acc_c[part].reshape(shapes[i] + (W,))
     contact_change[p] = M.compress(c) if c.any() else None
-    live_bits[p] = _bits1(live_any[t])
-    ann_bits[p] = _bits1(annihilated[t])
+    live_bits[p] = _bits1(live_any[part].reshape(shapes[i]))
+    ann_bits[p] = _bits1(ann)
+    if acc_nf[part].any():
+      nonfinite[p] = int(acc_nf[part].sum())
   output_packed = {}
   for p, o in zip(opaths, acc_o):
     o = np.asarray(o)
@@ -1209,8 +1263,9 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
       live=live_bits, annihilated=ann_bits, live_only=live_only, runs=tuple(run_lines),
       num_ids={spec.names[k]: n for k, n in n_ids.items()}, ids_capped=tuple(capped),
       draws=draws, positive_draws=redrawn,
-      nonfinite={ppaths[i]: int(n) for i, n in zip(float_idx, nonfinite) if n},
-      zeroed={ppaths[i]: int(n) for i, n in zip(float_idx, zeroed) if n}, notes=tuple(notes))
+      nonfinite=nonfinite,
+      zeroed={ppaths[i]: int(n) for i, n in zip(float_idx, zeroed) if n}, notes=tuple(notes),
+      columns=len(columns), chunk=chunk)
   return FeatureTable(
       features=spec.names, paths=tuple(ppaths), shapes=dict(zip(ppaths, shapes)),
       dtypes={p: l.dtype for p, l in zip(ppaths, pleaves)}, packed=packed,
@@ -1344,7 +1399,8 @@ class CrossCheck:
       if len(mgroups) > max_rows:
         lines.append(f"  ... {len(mgroups) - max_rows} more groups")
     if self.legitimate:
-      lines.append("Legitimate differences (probe only; the gradient sees effects after the first contact):")
+      lines.append("Legitimate differences (probe-only and live-only; the gradient sees effects after the "
+                   "first contact):")
       groups: dict[tuple[str, str], list[Difference]] = {}
       for d in self.legitimate:
         groups.setdefault((d.path, d.explanation), []).append(d)
@@ -1479,7 +1535,7 @@ def cross_check(table: FeatureTable, probe: FeatureTable) -> CrossCheck:
     notes.append(f"{ev.positive_draws} of {ev.draws} draws were redrawn with positive parameters "
                  "because the base gave non-finite values.")
   if ev is not None and ev.nonfinite:
-    notes.append(f"non-finite gradients skipped (element-columns): {dict(ev.nonfinite)}")
+    notes.append(f"elements with non-finite gradients (not marked where non-finite): {dict(ev.nonfinite)}")
   if ev is not None:
     notes.extend(ev.notes)
   walk = None

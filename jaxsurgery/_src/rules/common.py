@@ -10,10 +10,15 @@ from jaxsurgery._src import masks as M
 from jaxsurgery._src.interpreter import Val, join_pulls, out_val  # noqa: F401  (re-exported)
 
 
+def argsort(xs: Sequence[int]) -> list[int]:
+  """``list(np.argsort(xs))`` for a short list of distinct ints (without numpy's overhead)."""
+  return sorted(range(len(xs)), key=list(xs).__getitem__)
+
+
 def place(m: np.ndarray, positions: Sequence[int], rank: int) -> np.ndarray:
   """Moves the value axes of ``m`` to ``positions`` of a rank-``rank`` mask (others size 1)."""
   positions = list(positions)
-  order = list(np.argsort(positions))
+  order = argsort(positions)
   m = m.transpose(order + [m.ndim - 1])
   shape = [1] * rank + [m.shape[-1]]
   for j, i in enumerate(order):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxsurgery._src import masks as M
-from jaxsurgery._src.rules.common import cut_pull, out_val, place
+from jaxsurgery._src.rules.common import argsort, cut_pull, out_val, place
 from jaxsurgery._src.rules.reductions import window_or
 from jaxsurgery._src.rules.registry import register
 
@@ -124,11 +124,11 @@ def conv(ctx, eqn, invals):
     if m.shape[1] > 1:  # output channel o belongs to group o // (O // G)
       m = np.repeat(m, O // G, axis=1)
     # back to the output layout
-    mask = m.transpose(list(np.argsort(ospec)) + [r])
+    mask = m.transpose(argsort(ospec) + [r])
   if rhs.mask is not None:  # kernel masks: OR over input channels and taps, per output channel
     km = M.reduce_or(M.lift(rhs.mask, rhs.ndim), [rspec[1]] + list(rspec[2:]), keepdims=True)
     km = km.transpose(list(rspec) + [r])  # (O or 1, 1, 1...)
-    mask = M.orr(mask, km.transpose(list(np.argsort(ospec)) + [r]))
+    mask = M.orr(mask, km.transpose(argsort(ospec) + [r]))
   if rhs.pull is not None and lhs.mask is not None:
     # kernel[o, i, taps] touched by input channel i (i within o's group)
     m = M.lift(lhs.mask, lhs.ndim).transpose(list(lspec) + [r])
@@ -138,7 +138,7 @@ def conv(ctx, eqn, invals):
     else:
       Cg = lhs.shape[lspec[1]] // G
       t = np.repeat(m.reshape(G, 1, Cg, W), O // G, axis=1).reshape((O, Cg) + (1,) * nsp + (W,))
-    ctx.touch(rhs, t.transpose(list(np.argsort(rspec)) + [r]))
+    ctx.touch(rhs, t.transpose(argsort(rspec) + [r]))
   if lhs.pull is not None and rhs.mask is not None:
     ctx.touch(lhs, M.uniform(M.reduce_all(rhs.mask), lhs.ndim))
   pull = cut_pull([(v, lambda t, n=v.ndim: M.uniform(M.reduce_all(t), n)) for v in (lhs, rhs)], mask)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxsurgery._src import masks as M
-from jaxsurgery._src.rules.common import forward_pull, out_val
+from jaxsurgery._src.rules.common import argsort, forward_pull, out_val
 from jaxsurgery._src.rules.registry import register
 
 
@@ -25,7 +25,7 @@ def _one(eqn, x, fwd, bwd):
 def transpose(ctx, eqn, invals):
   """``out[p] = x[perm^-1(p)]``."""
   perm = list(eqn.params["permutation"])
-  inv = list(np.argsort(perm))
+  inv = argsort(perm)
   r = len(perm)
   return _one(eqn, invals[0], lambda m: m.transpose(perm + [r]),
               lambda t: M.lift(t, r).transpose(inv + [r]))
@@ -125,7 +125,7 @@ def reshape(ctx, eqn, invals):
   dims = eqn.params.get("dimensions")
   if dims is not None:
     dims = list(dims)
-    inv = list(np.argsort(dims))
+    inv = argsort(dims)
     tshape = tuple(x.shape[d] for d in dims)
     return _one(eqn, x, lambda m: reshape_mask(m.transpose(dims + [x.ndim]), tshape, out_shape),
                 lambda t: reshape_mask(t, out_shape, tshape).transpose(inv + [x.ndim]))
