@@ -1,27 +1,24 @@
 """Surgery: align two tables, decide where every new parameter element comes from, and remap.
 
-For each new parameter leaf (matched to an old leaf by path, ``rename`` or
-dataflow order) the plan is a product of per-axis index maps ``new index ->
-old index or -1 (fresh)``:
+Leaves are paired by ``rename``, then by aligning the two programs' parameters
+in order of first use. For each pair the plan is a product of per-axis index
+maps ``new index -> old index or -1 (fresh)``:
 
 * feature axes (touch sets vary along the axis in either model) match indices
   by their signature, the OR of their touch sets over the other axes restricted
-  to the features both models share; the k-th new index with a signature takes
-  the k-th old index with the same signature. Empty signature -> fresh.
+  to the features both models share (named features wherever they sit, shared
+  signatures in order within each concatenated piece). Empty signature -> fresh.
 * other axes are aligned positionally in the coordinates in which they are
   consumed (:mod:`jaxsurgery._src.axes`): a grown axis keeps the old prefix of
-  every block / factor, the rest is fresh; a shrunk one drops the tail.
+  every block / factor / piece, the rest is fresh; a shrunk one drops the tail.
 
-Fresh elements that take part in an operation with a *novel* value (one that
-depends on a new feature or on another fresh element) are set to zero; every
-other fresh element keeps the new model's initial value ("random in, zero out").
-"""
+Which fresh elements become zero ("random in, zero out") is decided by
+:mod:`jaxsurgery._src.novelty`, which also proves preservation statically."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +28,6 @@ from jaxsurgery._src import axes as axes_lib
 from jaxsurgery._src import features as feats
 from jaxsurgery._src import masks as M
 from jaxsurgery._src import novelty
-from jaxsurgery._src.interpreter import Context, Val
-from jaxsurgery._src.rules.control_flow import const_vals
 from jaxsurgery._src.table import FeatureTable
 
 

@@ -767,6 +767,21 @@ class _Fns(NamedTuple):
   chunk: Callable   # (..., accumulators) -> accumulators with the chunk's columns ORed in
 
 
+_BIG_LEAF = 1 << 20  # float leaves at least this large are not concatenated with others
+
+
+def _groups(sizes: Sequence[int]) -> list[list[int]]:
+  """Consecutive float leaves processed together: small ones concatenated (one fusion per
+  operation instead of one per leaf: half the compile time), large ones alone (no copy)."""
+  groups: list[list[int]] = []
+  for t, n in enumerate(sizes):
+    if n >= _BIG_LEAF or not groups or sizes[groups[-1][-1]] >= _BIG_LEAF:
+      groups.append([t])
+    else:
+      groups[-1].append(t)
+  return groups
+
+
 def _place(ch, rel, bit, valid, K: int):
   """``ch`` (columns, *shape) bool -> (*shape, K) uint32: column c sets bit ``bit[c]`` of word ``rel[c]``."""
   sh = (-1,) + (1,) * (ch.ndim - 1)
@@ -842,12 +857,16 @@ def _build(closed, n_params: int, float_idx: Sequence[int], in_flags, out_float:
   grad_simple = jax.grad(lambda pf, po, consts, x, seed: contacts(pf, po, consts, x, seed).simple)
   options = _supported(_FAST_COMPILER_OPTIONS) if fast else _COMPILER_OPTIONS
 
+  groups = _groups([int(np.prod(jaxpr.invars[i].aval.shape, dtype=np.int64)) for i in float_idx])
+
   def flat(ts, lead: tuple = ()):
-    """Float leaves -> one flat vector (one fusion per operation instead of one per leaf)."""
-    if not ts:
-      return jnp.zeros(lead + (0,), jnp.float32)
-    dtype = jnp.result_type(*[t.dtype for t in ts])
-    return jnp.concatenate([t.reshape(lead + (-1,)).astype(dtype) for t in ts], axis=-1)
+    """Float leaves -> one flat vector per group (see :func:`_groups`)."""
+    out = []
+    for g in groups:
+      parts = [ts[t].reshape(lead + (-1,)) for t in g]
+      dtype = jnp.result_type(*[x.dtype for x in parts])
+      out.append(parts[0] if len(parts) == 1 else jnp.concatenate([x.astype(dtype) for x in parts], -1))
+    return out
 
   def leaf_scale(ts):
     """Per element: the largest finite |value| of its leaf (the scale of ``atol``)."""
@@ -865,7 +884,7 @@ def _build(closed, n_params: int, float_idx: Sequence[int], in_flags, out_float:
       return jnp.stack([acc.simple, acc.compound, acc.placed])
 
     J = jax.jacrev(sums)(list(pf)) if pf else []
-    live = flat([((jnp.abs(j[0]) > 0) | (jnp.abs(j[1]) > 0)).astype(jnp.float32) for j in J]) > 0
+    live = flat([(jnp.abs(j[0]) > 0) | (jnp.abs(j[1]) > 0) for j in J])
     placed = [jnp.abs(j[2]) > 0 for j in J]
     finite = jnp.array(True)
     for t in list(g) + [o for o, fl in zip(outs, out_float) if fl]:
@@ -890,19 +909,23 @@ def _build(closed, n_params: int, float_idx: Sequence[int], in_flags, out_float:
       return flat(g), flat(gc), outs
 
     G, GC, O = jax.vmap(one)(val)
-    W = acc_u.shape[-1]
+    W = acc_o[0].shape[-1] if acc_o else (acc_u[0].shape[-1] if acc_u else 1)
     K = min(W, -(-rel.shape[0] // M.BITS) + 1)
     place = lambda ch: _place(ch, rel, bit, valid, K)
-    ch, nf = changed(G[1:], G[0], scale_g, rtol, atol)
-    contrib = place(ch)
-    acc_u = _or_into(acc_u, contrib, w0)
-    acc_a = _or_into(acc_a, jnp.where(live[:, None], jnp.uint32(0), contrib), w0)
-    nf = nf & valid[:, None]
-    acc_nf = acc_nf | jnp.any(nf, axis=0)
-    acc_c = _or_into(acc_c, place(changed(GC[1:], GC[0], scale_c, rtol, atol)[0]), w0)
+    n_nf = jnp.zeros((), jnp.int32)
+    new = [], [], [], []
+    for t in range(len(groups)):
+      ch, nf = changed(G[t][1:], G[t][0], scale_g[t], rtol, atol)
+      contrib = place(ch)
+      new[0].append(_or_into(acc_u[t], contrib, w0))
+      new[1].append(_or_into(acc_a[t], jnp.where(live[t][:, None], jnp.uint32(0), contrib), w0))
+      nf = nf & valid[:, None]
+      new[2].append(acc_nf[t] | jnp.any(nf, axis=0))
+      n_nf = n_nf + jnp.sum(nf)
+      new[3].append(_or_into(acc_c[t], place(changed(GC[t][1:], GC[t][0], scale_c[t], rtol, atol)[0]), w0))
     acc_o = [_or_into(acc, place(_changed(o[1:], o[0], rtol, atol)[0]), w0) for acc, o in zip(acc_o, O)]
     # A small output to wait on (the accumulators are donated to the next chunk).
-    return acc_u, acc_a, acc_c, acc_nf, acc_o, jnp.sum(nf)
+    return new[0], new[1], new[3], new[2], acc_o, n_nf
 
   return _Fns(base_fn, chunk_fn)
 
@@ -1081,10 +1104,10 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
   n_in = sum(size(l.shape) for l in ileaves)
   n_out = sum(size(s) for s in oshapes.values())
   work = _work(closed.jaxpr)
-  # Bytes per column: the output and contact-local gradients (2 x params), the intermediates kept
-  # for the backward pass, the input column and the outputs (measured: five_L1024, 10M params,
-  # 7.7M intermediates: ~83 MB per column, estimate 114 MB).
-  per_column = 4 * (2 * n_float + work + n_in + 2 * n_out)
+  # Bytes per column: the gradients (params), the intermediates kept for the backward pass, the
+  # input column and the outputs. Measured on five_L1024 (10M params, 7.7M intermediates): 49 MB
+  # per column (peak RSS at chunk 12 minus chunk 4, / 8); this estimate: 71 MB.
+  per_column = 4 * (n_float + work + n_in + 2 * n_out)
   chunk = _chunking(C, chunk_size, memory_budget, per_column)  # (+ 1 base column per chunk)
   n_chunks = -(-C // chunk)
   runs = _schedule(draws, annihilate, bool(n_ids))
@@ -1101,10 +1124,11 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
   prog = _Progress(len(runs) * n_chunks, progress, f"{len(columns)} columns x {len(runs)} runs")
   K = min(W, -(-chunk // M.BITS) + 1)
   # Device accumulators, updated in place (donated) by every chunk; numpy -> device_put, no compiles.
-  # Float leaves are flattened into one vector (in float_idx order): one fusion per operation.
+  # Float leaves in groups (see _groups): small ones concatenated, large ones alone, in float_idx order.
   zeros = lambda shape: jax.device_put(np.zeros(shape + (W,), np.uint32))
-  acc_u, acc_a, acc_c = zeros((n_float,)), zeros((n_float,)), zeros((n_float,))
-  acc_nf = jax.device_put(np.zeros(n_float, bool))
+  gsizes = [sum(size(shapes[float_idx[t]]) for t in g) for g in _groups([size(shapes[i]) for i in float_idx])]
+  acc_u, acc_a, acc_c = ([zeros((n,)) for n in gsizes] for _ in range(3))
+  acc_nf = [jax.device_put(np.zeros(n, bool)) for n in gsizes]
   acc_o = [zeros(oshapes[p]) for p in opaths]
   live_any = np.zeros(n_float, bool)
   annihilated = np.zeros(n_float, bool)
@@ -1211,7 +1235,7 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
       line += f", categorical base ids + {run.shift}"
     run_lines.append(line)
     live, scale_g, scale_c = info[0], info[1], info[2]
-    live_np = np.asarray(live)
+    live_np = np.concatenate([np.asarray(l) for l in live]) if live else np.zeros(0, bool)
     live_any |= live_np
     annihilated |= ~live_np
     for c0 in range(0, len(columns) or 1, chunk):
@@ -1235,7 +1259,9 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
   live_only = {p: None for p in ppaths}
   live_bits = {p: None for p in ppaths}
   ann_bits = {p: None for p in ppaths}
-  acc_u, acc_a, acc_c, acc_nf = (np.asarray(a) for a in (acc_u, acc_a, acc_c, acc_nf))
+  join = lambda accs, empty: np.concatenate([np.asarray(a) for a in accs]) if accs else empty
+  acc_u, acc_a, acc_c = (join(a, np.zeros((0, W), np.uint32)) for a in (acc_u, acc_a, acc_c))
+  acc_nf = join(acc_nf, np.zeros(0, bool))
   nonfinite = {}
   start = 0
   for i in float_idx:
@@ -1462,20 +1488,29 @@ def cross_check(table: FeatureTable, probe: FeatureTable) -> CrossCheck:
   """Checks the boolean table against the gradient probe: nothing the probe finds may be missing.
 
   Every (element, feature) pair is counted per parameter leaf as ``both``,
-  ``table_only`` or ``probe_only``. A probe-only entry ``(p[e], f)`` is
-  *legitimate* when all of these hold (else it is *missed*):
+  ``table_only`` or ``probe_only`` (probe table vs boolean table), plus
+  ``live_only``: pairs outside both tables that changed the element's gradient
+  only in runs where its first contact was live (``probe.evidence``). A
+  probe-only or live-only entry ``(p[e], f)`` is *legitimate* when all of these
+  hold (else it is *missed*):
 
   1. the contact-local gradient of ``p[e]`` (autodiff cut right after the
      operations where ``p``'s feature-free chain first meets feature-dependent
      values) does not change when ``f`` is switched on: ``f`` does not reach
      ``p[e]``'s first contacts;
-  2. that contact-local gradient is nonzero at the base in some draw: the first
-     contact is not annihilated at the base, so the output gradient of ``p[e]``
-     carries the cotangent from later operations;
+  2. the change was seen where that contact-local gradient is nonzero at the
+     base (the first contact is live, so the output gradient of ``p[e]``
+     carries the cotangent from later operations): always true of live-only
+     entries; a probe-only entry needs ``p[e]`` live in every run, since an
+     element annihilated in some run is read from those runs only, where only
+     a first-contact feature can change its gradient;
   3. some operation after ``p``'s first contact has a local derivative that
      depends on ``f`` (a multiplication by, division by, nonlinearity of,
      selection or indexing by an ``f``-dependent value); it is named in the
      report.
+
+  Without evidence (``probe.evidence`` is None, or describes other features or
+  shapes) every probe-only entry is missed, with a note.
 
   Output masks are checked too: an output element that changes when ``f`` is
   switched on must have ``f`` in its forward mask (no legitimate exception).
