@@ -216,9 +216,10 @@ def report(mach, logs) -> str:
           "default 512 + 256 ids would make 579 probe columns instead of 99). "
           f"`gradient_table(fn, params, inputs, features, key=...)` with its defaults (draws="
           f"{p0.get('draws')}, chunk_size={p0.get('chunk_size')}) on concrete random params, vs "
-          "`dependency_table` on abstract shapes (median of 7). Every gradient_table call "
-          "compiles again, so the first call is the time a user sees; a second call is timed only "
-          "when the first took < 60 s.", "",
+          "`dependency_table` on abstract shapes (median of 7). The first gradient_table call "
+          "compiles (the time a user sees once); the compiled chunk function is cached per "
+          "function and signature, so a second call (timed only when the first took < 60 s) "
+          "does not compile again.", "",
           "| model | params | probe, 2nd call | probe, 1st call | boolean table | probe / table (2nd call, else 1st) | cross_check ok |",
           "|---|---|---|---|---|---|---|"]
     L += [f"| {r['model']} | {r['num_params']:,} | {f(r.get('probe_second_s')) if r.get('probe_second_s') else '–'} | {f(r['probe_first_s'])} | "

@@ -122,13 +122,17 @@ def _fast_trace_api():
 _FAST = _fast_trace_api()
 
 
-class _TraceCache:
-  """A small LRU of closed jaxprs, keyed weakly by the traced function."""
+class WeakLRU:
+  """A small LRU keyed weakly by a function object (a bound method by its instance) plus
+  a hashable rest; an entry dies with its function or when evicted. Shared by the trace
+  cache here and the probe's compiled functions."""
 
   def __init__(self, maxsize: int):
     import collections
     self.maxsize = maxsize
     self.entries: collections.OrderedDict = collections.OrderedDict()  # key -> (ref, value)
+    self.hits = 0
+    self.misses = 0
 
   @staticmethod
   def _target(fn):
@@ -154,11 +158,13 @@ class _TraceCache:
     target, key = tk
     hit = self.entries.get(key)
     if hit is None or hit[0]() is not target:
+      self.misses += 1
       return None
     try:
       self.entries.move_to_end(key)
     except KeyError:  # dropped meanwhile (another thread)
       pass
+    self.hits += 1
     return hit[1]
 
   def put(self, tk, value) -> None:
@@ -172,11 +178,35 @@ class _TraceCache:
     while len(entries) > self.maxsize:
       entries.popitem(last=False)
 
+  def get_or_build(self, fn, rest, build):
+    tk = self.key(fn, rest)
+    if tk is None:
+      self.misses += 1
+      return build()
+    value = self.get(tk)
+    if value is None:
+      value = build()
+      self.put(tk, value)
+    return value
+
   def clear(self) -> None:
     self.entries.clear()
 
 
-_TRACES = _TraceCache(_TRACE_CACHE_SIZE)
+def source_line(eqn) -> str:
+  """``file.py:line (function)`` where the user's code made ``eqn``, or ``""``."""
+  try:
+    from jax._src import source_info_util
+    s = source_info_util.summarize(eqn.source_info)
+  except Exception:  # pragma: no cover - private API
+    return ""
+  if not s or s.startswith("<unknown"):
+    return ""
+  head, sep, tail = s.partition(":")
+  return head.rsplit("/", 1)[-1] + sep + tail  # file name, not the full path
+
+
+_TRACES = WeakLRU(_TRACE_CACHE_SIZE)
 
 
 def clear_trace_cache() -> None:

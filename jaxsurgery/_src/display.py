@@ -257,10 +257,7 @@ def report_html(report, max_rows: int = 25) -> str:
              for p, s in report.dropped_leaves]
     parts.append(_html_table(["old parameter", "shape", "elements"], drows, numeric=(2,), max_rows=max_rows,
                              what="dropped leaves"))
-  if report.reasons:
-    parts.append(_section("notes"))
-    parts.append('<ul style="margin:2px 0;padding-left:20px">' +
-                 "".join(f"<li>{_e(r)}</li>" for r in report.reasons) + "</ul>")
+  parts += _notes(report.reasons)
   return _wrap(parts)
 
 
@@ -332,8 +329,12 @@ def cross_check_html(check, max_rows: int = 12) -> str:
     parts.append(_section("table only (boolean over-approximation relative to the gradient)"))
     parts.append(_html_table(["leaf", "why the gradient does not see it"], rows, max_rows=max_rows,
                              what="leaves"))
-  if check.notes:
-    parts.append(_section("notes"))
-    parts.append('<ul style="margin:2px 0;padding-left:20px">' +
-                 "".join(f"<li>{_e(n)}</li>" for n in check.notes) + "</ul>")
+  parts += _notes(check.notes)
   return _wrap(parts)
+
+
+def _notes(notes) -> list[str]:
+  if not notes:
+    return []
+  return [_section("notes"), '<ul style="margin:2px 0;padding-left:20px">' +
+          "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>"]

@@ -155,18 +155,6 @@ def _scope(eqn) -> str:
     return ""
 
 
-def _where(eqn) -> str:
-  try:
-    from jax._src import source_info_util
-    s = source_info_util.summarize(eqn.source_info)
-  except Exception:  # pragma: no cover - private API
-    return ""
-  if not s or s.startswith("<unknown"):
-    return ""
-  head, sep, tail = s.partition(":")
-  return head.rsplit("/", 1)[-1] + sep + tail
-
-
 def _unpulled(outs):
   """Decisions are taken where a fresh element (or a view of it) meets novelty, not further
   down: a value computed from old values is not a parameter, so touches stop there."""
@@ -367,7 +355,7 @@ class _Context(Context):
       return
     after = max(_share(o.mask, o.shape) for o in outs)
     if after > before * (1 + 1e-6) + 1e-9:  # shares are float ratios
-      site = Site(eqn.primitive.name, _where(eqn), _scope(eqn), min(before, 1.0), after)
+      site = Site(eqn.primitive.name, compat.source_line(eqn), _scope(eqn), min(before, 1.0), after)
       self.sites.setdefault((site.primitive, site.where, site.scope), site)
 
 

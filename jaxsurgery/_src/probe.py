@@ -38,7 +38,6 @@ import functools
 import sys
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -154,16 +153,7 @@ def _join(a: _St, b: _St) -> _St:
   return _St(a.F | b.F, a.P | b.P, a.post | b.post, a.T | b.T, a.iota or b.iota)
 
 
-def _source(eqn) -> str:
-  try:
-    from jax._src import source_info_util
-    s = source_info_util.summarize(eqn.source_info)
-  except Exception:  # pragma: no cover - private API
-    return ""
-  if not s or s.startswith("<unknown"):
-    return ""
-  head, sep, tail = s.partition(":")
-  return head.rsplit("/", 1)[-1] + sep + tail  # file name, not the full path
+_source = compat.source_line
 
 
 @dataclasses.dataclass
@@ -680,64 +670,11 @@ _MAX_CHUNK = 128           # columns per chunk at most (beyond this vmap gains n
 _CACHE_SIZE = 8            # compiled probe functions kept (LRU, weakly keyed by fn)
 
 
-class _CompiledCache:
-  """A small LRU of compiled probe functions, keyed weakly by ``fn`` and by the abstract signature.
-
-  An entry dies with its function object (a bound method by its instance) or when
-  evicted. The compiled functions evaluate the traced jaxpr, never ``fn`` itself,
-  so an entry does not keep ``fn`` alive. Like ``jax.jit``, a function whose
-  behaviour changes through mutable global state must be a new object.
-  """
-
-  def __init__(self, maxsize: int):
-    import collections
-    self.maxsize = maxsize
-    self.entries: collections.OrderedDict = collections.OrderedDict()
-    self.hits = 0
-    self.misses = 0
-
-  @staticmethod
-  def _target(fn):
-    import inspect
-    if inspect.ismethod(fn):
-      target, ident = fn.__self__, (id(fn.__self__), fn.__func__)
-    else:
-      target, ident = fn, (id(fn),)
-    try:
-      hash(ident)
-      weakref.ref(target)
-    except TypeError:
-      return None
-    return target, ident
-
-  def get_or_build(self, fn, signature, build):
-    t = self._target(fn)
-    if t is None:
-      self.misses += 1
-      return build()
-    target, ident = t
-    key = ident + (signature,)
-    hit = self.entries.get(key)
-    if hit is not None and hit[0]() is target:
-      self.entries.move_to_end(key)
-      self.hits += 1
-      return hit[1]
-    self.misses += 1
-    value = build()
-    entries = self.entries
-
-    def drop(_, key=key):
-      entries.pop(key, None)
-    entries[key] = (weakref.ref(target, drop), value)
-    while len(entries) > self.maxsize:
-      entries.popitem(last=False)
-    return value
-
-  def clear(self) -> None:
-    self.entries.clear()
-
-
-_COMPILED = _CompiledCache(_CACHE_SIZE)
+# Compiled probe functions, keyed weakly by ``fn`` and by the abstract signature. They
+# evaluate the traced jaxpr, never ``fn`` itself, so an entry does not keep ``fn`` alive.
+# Like ``jax.jit``, a function whose behaviour changes through global state must be a new
+# object.
+_COMPILED = compat.WeakLRU(_CACHE_SIZE)
 
 
 def _work(jaxpr) -> int:
@@ -1118,7 +1055,7 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
   x64 = bool(getattr(jax.config, "jax_enable_x64", False))
   signature = (pdef, avals(pleaves), idef, avals(ileaves), tuple(in_flags), fast, x64)
   fns = _COMPILED.get_or_build(
-      fn, signature, lambda: _build(closed, n_params, float_idx, in_flags, out_float, fast))
+      fn, (signature,), lambda: _build(closed, n_params, float_idx, in_flags, out_float, fast))
   consts = list(closed.consts)
 
   prog = _Progress(len(runs) * n_chunks, progress, f"{len(columns)} columns x {len(runs)} runs")
