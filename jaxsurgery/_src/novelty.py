@@ -204,7 +204,6 @@ class _Context(Context):
     self.views[id(val)] = (val, fn)
 
   # -- evaluation -----------------------------------------------------------
-  # -- evaluation -----------------------------------------------------------
   def apply(self, eqn, invals):
     name = eqn.primitive.name
     involved = [id(v) in self.views for v in invals]
