@@ -238,13 +238,13 @@ def _match_signatures(new_sig: np.ndarray, old_sig: np.ndarray, new_seg=None, ol
   k-th new index takes the k-th old one, within the same concatenated piece when
   the axis is consumed as pieces (``new_seg``/``old_seg``: piece number per index).
   """
-  def pools(sig, seg):
+  def pools(sig):
     out: dict[bytes, list[int]] = {}
     for i, s_ in enumerate(sig):
       if s_.any():
         out.setdefault(np.packbits(s_).tobytes(), []).append(i)
     return out
-  new_pools, old_pools = pools(new_sig, new_seg), pools(old_sig, old_seg)
+  new_pools, old_pools = pools(new_sig), pools(old_sig)
   out = np.full(len(new_sig), -1, np.int64)
   for key, news in new_pools.items():
     olds = old_pools.get(key, [])
