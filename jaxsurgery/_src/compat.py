@@ -18,6 +18,7 @@ import jax
 from jax._src import core as jcore
 
 JIT_NAMES = ("jit", "pjit")
+CONTROL_NAMES = ("scan", "while", "cond", "shard_map")  # primitives with bodies run in place
 CALL_NAMES = ("closed_call", "core_call", "remat2", "checkpoint", "remat",
               "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "xla_call",
               "named_call", "custom_jvp_call_jaxpr", "custom_vmap_call", "compute_on", "call",

@@ -191,6 +191,14 @@ def uniform(word_mask: Mask | None, ndim: int) -> Mask | None:
   return word_mask.reshape((1,) * ndim + word_mask.shape[-1:])
 
 
+def broadcast_count(b, shape: Sequence[int]) -> int:
+  """True elements of ``np.broadcast_to(b, shape)``, without materialising it."""
+  b = np.asarray(b)
+  b = b.reshape((1,) * (len(shape) - b.ndim) + b.shape)
+  repeat = int(np.prod([n for n, m in zip(shape, b.shape) if m == 1], dtype=np.int64))
+  return int(np.count_nonzero(b)) * repeat
+
+
 def unbroadcast(mask: Mask | None, shape: Sequence[int]) -> Mask | None:
   """ORs a mask of a broadcast result back onto an operand of ``shape``."""
   if mask is None:

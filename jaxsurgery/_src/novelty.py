@@ -48,7 +48,7 @@ _PRODUCTS = frozenset({"mul", "dot_general", "conv_general_dilated"})
 _SUMS = frozenset({"add", "sub", "add_any"})
 _ELEMENTWISE = frozenset(elementwise.NARY + elementwise.UNARY)
 # Evaluated in place: spreading is recorded at the ops inside them.
-_COMPOUND = frozenset(compat.JIT_NAMES + compat.CALL_NAMES + ("scan", "while", "cond", "shard_map"))
+_COMPOUND = frozenset(compat.JIT_NAMES + compat.CALL_NAMES + compat.CONTROL_NAMES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,15 +92,6 @@ def _pack(b: np.ndarray) -> np.ndarray | None:
   return M.compress(np.asarray(b)[..., None].astype(M.WORD))
 
 
-def _fit(b: np.ndarray, shape) -> np.ndarray:
-  """OR of ``b`` down to ``shape`` (undoing a broadcast)."""
-  extra = b.ndim - len(shape)
-  if extra > 0:
-    b = b.any(axis=tuple(range(extra)))
-  axes = tuple(a for a, (m, n) in enumerate(zip(b.shape, shape)) if n == 1 and m != 1)
-  return b.any(axis=axes, keepdims=True) if axes else b
-
-
 def _squeeze(b: np.ndarray) -> np.ndarray:
   """``b`` with the axes along which it is constant shrunk to size 1."""
   b = np.asarray(b)
@@ -116,10 +107,8 @@ def _contract(x, y, x_shape, y_shape, dims) -> np.ndarray:
   """
   from jax import lax
   (xc, yc), (xb, yb) = dims
-  x, y = _squeeze(np.broadcast_to(x, np.broadcast_shapes(x.shape, (1,) * len(x_shape)))), _squeeze(
-      np.broadcast_to(y, np.broadcast_shapes(y.shape, (1,) * len(y_shape))))
-  x = x.reshape((1,) * (len(x_shape) - x.ndim) + x.shape)
-  y = y.reshape((1,) * (len(y_shape) - y.ndim) + y.shape)
+  x = _squeeze(np.asarray(x).reshape((1,) * (len(x_shape) - np.ndim(x)) + np.shape(x)))
+  y = _squeeze(np.asarray(y).reshape((1,) * (len(y_shape) - np.ndim(y)) + np.shape(y)))
   if all(x.shape[a] == 1 for a in xc):
     y = y.any(axis=tuple(yc), keepdims=True)
   elif all(y.shape[a] == 1 for a in yc):
@@ -141,11 +130,7 @@ def _contract(x, y, x_shape, y_shape, dims) -> np.ndarray:
 def _share(mask, shape) -> float:
   if mask is None:
     return 0.0
-  d = _dense(mask, shape)
-  d = d.reshape((1,) * (len(shape) - d.ndim) + d.shape)
-  repeat = int(np.prod([n for n, m in zip(shape, d.shape) if m == 1], dtype=np.int64))
-  size = max(int(np.prod(shape, dtype=np.int64)), 1)
-  return int(np.count_nonzero(d)) * repeat / size
+  return M.broadcast_count(_dense(mask, shape), shape) / max(int(np.prod(shape, dtype=np.int64)), 1)
 
 
 def _scope(eqn) -> str:
@@ -336,7 +321,7 @@ class _Context(Context):
           others = others | n
       alone = np.broadcast_to(novs[k], shape) & ~others
       if alone.any():
-        self.touch(v, _pack(_fit(alone, v.shape)))
+        self.touch(v, M.unbroadcast(_pack(alone), v.shape))
     # Decisions taken: recompute, and keep the remaining fresh elements from being
     # zeroed by their (novel) partners.
     effective = [dataclasses.replace(self._effective(v), pull=None) if id(v) in self.views

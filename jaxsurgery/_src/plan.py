@@ -368,7 +368,7 @@ def plan(old_table: FeatureTable, new_table: FeatureTable, *, rename: Mapping[st
       leaves.append(LeafPlan(n, o, shape, old_table.shapes[o], tuple(maps), tuple(how), zero, counts))
     else:
       size = int(np.prod(shape, dtype=np.int64))
-      nz = 0 if zero is None else _broadcast_count(zero, shape)
+      nz = 0 if zero is None else M.broadcast_count(zero, shape)
       leaves.append(LeafPlan(n, None, shape, None, (), (), zero,
                              dict(copied=0, moved=0, fresh=size, zeroed=nz, dropped=0)))
   matched_old = {o for o, _, _ in pairs}
@@ -468,21 +468,13 @@ def _inconsistent(old: FeatureTable, new: FeatureTable, leaf: LeafPlan, fmaps) -
       od = np.take(od, np.maximum(m, 0), axis=a)
     valid = valid & (m >= 0).reshape((1,) * a + (-1,) + (1,) * (len(leaf.shape) - a - 1))
   differs = (nd != od).any(-1) & valid
-  return _broadcast_count(differs, leaf.shape) if differs.any() else 0
-
-
-def _broadcast_count(b, shape) -> int:
-  """True elements of ``np.broadcast_to(b, shape)``, without materialising it."""
-  b = np.asarray(b)
-  b = b.reshape((1,) * (len(shape) - b.ndim) + b.shape)
-  repeat = int(np.prod([n for n, m in zip(shape, b.shape) if m == 1], dtype=np.int64))
-  return int(np.count_nonzero(b)) * repeat
+  return M.broadcast_count(differs, leaf.shape) if differs.any() else 0
 
 
 def _counts(shape, old_shape, maps, fresh, zero):
   size = int(np.prod(shape, dtype=np.int64))
-  n_fresh = 0 if fresh is None else _broadcast_count(fresh, shape)
-  n_zero = 0 if zero is None else _broadcast_count(zero, shape)
+  n_fresh = 0 if fresh is None else M.broadcast_count(fresh, shape)
+  n_zero = 0 if zero is None else M.broadcast_count(zero, shape)
   # copied: the same index on every axis (an outer product: count per axis, multiply);
   # moved: carried over from another position. A fresh index (-1) is never "same".
   n_same = 1
@@ -538,6 +530,21 @@ def _apply_leaf(leaf: LeafPlan, old, init):
   return out
 
 
+def sharded_call(cache: dict, key, fn, args, targets, out_shardings_of):
+  """``fn(*args)``: traced inline under an outer transformation; otherwise one jitted
+  program per ``key`` and sharding of ``targets`` (the new init's leaves), whose outputs
+  get those shardings (``out_shardings_of(list of shardings)`` lays them out)."""
+  if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(args)):
+    return fn(*args)
+  shardings = tuple(getattr(x, "sharding", None) for x in targets)
+  full = (key, shardings if all(s is not None for s in shardings) else None)
+  compiled = cache.get(full)
+  if compiled is None:
+    out = None if full[1] is None else out_shardings_of(list(full[1]))
+    compiled = cache[full] = jax.jit(fn, out_shardings=out)
+  return compiled(*args)
+
+
 class Surgery:
   """A planned transfer. ``surgery(old_params, new_params_init) -> new_params`` is pure and jittable.
 
@@ -569,17 +576,9 @@ class Surgery:
     return remap_state(self, old_state, new_state_init, **kwargs)
 
   def __call__(self, old_params, new_params_init):
-    leaves = jax.tree_util.tree_leaves((old_params, new_params_init))
-    if any(isinstance(x, jax.core.Tracer) for x in leaves):
-      return self.apply(old_params, new_params_init)
     init_leaves, treedef = jax.tree_util.tree_flatten(new_params_init)
-    shardings = tuple(getattr(x, "sharding", None) for x in init_leaves)
-    key = (treedef, shardings if all(s is not None for s in shardings) else None)
-    fn = self._compiled.get(key)
-    if fn is None:
-      out_shardings = None if key[1] is None else jax.tree_util.tree_unflatten(treedef, list(shardings))
-      fn = self._compiled[key] = jax.jit(self.apply, out_shardings=out_shardings)
-    return fn(old_params, new_params_init)
+    return sharded_call(self._compiled, treedef, self.apply, (old_params, new_params_init), init_leaves,
+                        lambda shardings: jax.tree_util.tree_unflatten(treedef, shardings))
 
   def __repr__(self) -> str:
     return "Surgery(\n" + repr(self.report) + "\n)"

@@ -63,7 +63,7 @@ _FAST_COMPILE_ELEMENTS = 1 << 27
 # Primitives whose sub-jaxpr is evaluated in place by both walks below.
 _CALLS = frozenset(compat.JIT_NAMES + compat.CALL_NAMES)
 # Compound primitives evaluated as one unit by the contact-local evaluation.
-_COMPOUND = frozenset({"scan", "while", "cond", "shard_map"})
+_COMPOUND = frozenset(compat.CONTROL_NAMES)
 
 # ---------------------------------------------------------------------------
 # Primitive classes used to explain differences (how an operation's local

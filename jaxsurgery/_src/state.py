@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsurgery._src import features as feats
-from jaxsurgery._src.plan import LeafPlan, SurgeryError, _apply_leaf
+from jaxsurgery._src.plan import LeafPlan, SurgeryError, _apply_leaf, sharded_call
 
 
 # -- the report -------------------------------------------------------------------------
@@ -596,18 +596,9 @@ def remap_state(surgery, old_state, new_state_init, *, rename: Mapping[str, str]
   if traced:
     olds = [None if s.old_index is None else old_leaves[s.old_index] for s in traced]
     inits = [new_leaves[s.new_index] for s in traced]
-    plans = surgery._leaves
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((olds, inits))):
-      results = _run_steps(plans, traced, olds, inits)
-    else:
-      shardings = tuple(getattr(x, "sharding", None) for x in inits)
-      key = (tuple(traced), shardings if all(s is not None for s in shardings) else None)
-      cache = _COMPILED.setdefault(surgery, {})
-      fn = cache.get(key)
-      if fn is None:
-        run = lambda o, i, _steps=tuple(traced): _run_steps(plans, _steps, o, i)
-        fn = cache[key] = jax.jit(run, out_shardings=None if key[1] is None else list(key[1]))
-      results = fn(olds, inits)
+    plans, steps_key = surgery._leaves, tuple(traced)
+    run = lambda o, i: _run_steps(plans, steps_key, o, i)
+    results = sharded_call(_COMPILED.setdefault(surgery, {}), steps_key, run, (olds, inits), inits, list)
     for s, r in zip(traced, results):
       out[s.new_index] = r
   new_state = jax.tree_util.tree_unflatten(treedef, out)
