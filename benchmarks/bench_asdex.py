@@ -76,7 +76,7 @@ def first_call(builder: str, tool: str) -> dict:
   import asdex  # noqa: F401  (import cost is not part of the call)
   import jax
   import jaxsurgery  # noqa: F401
-  from jaxsurgery._src import table as jtable
+  from jaxsurgery._src.core import table as jtable
   m, P, X = _setup(builder)
   jax.block_until_ready((P, X))
   spent = []
@@ -107,7 +107,7 @@ def main():
   import jax
   import numpy as np
 
-  from jaxsurgery._src import table as jtable
+  from jaxsurgery._src.core import table as jtable
 
   rows = []
   for builder in BUILDERS:

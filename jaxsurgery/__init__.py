@@ -3,11 +3,11 @@
 Flow: features -> masks -> interpreter and rules -> table -> probe -> plan/remap.
 """
 
-from jaxsurgery._src.features import Features, FeatureSpecError
-from jaxsurgery._src.interpreter import UnknownPrimitiveError, UnknownPrimitiveWarning, Val
+from jaxsurgery._src.core.errors import FeatureSpecError, TraceError, UnknownPrimitiveError, UnknownPrimitiveWarning
+from jaxsurgery._src.core.features import Features
+from jaxsurgery._src.core.values import Val
 from jaxsurgery._src.rules.registry import override_rule, register as register_rule
-from jaxsurgery._src.table import FeatureTable, TraceError, dependency_table
-from jaxsurgery._src.rules import families as _families  # noqa: F401
+from jaxsurgery._src.core.table import FeatureTable, dependency_table
 from jaxsurgery._src.rules import opaque as _opaque, elementwise as _elementwise
 
 __version__ = "0.1.0"
@@ -20,8 +20,10 @@ class rules:  # noqa: N801  (a namespace of ready-made rules for overrides)
   nary = staticmethod(_elementwise.nary)
   passthrough = staticmethod(_elementwise.passthrough)
 
-from jaxsurgery._src.probe import (  # noqa: E402
-    CrossCheck, Difference, LeafAgreement, Miss, cross_check, gradient_table)
-from jaxsurgery._src.plan import Report, Surgery, SurgeryError, plan  # noqa: E402
-from jaxsurgery._src.verify import Verification, verify  # noqa: E402
-from jaxsurgery._src.state import StateReport, remap_state  # noqa: E402
+from jaxsurgery._src.probe.cross_check import CrossCheck, Difference, LeafAgreement, Miss, cross_check  # noqa: E402
+from jaxsurgery._src.probe.gradient_table import gradient_table  # noqa: E402
+from jaxsurgery._src.core.errors import SurgeryError  # noqa: E402
+from jaxsurgery._src.surgery.plan import Report, plan  # noqa: E402
+from jaxsurgery._src.surgery.remap import Surgery  # noqa: E402
+from jaxsurgery._src.surgery.verify import Verification, verify  # noqa: E402
+from jaxsurgery._src.surgery.state import StateReport, remap_state  # noqa: E402

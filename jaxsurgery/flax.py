@@ -11,7 +11,7 @@ See docs/integrations.md.
 
 from jaxsurgery._src.integrations.flax import (  # noqa: F401
     linen_fn, nnx_fn, plan_linen, plan_nnx, remap_nnx, remap_train_state, transplant, verify_nnx)
-from jaxsurgery._src.state import StateReport, remap_state  # noqa: F401
+from jaxsurgery._src.surgery.state import StateReport, remap_state  # noqa: F401
 
 __all__ = ["plan_nnx", "plan_linen", "verify_nnx", "nnx_fn", "linen_fn", "transplant", "remap_nnx", "remap_train_state",
            "remap_state", "StateReport"]

@@ -7,6 +7,6 @@ dependency of jaxsurgery; imported when first used). See docs/integrations.md.
 """
 
 from jaxsurgery._src.integrations.orbax import old_abstract, restore  # noqa: F401
-from jaxsurgery._src.state import StateReport  # noqa: F401
+from jaxsurgery._src.surgery.state import StateReport  # noqa: F401
 
 __all__ = ["restore", "old_abstract", "StateReport"]

@@ -191,8 +191,8 @@ def test_unknown_primitive_strict_raises():
 def test_registering_a_rule_for_the_unknown_primitive():
   # a precise rule replaces the fallback: out = w * sum(x); y = 2 x (elementwise)
   def rule(ctx, eqn, invals):
-    from jaxsurgery._src import masks as M
-    from jaxsurgery._src.rules.common import out_val
+    from jaxsurgery._src.core import masks as M
+    from jaxsurgery._src.core.values import out_val
     x, w = invals
     ctx.touch(w, M.uniform(M.reduce_all(x.mask), w.ndim))
     return [out_val(eqn.outvars[0], M.uniform(M.reduce_all(x.mask), 1)), out_val(eqn.outvars[1], x.mask)]
@@ -203,3 +203,36 @@ def test_registering_a_rule_for_the_unknown_primitive():
       table = js.dependency_table(_model, PARAMS, X, SPEC, strict=True)
   assert table.unknown_primitives == ()
   assert (table.output_mask("y") == np.eye(3, dtype=bool)[:2]).all()
+
+
+# -- the registry's names and traits --------------------------------------------------
+
+def test_every_registered_name_is_a_primitive_or_a_listed_legacy_name(jax_primitives):
+  names = registry.registered()
+  stray = sorted(n for n in names if n not in jax_primitives and n not in registry.LEGACY_NAMES)
+  assert not stray, (f"registered names that are neither primitives of jax {jax.__version__} nor in "
+                     f"registry.LEGACY_NAMES (add them there with the reason, or drop them): {stray}")
+  unregistered = sorted(set(registry.LEGACY_NAMES) - names)
+  assert not unregistered, f"LEGACY_NAMES lists names without a rule: {unregistered}"
+
+
+def test_traits_are_declared_with_a_rule_and_known():
+  for trait in registry.TRAITS:
+    assert registry.with_trait(trait), f"no primitive has the trait {trait!r}"
+  with pytest.raises(ValueError, match="has no rule"):
+    registry.add_traits("not_a_primitive", "linear")
+  with pytest.raises(ValueError, match="Unknown primitive traits"):
+    registry.add_traits("add", "lineal")
+  assert registry.has_trait("dot_general", "product") and registry.has_trait("add", "sum")
+  assert not registry.has_trait("tanh", "linear")
+
+
+def test_replacing_a_rule_keeps_the_primitives_traits():
+  real = registry.lookup("mul")
+  before = registry.traits_of("mul")
+  try:
+    registry.register("mul", js.rules.nary)   # traits=None: keep what the probe and the planner know
+    assert registry.traits_of("mul") == before and registry.has_trait("mul", "product")
+  finally:
+    registry.register("mul", real)
+  assert registry.lookup("mul") is real and registry.traits_of("mul") == before

@@ -20,9 +20,9 @@ from flax import nnx
 import jaxsurgery as js
 import jaxsurgery.flax as jsf
 import jaxsurgery.orbax as jso
-from jaxsurgery._src import features as feats
-from jaxsurgery._src.plan import SurgeryError
-from jaxsurgery._src.state import COPIED, MISSING, REMAPPED, StateReport, remap_state
+from jaxsurgery._src.core import features as feats
+from jaxsurgery._src.core.errors import SurgeryError
+from jaxsurgery._src.surgery.state import COPIED, MISSING, REMAPPED, StateReport, remap_state
 
 OLD = ["hp", "mana", "x"]
 NEW = ["x", "hp", "armor", "mana"]

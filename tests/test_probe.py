@@ -15,8 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import zoo  # noqa: E402
 
 import jaxsurgery as js  # noqa: E402
-from jaxsurgery._src import masks  # noqa: E402
-from jaxsurgery._src.probe import ProbeEvidence  # noqa: E402
+from jaxsurgery._src.core import masks  # noqa: E402
+from jaxsurgery._src.probe.evidence import ProbeEvidence  # noqa: E402
 from jaxsurgery._src.rules import registry  # noqa: E402  (the real dot_general rule, to break it)
 
 KEY = jax.random.key(0)  # results were also checked with keys 1-4
@@ -425,7 +425,7 @@ def test_evidence_persists_with_the_table():
 def test_compiled_functions_are_cached_weakly():
   """A second call with the same function and shapes compiles nothing; the cache entry dies with
   the function and the cache stays bounded."""
-  from jaxsurgery._src import probe as P
+  from jaxsurgery._src.probe import compile as P
   compiles = []
   listener = lambda event, duration, **kw: compiles.append(event) if "backend_compile" in event else None
   jax.monitoring.register_event_duration_secs_listener(listener)
@@ -434,23 +434,23 @@ def test_compiled_functions_are_cached_weakly():
     params = {"w": jnp.ones((3, 5)), "v": jnp.ones((5, 2))}
     x, spec = jnp.ones((2, 3)), js.Features(["a", "b", "c"])
     first = js.gradient_table(fn, params, x, spec, key=KEY)
-    hits, n_first = P._COMPILED.hits, len(compiles)
+    hits, n_first = P.COMPILED.hits, len(compiles)
     assert n_first > 0
     second = js.gradient_table(fn, params, x, spec, key=jax.random.key(1))
-    assert P._COMPILED.hits == hits + 1 and len(compiles) == n_first  # nothing compiled
+    assert P.COMPILED.hits == hits + 1 and len(compiles) == n_first  # nothing compiled
     for p in first.paths:
       np.testing.assert_array_equal(first.mask(p), second.mask(p))
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
-  mine = [k for k, (ref, _) in P._COMPILED.entries.items() if ref() is fn]
+  mine = [k for k, (ref, _) in P.COMPILED.entries.items() if ref() is fn]
   assert len(mine) == 1
   del fn, first, second
   gc.collect()
-  assert mine[0] not in P._COMPILED.entries
-  for k in range(P._CACHE_SIZE + 2):
+  assert mine[0] not in P.COMPILED.entries
+  for k in range(P.CACHE_SIZE + 2):
     f = lambda p, x, k=k: jnp.tanh(x @ p["w"]) * k
     js.gradient_table(f, {"w": jnp.ones((3, 2))}, x, spec, key=KEY, draws=1, annihilate=False)
-  assert len(P._COMPILED.entries) <= P._CACHE_SIZE
+  assert len(P.COMPILED.entries) <= P.CACHE_SIZE
 
 
 def test_chunks_from_the_memory_budget():
@@ -465,8 +465,8 @@ def test_chunks_from_the_memory_budget():
     js.gradient_table(m.fn, m.params, m.inputs, m.features, key=KEY, memory_budget=0)
   with pytest.raises(ValueError, match="chunk_size"):
     js.gradient_table(m.fn, m.params, m.inputs, m.features, key=KEY, chunk_size=0)
-  from jaxsurgery._src import probe as P
-  assert P._chunking(300, None, None, 1) == 100        # capped at 128, balanced: 3 x 100
-  assert P._chunking(99, None, 10 * 1000, 1000) == 10  # 10 per chunk by the budget
-  assert P._chunking(99, 16, None, 10**12) == 15       # chunk_size wins; 7 chunks of 15
-  assert P._chunking(3, None, 1, 10**9) == 1           # at least one column
+  from jaxsurgery._src.probe import compile as P
+  assert P.chunking(300, None, None, 1) == 100        # capped at 128, balanced: 3 x 100
+  assert P.chunking(99, None, 10 * 1000, 1000) == 10  # 10 per chunk by the budget
+  assert P.chunking(99, 16, None, 10**12) == 15       # chunk_size wins; 7 chunks of 15
+  assert P.chunking(3, None, 1, 10**9) == 1           # at least one column

@@ -126,7 +126,7 @@ def test_categorical_statistics_and_vocabulary_growth():
   np.testing.assert_array_equal(np.asarray(new_p["embed"])[5:], np.asarray(new_init["embed"])[5:])
   np.testing.assert_array_equal(np.asarray(new_p["w"])[3:], np.asarray(old_p["w"])[2:])
   # verify draws ids over the whole old vocabulary by default: a wrong row 4 is caught.
-  from jaxsurgery._src.verify import id_bound
+  from jaxsurgery._src.surgery.verify import id_bound
   assert id_bound(surgery.old_table.jaxpr) == 5
   broken = dict(new_p, embed=new_p["embed"].at[4].add(1.0))
   args = (surgery, embed_fn, embed_fn, old_p, broken, old_x, new_x)

@@ -1,8 +1,10 @@
 """The one place that knows how JAX versions spell primitive parameters.
 
-Supported: JAX >= 0.7. Known differences:
-* "pjit" was renamed "jit" (0.7); both names are registered.
-* scan's ``num_consts``/``num_carry`` became ``ft_in`` (0.11).
+Supported: JAX >= 0.7 (tested with 0.10). Known differences:
+* "pjit" was renamed "jit" (0.7); both names are registered (``rules.control_flow.CALLS``).
+* scan's ``num_consts``/``num_carry`` (every release up to 0.10 at least) are read
+  from ``ft_in`` where a JAX version describes the scan's operands with a flat tree
+  instead (seen in JAX development versions after 0.10; not in a tested release).
 * custom_vjp's sub-jaxpr is ``call_jaxpr`` (newer) or ``fun_jaxpr`` (older
   ``custom_vjp_call_jaxpr``); remat is ``checkpoint``/``remat2``; linear_call's is
   ``callee``, custom_vmap_call's is ``call``.
@@ -12,17 +14,15 @@ Supported: JAX >= 0.7. Known differences:
 
 from __future__ import annotations
 
+import collections
+import inspect
+import weakref
 from typing import Any
 
 import jax
 from jax._src import core as jcore
 
-JIT_NAMES = ("jit", "pjit")
-CONTROL_NAMES = ("scan", "while", "cond", "shard_map")  # primitives with bodies run in place
-CALL_NAMES = ("closed_call", "core_call", "remat2", "checkpoint", "remat",
-              "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "xla_call",
-              "named_call", "custom_jvp_call_jaxpr", "custom_vmap_call", "compute_on", "call",
-              "remat_opt", "composite", "linear_call", "eval_jaxpr")
+from jaxsurgery._src.core.errors import NoSubJaxprError
 
 Literal = jcore.Literal
 DropVar = jcore.DropVar
@@ -30,15 +30,28 @@ Jaxpr = jcore.Jaxpr
 ClosedJaxpr = jcore.ClosedJaxpr
 
 
-def sub_jaxpr(params: dict[str, Any]) -> tuple[Jaxpr, list[Any]]:
-  """The (open jaxpr, consts) that a call-like primitive evaluates."""
-  for key in ("jaxpr", "call_jaxpr", "fun_jaxpr", "callee", "call"):  # call: custom_vmap_call
+_SUB_JAXPR_KEYS = ("jaxpr", "call_jaxpr", "fun_jaxpr", "callee", "call")  # call: custom_vmap_call
+
+
+def sub_jaxpr(params: dict[str, Any], primitive: str = "?") -> tuple[Jaxpr, list[Any]]:
+  """The (open jaxpr, consts) that a call-like primitive evaluates.
+
+  Raises:
+    NoSubJaxprError: none of the known parameter names holds a jaxpr (a JAX
+      version that spells the call's parameters differently).
+  """
+  for key in _SUB_JAXPR_KEYS:
     if isinstance(params.get(key), (Jaxpr, ClosedJaxpr)):
       return open_jaxpr(params[key])
-  raise KeyError(f"no sub-jaxpr among params {sorted(params)}")
+  raise NoSubJaxprError(
+      f"jaxsurgery cannot find the sub-jaxpr of the call-like primitive `{primitive}`: none of the "
+      f"parameters {sorted(params)} is a jaxpr (it looks for {list(_SUB_JAXPR_KEYS)}). This JAX version "
+      f"({jax.__version__}) spells the call differently. Register a rule for it with "
+      f"`jaxsurgery.register_rule({primitive!r}, rule)` (see jaxsurgery.rules), or report the JAX version.")
 
 
 def open_jaxpr(j: Any) -> tuple[Jaxpr, list[Any]]:
+  """``(jaxpr, consts)`` of a closed or open jaxpr."""
   if isinstance(j, ClosedJaxpr):
     return j.jaxpr, list(j.consts)
   return j, []
@@ -48,7 +61,7 @@ def scan_counts(params: dict[str, Any]) -> tuple[int, int]:
   """(num_consts, num_carry) of a scan eqn."""
   if "num_consts" in params:
     return params["num_consts"], params["num_carry"]
-  ft = params["ft_in"]  # JAX >= 0.11: flat-tree description of (consts, carry, xs)
+  ft = params["ft_in"]  # newer JAX (see the module docstring): flat tree of (consts, carry, xs)
   counts = getattr(ft, "num_consts", None)
   if counts is not None:
     return ft.num_consts, ft.num_carry
@@ -101,8 +114,9 @@ _TRACE_CACHE_SIZE = 32
 
 def _fast_trace_api():
   try:
-    import inspect
-    from jax._src import api_util, config as jconfig, linear_util as lu
+    from jax._src import api_util
+    from jax._src import config as jconfig
+    from jax._src import linear_util as lu
     from jax._src.interpreters import partial_eval as pe
     names = list(inspect.signature(pe.trace_to_jaxpr_dynamic).parameters)
     if names[:2] != ["fun", "in_avals"]:
@@ -129,7 +143,6 @@ class WeakLRU:
   cache here and the probe's compiled functions."""
 
   def __init__(self, maxsize: int):
-    import collections
     self.maxsize = maxsize
     self.entries: collections.OrderedDict = collections.OrderedDict()  # key -> (ref, value)
     self.hits = 0
@@ -138,8 +151,6 @@ class WeakLRU:
   @staticmethod
   def _target(fn):
     """(object whose lifetime bounds the entry, identity part of the key), or None."""
-    import inspect
-    import weakref
     if inspect.ismethod(fn):  # a new bound-method object per attribute access
       target, ident = fn.__self__, (id(fn.__self__), fn.__func__)
     else:
@@ -169,7 +180,6 @@ class WeakLRU:
     return hit[1]
 
   def put(self, tk, value) -> None:
-    import weakref
     target, key = tk
     entries = self.entries
 

@@ -15,11 +15,13 @@ import jax
 from flax import nnx
 from flax.training import train_state as train_state_lib
 
-from jaxsurgery._src import features as feats
-from jaxsurgery._src.plan import Surgery, plan
-from jaxsurgery._src.state import StateReport, remap_state
-from jaxsurgery._src.table import dependency_table
-from jaxsurgery._src.verify import verify
+from jaxsurgery._src.core import features as feats
+from jaxsurgery._src.core.errors import UnknownNameError
+from jaxsurgery._src.core.table import dependency_table
+from jaxsurgery._src.surgery.plan import plan
+from jaxsurgery._src.surgery.remap import Surgery
+from jaxsurgery._src.surgery.state import StateReport, remap_state
+from jaxsurgery._src.surgery.verify import verify
 
 
 # -- planning from models --------------------------------------------------------------
@@ -156,7 +158,8 @@ def linen_fn(module, variables, collections: Sequence[str] | None = None, call: 
   names = list(variables) if collections is None else list(collections)
   missing = [c for c in names if c not in variables]
   if missing:
-    raise KeyError(f"variables have no collection(s) {missing}; they have {list(variables)}")
+    raise UnknownNameError(f"`variables` have no collection(s) {missing}; they have {list(variables)}. "
+                           f"Pass `collections=` with some of these.")
   taken = {c: variables[c] for c in names}
   rest = {c: v for c, v in variables.items() if c not in names}
   abstract = _abstract_leaves(rest)

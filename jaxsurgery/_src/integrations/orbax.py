@@ -13,9 +13,10 @@ from collections.abc import Mapping
 
 import jax
 
-from jaxsurgery._src import features as feats
-from jaxsurgery._src.plan import Surgery, SurgeryError
-from jaxsurgery._src.state import _Renamer, remap_state
+from jaxsurgery._src.core import features as feats
+from jaxsurgery._src.core.errors import SurgeryError, UnknownNameError
+from jaxsurgery._src.surgery.remap import Surgery
+from jaxsurgery._src.surgery.state import PathRenamer, remap_state
 
 
 def _ocp():
@@ -91,11 +92,11 @@ class _Source:
     items = sorted(n for n in os.listdir(step_dir) if _is_item_dir(os.path.join(step_dir, n)))
     if self.item is not None:
       if self.item not in items:
-        raise KeyError(f"{where} has no item {self.item!r}; items: {items}.")
+        raise UnknownNameError(f"{where} has no item {self.item!r}; items: {items}. Pass `item=` one of them.")
       return os.path.join(step_dir, self.item)
     if len(items) == 1:
       return os.path.join(step_dir, items[0])
-    raise KeyError(f"{where} holds the items {items}; pass item=... to choose one.")
+    raise UnknownNameError(f"{where} holds the items {items}; pass `item=` to choose one.")
 
   def metadata(self):
     md = _ocp().StandardCheckpointer().metadata(self.path)
@@ -151,7 +152,7 @@ def _old_shardings(abstract, new_state_init, rename):
     if s is not None and default is None:
       default = jax.sharding.SingleDeviceSharding(next(iter(s.device_set)))
   default = default or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  to_new = _Renamer({n: o for o, n in (rename or {}).items()})  # old path -> new path
+  to_new = PathRenamer({n: o for o, n in (rename or {}).items()})  # old path -> new path
 
   def pick(path, leaf):
     if not hasattr(leaf, "shape") or getattr(leaf, "sharding", None) is not None:

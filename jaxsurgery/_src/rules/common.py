@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxsurgery._src import masks as M
-from jaxsurgery._src.interpreter import Val, join_pulls, out_val  # noqa: F401  (re-exported)
+from jaxsurgery._src.core import masks as M
+from jaxsurgery._src.core.values import Val
 
 
 def argsort(xs: Sequence[int]) -> list[int]:
@@ -24,6 +24,55 @@ def place(m: np.ndarray, positions: Sequence[int], rank: int) -> np.ndarray:
   for j, i in enumerate(order):
     shape[positions[i]] = m.shape[j]
   return m.reshape(shape)
+
+
+def unsqueeze(t: np.ndarray, axes: Sequence[int]) -> np.ndarray:
+  """Inserts size-1 value axes at ``axes`` (positions in the result), e.g. reduced or squeezed axes."""
+  shape = list(t.shape[:-1])
+  for a in sorted(axes):
+    shape.insert(a, 1)
+  return t.reshape(tuple(shape) + t.shape[-1:])
+
+
+def reshape_groups(a: Sequence[int], b: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+  """Pairs of axis groups of shapes ``a`` and ``b`` with equal products (how a reshape regroups axes).
+
+  Example:
+    >>> reshape_groups((2, 3, 4), (6, 4))
+    [([0, 1], [0]), ([2], [1])]
+  """
+  groups: list[tuple[list[int], list[int]]] = []
+  i = j = 0
+  while i < len(a) or j < len(b):
+    gi: list[int] = []
+    gj: list[int] = []
+    pi = pj = 1
+    if i < len(a):
+      gi.append(i)
+      pi *= a[i]
+      i += 1
+    if j < len(b):
+      gj.append(j)
+      pj *= b[j]
+      j += 1
+    while pi != pj:
+      if (pi < pj and i < len(a)) or j >= len(b):
+        gi.append(i)
+        pi *= a[i]
+        i += 1
+      else:
+        gj.append(j)
+        pj *= b[j]
+        j += 1
+    # trailing size-1 axes join the group that precedes them
+    while i < len(a) and a[i] == 1 and (j >= len(b) or b[j] != 1):
+      gi.append(i)
+      i += 1
+    while j < len(b) and b[j] == 1 and (i >= len(a) or a[i] != 1):
+      gj.append(j)
+      j += 1
+    groups.append((gi, gj))
+  return groups
 
 
 def same_mask(a: np.ndarray | None, b: np.ndarray | None) -> bool:

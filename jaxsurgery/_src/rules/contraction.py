@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxsurgery._src import masks as M
-from jaxsurgery._src.rules.common import argsort, cut_pull, out_val, place
+from jaxsurgery._src.core import masks as M
+from jaxsurgery._src.core.values import out_val
+from jaxsurgery._src.rules.common import argsort, cut_pull, place
 from jaxsurgery._src.rules.reductions import window_or
 from jaxsurgery._src.rules.registry import register
 
@@ -146,5 +147,5 @@ def conv(ctx, eqn, invals):
   return [out_val(eqn.outvars[0], mask, pull)]
 
 
-register("dot_general", dot_general)
-register("conv_general_dilated", conv)
+register("dot_general", dot_general, traits=("product",))
+register("conv_general_dilated", conv, traits=("product",))

@@ -35,26 +35,25 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from jaxsurgery._src import compat
-from jaxsurgery._src import masks as M
-from jaxsurgery._src.interpreter import Val
-from jaxsurgery._src.rules.common import all_words, join_pulls, out_val, same_mask
+from jaxsurgery._src.core import masks as M
+from jaxsurgery._src.core.values import Val, const_vals, join_pulls, out_val
+from jaxsurgery._src.rules.common import all_words, same_mask
 from jaxsurgery._src.rules.registry import register
 
 # Levels computed precisely before a loop's carry masks are widened.
 WIDEN_AFTER = 64
 
-
-def const_vals(consts):
-  out = []
-  for c in consts:
-    shape = tuple(np.shape(c))
-    out.append(Val(shape, getattr(c, "dtype", None), const=c))
-  return out
+# Call-like primitives (a sub-jaxpr evaluated in place), under every supported JAX
+# version's name: "pjit" was renamed "jit" (0.7); remat is "checkpoint" or "remat2".
+CALLS = ("jit", "pjit", "closed_call", "core_call", "remat2", "checkpoint", "remat",
+         "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "xla_call",
+         "named_call", "custom_jvp_call_jaxpr", "custom_vmap_call", "compute_on", "call",
+         "remat_opt", "composite", "linear_call", "eval_jaxpr")
 
 
 def call(ctx, eqn, invals):
   """Interpret the callee in place: ``out = callee(*in)``."""
-  jaxpr, consts = compat.sub_jaxpr(eqn.params)
+  jaxpr, consts = compat.sub_jaxpr(eqn.params, eqn.primitive.name)
   outs = ctx.run(jaxpr, const_vals(consts), invals)
   return [Val(tuple(o.aval.shape), o.aval.dtype, v.mask, v.pull, v.const) for o, v in zip(eqn.outvars, outs)]
 
@@ -310,7 +309,7 @@ def scan(ctx, eqn, invals):
 def shard_map(ctx, eqn, invals):
   """The body on the union of the shards: masks ORed over the sharded axes on the way in
   and out (local shapes come from the body's avals), so collectives inside are sound."""
-  jaxpr, consts = compat.sub_jaxpr(eqn.params)
+  jaxpr, consts = compat.sub_jaxpr(eqn.params, eqn.primitive.name)
   local_in = [tuple(v.aval.shape) for v in jaxpr.invars]
 
   def to_local(v: Val, shape):
@@ -335,8 +334,8 @@ def shard_map(ctx, eqn, invals):
   return result
 
 
-register(compat.JIT_NAMES + compat.CALL_NAMES, call)
-register("cond", cond)
-register("while", while_loop)
-register("scan", scan)
-register("shard_map", shard_map)
+register(CALLS, call, traits=("call",))
+register("cond", cond, traits=("control",))
+register("while", while_loop, traits=("control",))
+register("scan", scan, traits=("control",))
+register("shard_map", shard_map, traits=("control",))

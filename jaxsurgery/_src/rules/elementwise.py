@@ -7,9 +7,10 @@ element is touched by the masks of its partners at the same position.
 
 from __future__ import annotations
 
-from jaxsurgery._src import masks as M
-from jaxsurgery._src.rules.common import cut_pull, out_val
-from jaxsurgery._src.rules.registry import register
+from jaxsurgery._src.core import masks as M
+from jaxsurgery._src.core.values import out_val
+from jaxsurgery._src.rules.common import cut_pull
+from jaxsurgery._src.rules.registry import add_traits, register
 
 
 def unary(ctx, eqn, invals):
@@ -63,6 +64,19 @@ NARY = (
     "random_fold_in", "threefry2x32", "threefry4x32", "philox2x32", "philox4x32", "random_gamma",
 )
 
-register(UNARY, unary)
-register(NARY, nary)
-register(PASSTHROUGH, passthrough)
+register(UNARY, unary, traits=("elementwise",))
+register(NARY, nary, traits=("elementwise",))
+register(PASSTHROUGH, passthrough, traits=("passthrough",))
+
+# What the probe and the planner need beyond the mask rule (see registry.TRAITS).
+add_traits(("neg", "real", "imag", "conj", "complex", "convert_element_type", "copy", "copy_p",
+            "reduce_precision", "add", "sub", "add_any", "psum", "device_put", "optimization_barrier",
+            "pvary", "pbroadcast", "sharding_constraint", "mesh_cast", "reshard", "name", "tie"), "linear")
+add_traits(("convert_element_type", "copy", "copy_p", "reduce_precision", "optimization_barrier"), "cast")
+add_traits(("stop_gradient", "floor", "ceil", "round", "sign", "is_finite", "not", "population_count", "clz",
+            "random_seed", "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "xor", "shift_left",
+            "shift_right_arithmetic", "shift_right_logical", "threefry2x32"), "zero_grad")
+add_traits("mul", "product")
+add_traits(("add", "sub", "add_any"), "sum", "additive")
+add_traits("select_n", "additive", "indexed")
+add_traits(("max", "min", "clamp"), "selection")

@@ -17,10 +17,10 @@ from __future__ import annotations
 import numpy as np
 from jax import lax
 
-from jaxsurgery._src import masks as M
-from jaxsurgery._src.rules.common import (all_words, concrete_ints, cut_pull, forward_pull, out_val,
-                                          place)
-from jaxsurgery._src.rules.registry import register
+from jaxsurgery._src.core import masks as M
+from jaxsurgery._src.core.values import join_pulls, out_val
+from jaxsurgery._src.rules.common import all_words, concrete_ints, cut_pull, forward_pull, place
+from jaxsurgery._src.rules.registry import add_traits, register
 from jaxsurgery._src.rules.structural import slice_bwd, slice_fwd
 
 
@@ -88,13 +88,7 @@ def dynamic_update_slice(ctx, eqn, invals):
     def to_upd(t):
       t = M.lift(t, x.ndim)
       return t[tuple(r if t.shape[a] > 1 else slice(None) for a, r in enumerate(region))]
-    pulls = [p for p in (forward_pull(x, to_x), forward_pull(upd, to_upd)) if p]
-    pull = None
-    if pulls:
-      def pull(t):
-        for p in pulls:
-          p(t)
-    return [out_val(out, mask, pull)]
+    return [out_val(out, mask, join_pulls(forward_pull(x, to_x), forward_pull(upd, to_upd)))]
   upd_spread = M.reduce_or(M.lift(upd.mask, x.ndim), moving, keepdims=True)
   mask = M.orr(M.lift(x.mask, x.ndim), upd_spread, M.uniform(idx_words, x.ndim))
   pull = cut_pull([(x, lambda t: t), (upd, lambda t: M.reduce_or(t, moving, keepdims=True))], mask)
@@ -261,3 +255,7 @@ register("dynamic_update_slice", dynamic_update_slice)
 register("gather", gather)
 register(("scatter", "scatter-add", "scatter_add", "scatter-mul", "scatter_mul", "scatter-min",
           "scatter_min", "scatter-max", "scatter_max", "scatter_sub", "scatter-sub"), scatter)
+
+# What the probe needs beyond the mask rule (see registry.TRAITS).
+add_traits(("gather", "dynamic_slice"), "indexed", "places")
+add_traits(("dynamic_update_slice", "scatter", "scatter-add", "scatter_add"), "indexed", "additive")

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxsurgery._src import masks as M
-from jaxsurgery._src.rules.common import all_words, cut_pull, out_val
-from jaxsurgery._src.rules.registry import register, set_dense
+from jaxsurgery._src.core import masks as M
+from jaxsurgery._src.core.errors import UnknownPrimitiveError
+from jaxsurgery._src.core.values import out_val
+from jaxsurgery._src.rules.common import all_words, cut_pull
+from jaxsurgery._src.rules.registry import add_traits, register
 
 
 def dense(ctx, eqn, invals):
@@ -137,9 +139,10 @@ register(("random_bits", "random_split"), leading)
 register(("random_wrap", "random_unwrap", "to_edtype", "from_edtype"), representation)
 register(LINALG, blockwise(lambda eqn: 2))
 register("fft", blockwise(lambda eqn: len(eqn.params["fft_lengths"])))
+
+
 def unsupported_ref(ctx, eqn, invals):
   """Mutable array references are updated in place; a per-variable analysis would be unsound."""
-  from jaxsurgery._src.interpreter import UnknownPrimitiveError
   raise UnknownPrimitiveError(
       f"jaxsurgery does not support mutable array references (primitive {eqn.primitive.name!r}, "
       f"from jax.new_ref / jax.ref / run_state): they are updated in place, which the mask analysis "
@@ -152,4 +155,6 @@ REFS = ("new_ref", "empty_ref", "free_ref", "freeze", "get", "swap", "addupdate"
 register(REFS, unsupported_ref)
 register(COLLECTIVES_DENSE, dense)
 register(CONSERVATIVE, dense)
-set_dense(dense)
+
+# What the probe needs beyond the mask rule (see registry.TRAITS).
+add_traits(("random_bits", "random_wrap", "random_unwrap", "rng_bit_generator"), "zero_grad")

@@ -12,22 +12,14 @@ Structure:
 
 from __future__ import annotations
 
-
 import jax
 import numpy as np
 from jax import lax
 
-from jaxsurgery._src import masks as M
-from jaxsurgery._src.rules.common import cut_pull, out_val
-from jaxsurgery._src.rules.registry import register
-
-
-def _expand_back(t, axes, rank):
-  """Re-inserts reduced axes as size 1 (a reduced touch broadcasts over its group)."""
-  shape = list(t.shape[:-1])
-  for a in sorted(axes):
-    shape.insert(a, 1)
-  return t.reshape(tuple(shape) + t.shape[-1:])
+from jaxsurgery._src.core import masks as M
+from jaxsurgery._src.core.values import out_val
+from jaxsurgery._src.rules.common import cut_pull, unsqueeze
+from jaxsurgery._src.rules.registry import add_traits, register
 
 
 def reduce(ctx, eqn, invals):
@@ -39,12 +31,12 @@ def reduce(ctx, eqn, invals):
   parts = [M.reduce_or(M.lift(v.mask, v.ndim), axes) for v in data]
   out_rank = data[0].ndim - len(axes)
   mask = M.orr(*parts, M.uniform(init_words, out_rank))
-  group = None if mask is None else _expand_back(M.lift(mask, out_rank), axes, data[0].ndim)
+  group = None if mask is None else unsqueeze(M.lift(mask, out_rank), axes)  # broadcasts over the group
   for v in data:
     ctx.touch(v, group)
   for v in inits:
     ctx.touch(v, M.uniform(M.reduce_all(mask), v.ndim))
-  pull = cut_pull([(v, lambda t: _expand_back(M.lift(t, out_rank), axes, data[0].ndim)) for v in data]
+  pull = cut_pull([(v, lambda t: unsqueeze(M.lift(t, out_rank), axes)) for v in data]
                   + [(v, lambda t, r=v.ndim: M.uniform(M.reduce_all(t), r)) for v in inits], mask)
   return [out_val(o, mask, pull) for o in eqn.outvars]
 
@@ -192,3 +184,9 @@ register(("reduce_window_sum", "reduce_window_max", "reduce_window_min", "reduce
          reduce_window)
 register("sort", sort)
 register("top_k", top_k)
+
+# What the probe needs beyond the mask rule (see registry.TRAITS).
+add_traits(("reduce_sum", "cumsum", "reduce_window_sum"), "linear")
+add_traits(("argmax", "argmin"), "zero_grad")
+add_traits(("reduce_max", "reduce_min", "cummax", "cummin", "sort", "reduce_window_max", "reduce_window_min",
+            "top_k"), "selection")

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxsurgery._src import masks as M
-from jaxsurgery._src.rules.common import argsort, forward_pull, out_val
-from jaxsurgery._src.rules.registry import register
+from jaxsurgery._src.core import masks as M
+from jaxsurgery._src.core.values import join_pulls, out_val
+from jaxsurgery._src.rules.common import argsort, forward_pull, reshape_groups, unsqueeze
+from jaxsurgery._src.rules.registry import add_traits, register
 
 
 def _one(eqn, x, fwd, bwd):
@@ -37,14 +38,7 @@ def squeeze(ctx, eqn, invals):
   dims = tuple(d % x.ndim for d in eqn.params["dimensions"])
   keep = lambda m: m.reshape(tuple(s for i, s in enumerate(m.shape[:-1]) if i not in dims) + m.shape[-1:])
   return _one(eqn, x, lambda m: keep(M.lift(m, x.ndim)),
-              lambda t: _unsqueeze(M.lift(t, x.ndim - len(dims)), dims))
-
-
-def _unsqueeze(t, dims):
-  shape = list(t.shape[:-1])
-  for d in sorted(dims):
-    shape.insert(d, 1)
-  return t.reshape(tuple(shape) + t.shape[-1:])
+              lambda t: unsqueeze(M.lift(t, x.ndim - len(dims)), dims))
 
 
 def broadcast_in_dim_fwd(m, out_rank, bd):
@@ -71,32 +65,6 @@ def broadcast_in_dim(ctx, eqn, invals):
               lambda t: broadcast_in_dim_bwd(t, x.shape, out_shape, bd))
 
 
-def _reshape_groups(a, b):
-  """Pairs of axis groups of shapes ``a`` and ``b`` with equal products."""
-  groups, i, j = [], 0, 0
-  while i < len(a) or j < len(b):
-    gi, gj = [], []
-    pi = pj = 1
-    if i < len(a):
-      gi.append(i); pi *= a[i]; i += 1
-    if j < len(b):
-      gj.append(j); pj *= b[j]; j += 1
-    while pi != pj:
-      if pi < pj and i < len(a):
-        gi.append(i); pi *= a[i]; i += 1
-      elif j < len(b):
-        gj.append(j); pj *= b[j]; j += 1
-      else:
-        gi.append(i); pi *= a[i]; i += 1
-    # trailing size-1 axes join the group that precedes them
-    while i < len(a) and a[i] == 1 and (j >= len(b) or b[j] != 1):
-      gi.append(i); i += 1
-    while j < len(b) and b[j] == 1 and (i >= len(a) or a[i] != 1):
-      gj.append(j); j += 1
-    groups.append((gi, gj))
-  return groups
-
-
 def reshape_mask(m, in_shape, out_shape):
   """Reshapes a mask, keeping axis groups compressed when the whole group is."""
   if m is None:
@@ -108,7 +76,7 @@ def reshape_mask(m, in_shape, out_shape):
   if 0 in in_shape or 0 in out_shape:
     return np.zeros(tuple(out_shape) + (W,), m.dtype)
   shape, expand = [], []
-  for gi, gj in _reshape_groups(tuple(in_shape), tuple(out_shape)):
+  for gi, gj in reshape_groups(tuple(in_shape), tuple(out_shape)):
     if all(m.shape[a] == 1 for a in gi):
       shape += [1] * len(gj)
     else:
@@ -225,12 +193,7 @@ def pad(ctx, eqn, invals):
     for a in axes:
       t = _unpad_axis(t, a, config[a][0], config[a][2], x.shape[a])
     return t
-  pulls = [p for p in (forward_pull(x, to_x), forward_pull(padv, M.reduce_all)) if p is not None]
-  pull = None
-  if pulls:
-    def pull(t):
-      for p in pulls:
-        p(t)
+  pull = join_pulls(forward_pull(x, to_x), forward_pull(padv, M.reduce_all))
   return [out_val(eqn.outvars[0], mask, pull)]
 
 
@@ -285,6 +248,17 @@ def concatenate(ctx, eqn, invals):
   return [out_val(eqn.outvars[0], mask, _join_pull(invals, sizes, d, rank, lambda t: t))]
 
 
+def _embed(t, axis: int, size: int, lo: int, hi: int):
+  """``t`` placed at ``[lo, hi)`` along ``axis`` of zeros of size ``size`` there (a slab's pullback)."""
+  shape = list(t.shape)
+  shape[axis] = size
+  full = np.zeros(shape, t.dtype)
+  idx = [slice(None)] * t.ndim
+  idx[axis] = slice(lo, hi)
+  full[tuple(idx)] = t
+  return full
+
+
 def split(ctx, eqn, invals):
   """Consecutive pieces of one axis."""
   x = invals[0]
@@ -298,15 +272,7 @@ def split(ctx, eqn, invals):
     if m is not None and m.shape[axis] > 1:
       m = np.take(m, np.arange(lo, hi), axis=axis)
 
-    def to_x(t, lo=lo, hi=hi):
-      t = M.lift(t, x.ndim)
-      shape = list(t.shape)
-      shape[axis] = x.shape[axis]
-      full = np.zeros(shape, t.dtype)
-      idx = [slice(None)] * t.ndim
-      idx[axis] = slice(lo, hi)
-      full[tuple(idx)] = t
-      return full
+    to_x = lambda t, lo=lo, hi=hi: _embed(M.lift(t, x.ndim), axis, x.shape[axis], lo, hi)
     outs.append(out_val(o, m, forward_pull(x, to_x)))
   return outs
 
@@ -329,15 +295,7 @@ def unstack(ctx, eqn, invals):
   for k, o in enumerate(eqn.outvars):
     m = None if x.mask is None else np.take(M.lift(x.mask, x.ndim), 0 if M.lift(x.mask, x.ndim).shape[d] == 1 else k, axis=d)
 
-    def to_x(t, k=k):
-      t = np.expand_dims(M.lift(t, x.ndim - 1), d)
-      shape = list(t.shape)
-      shape[d] = x.shape[d]
-      full = np.zeros(shape, t.dtype)
-      idx = [slice(None)] * t.ndim
-      idx[d] = slice(k, k + 1)
-      full[tuple(idx)] = t
-      return full
+    to_x = lambda t, k=k: _embed(np.expand_dims(M.lift(t, x.ndim - 1), d), d, x.shape[d], k, k + 1)
     outs.append(out_val(o, m, forward_pull(x, to_x)))
   return outs
 
@@ -397,3 +355,9 @@ register("unstack", unstack)
 register("tile", tile)
 register(("iota", "empty", "empty2", "zeros_like", "create_token", "after_all", "iota_2x32_shape",
           "dce_sink"), constant)
+
+# What the probe and the planner need beyond the mask rule (see registry.TRAITS).
+add_traits(("broadcast_in_dim", "reshape", "transpose", "squeeze", "slice", "rev"), "view", "linear")
+add_traits(("concatenate", "pad", "split"), "linear")
+add_traits(("concatenate", "pad"), "additive")
+add_traits("iota", "zero_grad")

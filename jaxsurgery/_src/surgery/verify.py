@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsurgery._src import features as feats
+from jaxsurgery._src import compat
+from jaxsurgery._src.core import features as feats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +36,6 @@ def _random_leaf(key, leaf: feats.InputLeaf, int_high: int):
 
 def id_bound(closed_jaxpr) -> int | None:
   """Smallest size of an axis that the program gathers from with computed indices."""
-  from jaxsurgery._src import compat
   sizes = []
   stack = [closed_jaxpr.jaxpr if hasattr(closed_jaxpr, "jaxpr") else closed_jaxpr]
   while stack:

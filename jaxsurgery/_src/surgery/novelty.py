@@ -33,22 +33,23 @@ from collections.abc import Mapping
 
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jaxsurgery._src import compat
-from jaxsurgery._src import masks as M
-from jaxsurgery._src.interpreter import Context, Val
-from jaxsurgery._src.rules import elementwise, registry
-from jaxsurgery._src.rules.control_flow import const_vals
+from jaxsurgery._src.core import masks as M
+from jaxsurgery._src.core.interpreter import Context
+from jaxsurgery._src.core.values import Val, const_vals
+from jaxsurgery._src.rules import registry
 
-# Feature-free data movement: a zero mask is carried by applying the op to it.
-_VIEWS = frozenset({"broadcast_in_dim", "reshape", "transpose", "squeeze", "expand_dims", "slice",
-                    "rev"})
-_CASTS = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision", "optimization_barrier"})
-_PRODUCTS = frozenset({"mul", "dot_general", "conv_general_dilated"})
-_SUMS = frozenset({"add", "sub", "add_any"})
-_ELEMENTWISE = frozenset(elementwise.NARY + elementwise.UNARY)
-# Evaluated in place: spreading is recorded at the ops inside them.
-_COMPOUND = frozenset(compat.JIT_NAMES + compat.CALL_NAMES + compat.CONTROL_NAMES)
+# What the pass needs to know about primitives comes from their registered traits:
+# views (feature-free data movement: a zero mask is carried by applying the op to it),
+# casts, products, sums, elementwise ops, and calls and loops, which are evaluated in
+# place (spreading is recorded at the ops inside them).
+_has = registry.has_trait
+
+
+def _compound(name: str) -> bool:
+  return _has(name, "call") or _has(name, "control")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +106,6 @@ def _contract(x, y, x_shape, y_shape, dims) -> np.ndarray:
   Where one side is constant along the contracted axes, the other is first reduced
   over them (an outer product remains); otherwise a float matmul over the shared axes.
   """
-  from jax import lax
   (xc, yc), (xb, yb) = dims
   x = _squeeze(np.asarray(x).reshape((1,) * (len(x_shape) - np.ndim(x)) + np.shape(x)))
   y = _squeeze(np.asarray(y).reshape((1,) * (len(y_shape) - np.ndim(y)) + np.shape(y)))
@@ -192,21 +192,21 @@ class _Context(Context):
   def apply(self, eqn, invals):
     name = eqn.primitive.name
     involved = [id(v) in self.views for v in invals]
-    if not any(involved) or name in _COMPOUND or self._foldable(eqn, invals):
+    if not any(involved) or _compound(name) or self._foldable(eqn, invals):
       # Calls and loops keep their operands' identity: the ops inside see the views.
       outs = _unpulled(super().apply(eqn, invals))
       self._record(eqn, invals, outs)
       return outs
     effective = [self._effective(v) for v in invals]
-    if name in _VIEWS or name in _CASTS:
+    if _has(name, "view") or _has(name, "cast"):
       outs = super().apply(eqn, effective)
       if involved[0]:
-        self._derive(eqn, invals[0], outs[0], cast=name in _CASTS)
+        self._derive(eqn, invals[0], outs[0], cast=_has(name, "cast"))
       else:
         outs = _unpulled(outs)
       self._record(eqn, effective, outs)
       return outs
-    if name in _PRODUCTS:
+    if _has(name, "product"):
       if name == "mul" and not self.eager_mul:
         # Elementwise: the product stays at the same (new) position, where a later
         # contraction can cut it; zeroing here would leave the new unit without gradient.
@@ -219,7 +219,7 @@ class _Context(Context):
       outs = self._cut(eqn, invals, outs)
       if any(involved[k] and self._effective(v).mask is not None for k, v in enumerate(invals[:2])):
         return _unpulled(outs)  # novelty from a kept fresh factor is "random in", not a spread
-    elif name in _SUMS:
+    elif _has(name, "sum"):
       outs = self._sum(eqn, invals)
     elif name == "gather" and id(invals[0]) in self.param_of and invals[1].mask is None:
       outs = super().apply(eqn, [self._unselected(eqn, invals[0], effective[0]), effective[1]])
@@ -329,12 +329,12 @@ class _Context(Context):
     return super().apply(eqn, effective)
 
   def _record(self, eqn, invals, outs) -> None:
-    if eqn.primitive.name in _COMPOUND or not outs or all(o.mask is None for o in outs):
+    if _compound(eqn.primitive.name) or not outs or all(o.mask is None for o in outs):
       return
     shares = [_share(v.mask, v.shape) for v in invals if v.mask is not None]
     # Elementwise ops take the union of their operands' novelty (spreading means more
     # than the sum); anything else combines elements (more than the largest share).
-    before = sum(shares) if eqn.primitive.name in _ELEMENTWISE else max(shares, default=0.0)
+    before = sum(shares) if _has(eqn.primitive.name, "elementwise") else max(shares, default=0.0)
     if before == 0.0:
       return
     after = max(_share(o.mask, o.shape) for o in outs)

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
-from typing import Any
+import os
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple
 
 import jax
 import numpy as np
 
-from jaxsurgery._src import compat
-from jaxsurgery._src import features as feats
-from jaxsurgery._src import masks as M
-from jaxsurgery._src.interpreter import Context, Val
-from jaxsurgery._src.rules import families  # noqa: F401  (registers every rule)
-from jaxsurgery._src.rules.control_flow import const_vals
+from jaxsurgery._src import compat, display
+from jaxsurgery._src.core import features as feats
+from jaxsurgery._src.core import masks as M
+from jaxsurgery._src.core.errors import TraceError, UnknownNameError
+from jaxsurgery._src.core.interpreter import Context
+from jaxsurgery._src.core.values import Val, const_vals
 
-
-class TraceError(ValueError):
-  """``fn`` could not be traced with the given params and inputs."""
+#: How a table was built: by the mask interpreter or by the gradient probe.
+Method = Literal["boolean", "gradient"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -45,7 +46,7 @@ class FeatureTable:
   output_shapes: Mapping[str, tuple[int, ...]]
   output_packed: Mapping[str, np.ndarray | None]
   spec: feats.ResolvedSpec | None = None
-  method: str = "boolean"
+  method: Method = "boolean"
   unknown_primitives: tuple[str, ...] = ()
   jaxpr: Any = None
   param_treedef: Any = None
@@ -61,14 +62,14 @@ class FeatureTable:
       return known[0]
     if path not in known:
       what = "output" if outputs else "parameter"
-      raise KeyError(f"No {what} leaf {path!r} in this table. Known {what} paths: {list(known)}")
+      raise UnknownNameError(f"No {what} leaf {path!r} in this table. Known {what} paths: {list(known)}")
     return path
 
   def _feature_index(self, feature: str) -> int:
     try:
       return self.features.index(feature)
     except ValueError:
-      raise KeyError(f"No feature {feature!r} in this table. Features: {list(self.features)}") from None
+      raise UnknownNameError(f"No feature {feature!r} in this table. Features: {list(self.features)}") from None
 
   def mask(self, path: str) -> np.ndarray:
     """Dense bool array ``param.shape + (num_features,)``: element ``[..., k]`` is touched by feature k."""
@@ -118,14 +119,13 @@ class FeatureTable:
     return int(np.any(m != 0, axis=-1).sum()) * repeat
 
   def summary(self, max_features: int = 6) -> str:
-    from jaxsurgery._src import display
+    """A readable summary: features, and per parameter leaf the features touching it."""
     return display.table_summary(self, max_features)
 
   def __repr__(self) -> str:
     return self.summary()
 
   def _repr_html_(self) -> str:
-    from jaxsurgery._src import display
     return display.table_html(self)
 
 
@@ -159,9 +159,7 @@ def _describe(paths, leaves, message: str = "") -> str:
 
 def _user_frame(exc: BaseException) -> str | None:
   """The innermost traceback frame outside jax, flax and jaxsurgery (where ``fn`` failed)."""
-  import os
-  import traceback
-  skip = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+  skip = [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))]
   for mod in ("jax", "flax"):
     m = __import__(mod)
     skip.append(os.path.dirname(os.path.abspath(m.__file__)))
@@ -173,7 +171,23 @@ def _user_frame(exc: BaseException) -> str | None:
   return f"{f.filename}:{f.lineno} in {f.name}" + (f": {f.line.strip()}" if f.line else "")
 
 
-def trace(fn: Callable, params: Any, inputs: Any):
+class ParamLeaves(NamedTuple):
+  """The flattened parameters of a traced function."""
+
+  paths: list[str]                       # keystr paths, in flattening order
+  leaves: list[jax.ShapeDtypeStruct]     # abstract leaves
+  treedef: Any                           # the params' treedef
+
+
+class Traced(NamedTuple):
+  """``fn(params, inputs)`` traced from abstract shapes (see :func:`trace`)."""
+
+  closed: compat.ClosedJaxpr
+  out_shape: Any                         # pytree of ShapeDtypeStruct
+  params: ParamLeaves
+
+
+def trace(fn: Callable, params: Any, inputs: Any) -> Traced:
   """Traces ``fn(params, inputs)`` to a closed jaxpr from abstract shapes (nothing is allocated)."""
   ppaths, pleaves, pdef = _abstract(params, "params")
   ipaths, ileaves, idef = _abstract(inputs, "inputs")
@@ -194,7 +208,30 @@ def trace(fn: Callable, params: Any, inputs: Any):
         f"  inputs:\n{_describe(ipaths, ileaves, msg)}\n"
         f"  Check that `fn` takes (params, inputs) in that order and that these shapes are the ones "
         f"the model expects.") from e
-  return closed, out_shape, (ppaths, pleaves, pdef)
+  return Traced(closed, out_shape, ParamLeaves(ppaths, pleaves, pdef))
+
+
+def output_layout(out_shape: Any) -> tuple[tuple[str, ...], dict[str, tuple[int, ...]]]:
+  """Output leaf paths and shapes of a traced function's output tree."""
+  out_leaves = jax.tree_util.tree_flatten_with_path(out_shape)[0]
+  opaths = tuple(feats.keystr(p) for p, _ in out_leaves)
+  return opaths, {p: tuple(l.shape) for p, (_, l) in zip(opaths, out_leaves)}
+
+
+def assemble(spec: feats.ResolvedSpec, traced: Traced, packed: Mapping[str, np.ndarray | None],
+             output_packed: Sequence[np.ndarray | None], *, method: Method, **extra: Any) -> FeatureTable:
+  """The :class:`FeatureTable` of ``traced`` with these parameter and output masks.
+
+  Shared by :func:`dependency_table` and the gradient probe. ``output_packed``
+  holds one mask per output leaf, in flattening order.
+  """
+  ppaths, pleaves, pdef = traced.params
+  opaths, oshapes = output_layout(traced.out_shape)
+  return FeatureTable(
+      features=spec.names, paths=tuple(ppaths), shapes={p: tuple(l.shape) for p, l in zip(ppaths, pleaves)},
+      dtypes={p: l.dtype for p, l in zip(ppaths, pleaves)}, packed=dict(packed),
+      output_paths=opaths, output_shapes=oshapes, output_packed=dict(zip(opaths, output_packed)),
+      spec=spec, method=method, jaxpr=traced.closed, param_treedef=pdef, **extra)
 
 
 def dependency_table(fn: Callable, params: Any, inputs: Any, features: Any, *,
@@ -217,6 +254,11 @@ def dependency_table(fn: Callable, params: Any, inputs: Any, features: Any, *,
   Returns:
     A :class:`FeatureTable`.
 
+  Raises:
+    FeatureSpecError: ``features`` does not fit ``inputs``.
+    TraceError: ``fn`` fails to trace with these shapes.
+    UnknownPrimitiveError: with ``strict=True``, a primitive without a rule.
+
   Example:
     >>> import jax, jax.numpy as jnp, jaxsurgery as js
     >>> fn = lambda p, x: jnp.tanh(x @ p["w"])
@@ -227,21 +269,15 @@ def dependency_table(fn: Callable, params: Any, inputs: Any, features: Any, *,
     True
   """
   spec = feats.resolve(features, inputs)
-  closed, out_shape, (ppaths, pleaves, pdef) = trace(fn, params, inputs)
+  traced = trace(fn, params, inputs)
+  closed, out_shape, (ppaths, pleaves, _) = traced
   shapes = [tuple(l.shape) for l in pleaves]
   ctx = Context(spec.num_features, shapes, strict)
   args = [Val(s, l.dtype, pull=ctx.param_pull(i)) for i, (s, l) in enumerate(zip(shapes, pleaves))]
   args += [Val(l.shape, l.dtype, mask=m) for l, m in zip(spec.leaves, spec.input_masks())]
   outs = ctx.run(closed.jaxpr, const_vals(closed.consts), args)
-  out_leaves = jax.tree_util.tree_flatten_with_path(out_shape)[0]
-  opaths = tuple(feats.keystr(p) for p, _ in out_leaves)
-  oshapes = {p: tuple(l.shape) for p, (_, l) in zip(opaths, out_leaves)}
-  opacked = {p: None if M.is_empty(v.mask) else M.compress(M.lift(v.mask, len(oshapes[p])))
-             for p, v in zip(opaths, outs)}
-  return FeatureTable(
-      features=spec.names, paths=tuple(ppaths), shapes=dict(zip(ppaths, shapes)),
-      dtypes={p: l.dtype for p, l in zip(ppaths, pleaves)},
-      packed={p: None if M.is_empty(t) else t for p, t in zip(ppaths, ctx.param_touch)},
-      output_paths=opaths, output_shapes=oshapes, output_packed=opacked, spec=spec,
-      method="boolean", unknown_primitives=tuple(sorted(ctx.unknown)), jaxpr=closed,
-      param_treedef=pdef)
+  opaths, oshapes = output_layout(out_shape)
+  opacked = [None if M.is_empty(v.mask) else M.compress(M.lift(v.mask, len(oshapes[p])))
+             for p, v in zip(opaths, outs)]
+  return assemble(spec, traced, {p: None if M.is_empty(t) else t for p, t in zip(ppaths, ctx.param_touch)},
+                  opacked, method="boolean", unknown_primitives=tuple(sorted(ctx.unknown)))

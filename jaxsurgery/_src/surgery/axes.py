@@ -7,7 +7,7 @@ module follows one parameter axis forward through the jaxpr (through matmuls,
 elementwise ops, broadcasts, transposes, reshapes that keep it whole, into and
 back out of calls and scan bodies) until it meets an op that cuts it:
 
-* ``split`` / equal ``slice``-s along it   -> ``Blocks(k)``: k equal blocks;
+* an equal ``split`` or an aligned ``slice`` along it -> ``Factors((k, n // k))``: k equal blocks;
 * a ``reshape`` that factors it into (a, b) -> ``Factors((a, b))``;
 * a contraction with a ``concatenate``-d partner (a dense layer reading
   ``concat([pooled, globals])``) -> ``Segments(sizes)``: each piece is aligned
@@ -20,10 +20,41 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
+from typing import Literal
 
 import numpy as np
 
 from jaxsurgery._src import compat
+from jaxsurgery._src.core.errors import NoSubJaxprError
+from jaxsurgery._src.rules import registry
+from jaxsurgery._src.rules.common import reshape_groups
+
+#: How one axis of a leaf is aligned.
+AxisKind = Literal["identity", "features", "segments", "blockwise", "prefix"]
+
+
+class AxisHow(str):
+  """How one axis of a leaf was aligned: a ``kind``, and a ``detail`` for segments and blocks.
+
+  It is the string ``kind`` or ``"kind detail"`` (``"features in segments 4+4 -> 6+6"``,
+  ``"blockwise 4x8 -> 4x12"``), so it prints and compares as that text.
+
+  Example:
+    >>> h = AxisHow("blockwise", "4x8 -> 4x12")
+    >>> h, h.kind, h == "blockwise 4x8 -> 4x12"
+    ('blockwise 4x8 -> 4x12', 'blockwise', True)
+  """
+
+  kind: AxisKind
+  detail: str
+
+  def __new__(cls, kind: AxisKind, detail: str = "") -> AxisHow:
+    self = super().__new__(cls, f"{kind} {detail}" if detail else kind)
+    self.kind, self.detail = kind, detail
+    return self
+
+  def __getnewargs__(self) -> tuple[str, str]:  # type: ignore[override]  (pickles as (kind, detail))
+    return self.kind, self.detail
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +75,6 @@ class Segments:
 
   def describe(self) -> str:
     return "+".join(str(s) for s in self.sizes)
-
-
-def _reshape_groups(a, b):
-  from jaxsurgery._src.rules.structural import _reshape_groups as groups
-  return groups(tuple(a), tuple(b))
 
 
 def _shape(v):
@@ -110,13 +136,9 @@ def _producers(jaxpr, cache: dict) -> dict:
   return entry[1]
 
 
-_PASS = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision"})
-
-
 def _pieces(jaxpr, var, ax, cache, depth: int = 0) -> list[int]:
   """Sizes of the concatenated pieces that ``var`` is made of along ``ax`` (flattening
   nested concatenations, through casts and elementwise ops with scalar partners)."""
-  from jaxsurgery._src.rules import elementwise
   n = _shape(var)[ax]
   eqn = _producers(jaxpr, cache).get(id(var))
   while eqn is not None and depth < 64:
@@ -127,7 +149,7 @@ def _pieces(jaxpr, var, ax, cache, depth: int = 0) -> list[int]:
       for v in eqn.invars:
         out += _pieces(jaxpr, v, ax, cache, depth + 1)
       return out
-    if (name in _PASS or name in elementwise.UNARY or name in elementwise.NARY) and len(same) == 1 and all(
+    if registry.has_trait(name, "elementwise") and len(same) == 1 and all(
         isinstance(v, compat.Literal) or v is same[0] or not _shape(v) for v in eqn.invars):
       var, eqn = same[0], _producers(jaxpr, cache).get(id(same[0]))
       depth += 1
@@ -160,7 +182,7 @@ def _step(eqn, var, ax, n, queue, jaxpr, returns, cache):
     return None
   if name == "reshape":
     in_shape, out_shape = _shape(var), _shape(out[0])
-    for gi, gj in _reshape_groups(in_shape, out_shape):
+    for gi, gj in reshape_groups(in_shape, out_shape):
       if ax in gi:
         big_in = [a for a in gi if in_shape[a] > 1]
         big_out = [a for a in gj if out_shape[a] > 1]
@@ -201,10 +223,10 @@ def _step(eqn, var, ax, n, queue, jaxpr, returns, cache):
         if ax in free:
           follow(out[0], len(rb) + len(lfree) + free.index(ax))
     return None
-  if name in compat.JIT_NAMES or name in compat.CALL_NAMES:
+  if registry.has_trait(name, "call"):
     try:
-      sub, _ = compat.sub_jaxpr(p)
-    except KeyError:
+      sub, _ = compat.sub_jaxpr(p, name)
+    except NoSubJaxprError:
       return None
     returns[id(sub)] = (sub, jaxpr, eqn, len(sub.outvars))
     for i in pos:
@@ -219,15 +241,14 @@ def _step(eqn, var, ax, n, queue, jaxpr, returns, cache):
         queue.append((sub, sub.invars[i], ax))
     return None
   # Elementwise: same axis (operands of equal rank only).
-  from jaxsurgery._src.rules import elementwise
-  if name in elementwise.UNARY or name in elementwise.NARY or name in elementwise.PASSTHROUGH:
+  if registry.has_trait(name, "elementwise") or registry.has_trait(name, "passthrough"):
     for o in out:
       if len(_shape(o)) == len(_shape(var)):
         follow(o, ax)
   return None
 
 
-def index_map(new_n: int, old_n: int, new_s, old_s) -> tuple[np.ndarray, str]:
+def index_map(new_n: int, old_n: int, new_s, old_s) -> tuple[np.ndarray, AxisHow]:
   """Old index per new index (-1: fresh) along a positional axis, and how it was aligned."""
   if (isinstance(new_s, Segments) and isinstance(old_s, Segments)
       and len(new_s.sizes) == len(old_s.sizes) and sum(new_s.sizes) == new_n and sum(old_s.sizes) == old_n):
@@ -236,12 +257,12 @@ def index_map(new_n: int, old_n: int, new_s, old_s) -> tuple[np.ndarray, str]:
     for size, old_size, start in zip(new_s.sizes, old_s.sizes, old_start):
       j = np.arange(size)
       parts.append(np.where(j < old_size, start + j, -1))
-    return np.concatenate(parts), f"segments {old_s.describe()} -> {new_s.describe()}"
+    return np.concatenate(parts), AxisHow("segments", f"{old_s.describe()} -> {new_s.describe()}")
   if (isinstance(new_s, Factors) and isinstance(old_s, Factors) and len(new_s.sizes) == len(old_s.sizes)
       and int(np.prod(new_s.sizes)) == new_n and int(np.prod(old_s.sizes)) == old_n):
     grid = np.indices(new_s.sizes).reshape(len(new_s.sizes), -1)
     ok = np.all(grid < np.asarray(old_s.sizes)[:, None], axis=0)
     old_flat = np.ravel_multi_index(tuple(np.minimum(grid, np.asarray(old_s.sizes)[:, None] - 1)), old_s.sizes)
-    return np.where(ok, old_flat, -1), f"blockwise {old_s.describe()} -> {new_s.describe()}"
+    return np.where(ok, old_flat, -1), AxisHow("blockwise", f"{old_s.describe()} -> {new_s.describe()}")
   m = np.arange(new_n)
-  return np.where(m < old_n, m, -1), "prefix"
+  return np.where(m < old_n, m, -1), AxisHow("prefix")

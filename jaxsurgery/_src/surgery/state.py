@@ -28,25 +28,31 @@ from __future__ import annotations
 import dataclasses
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsurgery._src import features as feats
-from jaxsurgery._src.plan import LeafPlan, SurgeryError, _apply_leaf, sharded_call
+from jaxsurgery._src import display
+from jaxsurgery._src.core import features as feats
+from jaxsurgery._src.core.errors import SurgeryError
+from jaxsurgery._src.surgery.remap import apply_leaf, sharded_call
+
+if TYPE_CHECKING:
+  from jaxsurgery._src.surgery.plan import LeafPlan
 
 
 # -- the report -------------------------------------------------------------------------
 
-#: kinds of :class:`StateLeaf`
-REMAPPED = "remapped"   # param-shaped leaf computed by the plan from an old leaf
-FRESH = "fresh"         # param-shaped leaf of a parameter the old model did not have: init (zeroed where planned)
-MISSING = "missing"     # param-shaped leaf whose old source is absent from the old state: init
-RESET = "reset"         # leaf under a param path but of another shape (e.g. factored moments): init
-COPIED = "copied"       # other leaf, copied from the old state (same path, shape, dtype)
-INIT = "init"           # other leaf, taken from new_state_init
+#: The kinds of :class:`StateLeaf`.
+LeafKind = Literal["remapped", "fresh", "missing", "reset", "copied", "init"]
+REMAPPED: Final = "remapped"  # param-shaped leaf computed by the plan from an old leaf
+FRESH: Final = "fresh"        # param-shaped leaf of a parameter the old model did not have: init (zeroed where planned)
+MISSING: Final = "missing"    # param-shaped leaf whose old source is absent from the old state: init
+RESET: Final = "reset"        # leaf under a param path but of another shape (e.g. factored moments): init
+COPIED: Final = "copied"      # other leaf, copied from the old state (same path, shape, dtype)
+INIT: Final = "init"          # other leaf, taken from new_state_init
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +69,7 @@ class StateLeaf:
   """
 
   path: str
-  kind: str
+  kind: LeafKind
   old_path: str | None = None
   param: str | None = None
   prefix: str | None = None
@@ -135,7 +141,6 @@ class StateReport:
     return out
 
   def __repr__(self) -> str:
-    from jaxsurgery._src import display
     t = self.totals()
     lines = [f"StateReport: {len(self.leaves)} leaves -- {t[REMAPPED]} remapped, {t[FRESH]} fresh params, "
              f"{t[COPIED]} copied, {t[MISSING] + t[RESET] + t[INIT]} from new init; "
@@ -197,8 +202,13 @@ def _norm_prefix(p: str) -> str:
   return p + "/" if p else ""
 
 
-class _Renamer:
-  """Maps new state paths to old ones (``rename={old prefix: new prefix}``), on path components."""
+class PathRenamer:
+  """Maps new state paths to old ones (``rename={old prefix: new prefix}``), on path components.
+
+  Example:
+    >>> PathRenamer({"opt_state": "opt_state/1"}).to_old("opt_state/1/mu/w")
+    'opt_state/mu/w'
+  """
 
   def __init__(self, rename: Mapping[str, str] | None):
     pairs = [(_split(o.strip("/")), _split(n.strip("/"))) for o, n in (rename or {}).items()]
@@ -261,8 +271,7 @@ def _copy_conversion(old_sd, new_sd, new_leaf) -> str | None:
 
 
 def _describe(sd) -> str:
-  from jaxsurgery._src.display import fmt_shape
-  return "opaque" if sd is None else f"{fmt_shape(sd[0])} {sd[1]}"
+  return "opaque" if sd is None else f"{display.fmt_shape(sd[0])} {sd[1]}"
 
 
 # -- the state plan ---------------------------------------------------------------------
@@ -354,10 +363,10 @@ def _plan_state(surgery, old_state, new_state_init, rename, prefixes):
   old_leaves = [x for _, x in old_flat]
   old_at = {p: i for i, p in enumerate(old_paths)}
   old_sd = [_shape_dtype(x) for x in old_leaves]
-  renamer = _Renamer(rename)
+  renamer = PathRenamer(rename)
   prefixes = None if prefixes is None else {_norm_prefix(p) for p in prefixes}
   index = _TableIndex(surgery.new_table)
-  plans: Mapping[str, LeafPlan] = surgery._leaves
+  plans: Mapping[str, LeafPlan] = surgery.leaf_plans
 
   abstract = [p for p, x in zip(new_paths, new_leaves) if isinstance(x, jax.ShapeDtypeStruct)]
   if abstract:
@@ -471,12 +480,11 @@ def _plan_state(surgery, old_state, new_state_init, rename, prefixes):
         "variables start with 'params/'), or pass the state whose params the table was built from.")
   expected = sum(g["counts"][REMAPPED] + g["counts"][MISSING] for g in groups.values())
   if expected and not any(g["counts"][REMAPPED] for g in groups.values()):
-    from jaxsurgery._src.display import fmt_shape
     want = {}
     for l in entries:
       if l.kind == MISSING and l.prefix not in want:
         leaf = plans[l.param]
-        want[l.prefix] = (f"{_groups_old_path(groups, l, leaf)!r} {fmt_shape(leaf.old_shape)} "
+        want[l.prefix] = (f"{_groups_old_path(groups, l, leaf)!r} {display.fmt_shape(leaf.old_shape)} "
                           f"(old {leaf.old_path!r}, for new {l.path!r})")
     raise SurgeryError(
         "The old state holds none of the old model's parameters where the plan expects them; e.g.\n    "
@@ -511,7 +519,7 @@ def _run_steps(plans, steps, olds, inits):
   out = []
   for s, old, init in zip(steps, olds, inits):
     if s.op == "plan":
-      out.append(_apply_leaf(plans[s.param], old, init))
+      out.append(apply_leaf(plans[s.param], old, init))
     elif s.conversion == "wrap_key":
       out.append(jax.random.wrap_key_data(jnp.asarray(old), impl=jax.random.key_impl(init)))
     else:
@@ -596,7 +604,7 @@ def remap_state(surgery, old_state, new_state_init, *, rename: Mapping[str, str]
   if traced:
     olds = [None if s.old_index is None else old_leaves[s.old_index] for s in traced]
     inits = [new_leaves[s.new_index] for s in traced]
-    plans, steps_key = surgery._leaves, tuple(traced)
+    plans, steps_key = surgery.leaf_plans, tuple(traced)
     run = lambda o, i: _run_steps(plans, steps_key, o, i)
     results = sharded_call(_COMPILED.setdefault(surgery, {}), steps_key, run, (olds, inits), inits, list)
     for s, r in zip(traced, results):

@@ -22,11 +22,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxsurgery._src import masks as M
-
-
-class FeatureSpecError(ValueError):
-  """A feature spec that does not fit the inputs it describes."""
+from jaxsurgery._src.core import masks as M
+from jaxsurgery._src.core.errors import FeatureSpecError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,145 @@
+"""Applying a plan: the pure pytree -> pytree remap of the parameters.
+
+:class:`Surgery` holds the two tables and the :class:`~jaxsurgery.Report`; it
+remaps parameter trees leaf by leaf (:func:`apply_leaf`), in one jitted program
+per tree structure and sharding (:func:`sharded_call`, shared with
+:func:`~jaxsurgery.remap_state`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsurgery._src.core import features as feats
+from jaxsurgery._src.core.errors import SurgeryError
+from jaxsurgery._src.core.table import FeatureTable
+
+if TYPE_CHECKING:  # plan builds Surgery objects, so it imports this module
+  from jaxsurgery._src.surgery.plan import LeafPlan, Report
+
+
+def leaves_by_path(tree: Any, table: FeatureTable, what: str) -> dict[str, Any]:
+  """``{path: leaf}`` of ``tree``, checked against the table's parameter paths and shapes."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  got = {feats.keystr(p): x for p, x in leaves}
+  missing = [p for p in table.paths if p not in got]
+  extra = [p for p in got if p not in table.shapes]
+  bad = [(p, tuple(np.shape(got[p])), table.shapes[p]) for p in table.paths
+         if p in got and tuple(np.shape(got[p])) != table.shapes[p]]
+  if missing or extra or bad:
+    lines = [f"{what} does not match the model the plan was built for."]
+    if missing:
+      lines.append(f"  missing paths: {missing}")
+    if extra:
+      lines.append(f"  unexpected paths: {extra}")
+    for p, s, e in bad:
+      lines.append(f"  {p!r}: shape {s}, expected {e}")
+    lines.append("  Pass a tree shaped like the params given to dependency_table (e.g. the same "
+                 "checkpoint format), or rebuild the tables for this model.")
+    raise SurgeryError("\n".join(lines))
+  return got
+
+
+def apply_leaf(leaf: LeafPlan, old: Any, init: Any) -> Any:
+  """One new leaf: ``old`` taken through the leaf's index maps, ``init`` where fresh, zeros where planned."""
+  if leaf.old_path is None:
+    out = init
+  else:
+    x = jnp.asarray(old)
+    valid = None
+    for a, m in enumerate(leaf.maps):
+      if m is None:
+        continue
+      x = jnp.take(x, np.maximum(m, 0), axis=a)
+      if (m < 0).any():
+        v = (m >= 0).reshape((1,) * a + (-1,) + (1,) * (len(leaf.shape) - a - 1))
+        valid = v if valid is None else (valid & v)
+    x = x.astype(init.dtype)
+    out = x if valid is None else jnp.where(valid, x, init)
+  if leaf.zero is not None:
+    out = jnp.where(leaf.zero, jnp.zeros((), init.dtype), out)
+  return out
+
+
+def sharded_call(cache: dict, key: Any, fn: Callable, args: tuple, targets: Sequence[Any],
+                 out_shardings_of: Callable) -> Any:
+  """``fn(*args)``: traced inline under an outer transformation; otherwise one jitted
+  program per ``key`` and sharding of ``targets`` (the new init's leaves), whose outputs
+  get those shardings (``out_shardings_of(list of shardings)`` lays them out)."""
+  if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(args)):
+    return fn(*args)
+  shardings = tuple(getattr(x, "sharding", None) for x in targets)
+  full = (key, shardings if all(s is not None for s in shardings) else None)
+  compiled = cache.get(full)
+  if compiled is None:
+    out = None if full[1] is None else out_shardings_of(list(full[1]))
+    compiled = cache[full] = jax.jit(fn, out_shardings=out)
+  return compiled(*args)
+
+
+class Surgery:
+  """A planned transfer. ``surgery(old_params, new_params_init) -> new_params`` is pure and jittable.
+
+  Apply it to any tree shaped like the params the tables were built from: EMA
+  params, optimizer moments, or every checkpoint of a pool of past versions.
+  Eager calls run one jitted program and keep the shardings of
+  ``new_params_init``; under an outer ``jax.jit`` it is traced inline.
+  """
+
+  def __init__(self, old_table: FeatureTable, new_table: FeatureTable, report: Report):
+    self.old_table, self.new_table, self.report = old_table, new_table, report
+    self.leaf_plans: dict[str, LeafPlan] = {l.path: l for l in report.leaves}  # by new path
+    self._compiled: dict = {}
+
+  def apply(self, old_params: Any, new_params_init: Any) -> Any:
+    """The new params, computed leaf by leaf (traced as is: use it inside your own ``jit``).
+
+    Args:
+      old_params: a tree shaped like the old table's params (the trained
+        params, an EMA copy, an optimizer moment...).
+      new_params_init: a tree shaped like the new table's params (the new
+        model's init); fresh elements take its values, and its dtypes.
+
+    Returns:
+      A tree shaped like ``new_params_init``.
+
+    Raises:
+      SurgeryError: a tree that does not match its table (paths or shapes).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np, jaxsurgery as js
+      >>> fn = lambda p, x: x @ p["w"]
+      >>> old_p, new_init = {"w": jnp.ones((2, 3))}, {"w": jnp.zeros((3, 3))}
+      >>> old = js.dependency_table(fn, old_p, jnp.ones((1, 2)), js.Features(["a", "b"]))
+      >>> new = js.dependency_table(fn, new_init, jnp.ones((1, 3)), js.Features(["b", "c", "a"]))
+      >>> np.asarray(js.plan(old, new).apply(old_p, new_init)["w"]).tolist()
+      [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
+    """
+    old = leaves_by_path(old_params, self.old_table, "old_params")
+    init_leaves, treedef = jax.tree_util.tree_flatten_with_path(new_params_init)
+    leaves_by_path(new_params_init, self.new_table, "new_params_init")
+    out = []
+    for path, x in init_leaves:
+      leaf = self.leaf_plans[feats.keystr(path)]
+      out.append(apply_leaf(leaf, old.get(leaf.old_path), x))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+  def remap_state(self, old_state: Any, new_state_init: Any, **kwargs: Any) -> Any:
+    """Remaps a whole training state (params, EMA, optimizer moments, counts): see
+    :func:`jaxsurgery.remap_state`."""
+    from jaxsurgery._src.surgery.state import remap_state  # state builds on this module
+    return remap_state(self, old_state, new_state_init, **kwargs)
+
+  def __call__(self, old_params: Any, new_params_init: Any) -> Any:
+    """:meth:`apply`, run as one jitted program that keeps ``new_params_init``'s shardings."""
+    init_leaves, treedef = jax.tree_util.tree_flatten(new_params_init)
+    return sharded_call(self._compiled, treedef, self.apply, (old_params, new_params_init), init_leaves,
+                        lambda shardings: jax.tree_util.tree_unflatten(treedef, shardings))
+
+  def __repr__(self) -> str:
+    return "Surgery(\n" + repr(self.report) + "\n)"
