@@ -1,29 +1,73 @@
 """jaxsurgery: neural network surgery for JAX and Flax.
 
-Flow: features -> masks -> interpreter and rules -> table -> probe -> plan/remap.
+The flow (see docs/design.md):
+
+1. name the input features (:class:`Features`) and build each model's
+   feature→parameter table (:func:`dependency_table`; cross-checked by the
+   gradient probe, :func:`gradient_table` and :func:`cross_check`);
+2. plan the transfer from the old table to the new one (:func:`plan`), which
+   returns a :class:`Surgery` and its :class:`Report`;
+3. apply it to parameters (``surgery(old_params, new_init)``) or whole training
+   states (:func:`remap_state`; ``jaxsurgery.flax``, ``jaxsurgery.orbax``);
+4. check it numerically (:func:`verify`).
+
+Rule authors: :mod:`jaxsurgery.rules` (``register_rule`` and ``override_rule``
+are re-exported here).
+
+Example:
+  >>> import jax, jax.numpy as jnp, jaxsurgery as js
+  >>> fn = lambda p, x: jnp.tanh(x @ p["w"])
+  >>> old_p, new_init = {"w": jnp.ones((2, 3))}, {"w": jnp.zeros((3, 3))}
+  >>> old = js.dependency_table(fn, old_p, jnp.ones((1, 2)), js.Features(["hp", "mana"]))
+  >>> new = js.dependency_table(fn, new_init, jnp.ones((1, 3)), js.Features(["hp", "armor", "mana"]))
+  >>> surgery = js.plan(old, new)
+  >>> surgery.report.preserved
+  True
+  >>> js.verify(surgery, fn, fn, old_p, surgery(old_p, new_init), jnp.ones((1, 2)), jnp.ones((1, 3)),
+  ...           key=jax.random.key(0)).ok
+  True
 """
 
-from jaxsurgery._src.core.errors import FeatureSpecError, TraceError, UnknownPrimitiveError, UnknownPrimitiveWarning
+from importlib import metadata as _metadata
+
+from jaxsurgery import rules
+from jaxsurgery._src.core.errors import (
+  FeatureSpecError,
+  RuleError,
+  SurgeryError,
+  TraceError,
+  UnknownNameError,
+  UnknownPrimitiveError,
+  UnknownPrimitiveWarning,
+)
 from jaxsurgery._src.core.features import Features
-from jaxsurgery._src.core.values import Val
-from jaxsurgery._src.rules.registry import override_rule, register as register_rule
 from jaxsurgery._src.core.table import FeatureTable, dependency_table
-from jaxsurgery._src.rules import opaque as _opaque, elementwise as _elementwise
+from jaxsurgery._src.core.values import Val
+from jaxsurgery._src.probe.cross_check import CrossCheck, Difference, LeafAgreement, Miss, cross_check
+from jaxsurgery._src.probe.evidence import ProbeEvidence
+from jaxsurgery._src.probe.gradient_table import gradient_table
+from jaxsurgery._src.surgery.plan import LeafPlan, Report, plan
+from jaxsurgery._src.surgery.remap import Surgery
+from jaxsurgery._src.surgery.state import StateReport, remap_state
+from jaxsurgery._src.surgery.verify import Verification, verify
+from jaxsurgery.rules import override_rule, register_rule
 
-__version__ = "0.1.0"
+try:
+  __version__ = _metadata.version("jaxsurgery")  # the one version source: pyproject.toml
+except _metadata.PackageNotFoundError:  # pragma: no cover - run from a source tree that is not installed
+  __version__ = "0+unknown"
 
-
-class rules:  # noqa: N801  (a namespace of ready-made rules for overrides)
-  """Ready-made rules: ``dense`` (conservative), ``unary``, ``nary``, ``passthrough``."""
-  dense = staticmethod(_opaque.dense)
-  unary = staticmethod(_elementwise.unary)
-  nary = staticmethod(_elementwise.nary)
-  passthrough = staticmethod(_elementwise.passthrough)
-
-from jaxsurgery._src.probe.cross_check import CrossCheck, Difference, LeafAgreement, Miss, cross_check  # noqa: E402
-from jaxsurgery._src.probe.gradient_table import gradient_table  # noqa: E402
-from jaxsurgery._src.core.errors import SurgeryError  # noqa: E402
-from jaxsurgery._src.surgery.plan import Report, plan  # noqa: E402
-from jaxsurgery._src.surgery.remap import Surgery  # noqa: E402
-from jaxsurgery._src.surgery.verify import Verification, verify  # noqa: E402
-from jaxsurgery._src.surgery.state import StateReport, remap_state  # noqa: E402
+__all__ = [
+    # features and tables
+    "Features", "dependency_table", "FeatureTable",
+    # the gradient probe and its cross-check
+    "gradient_table", "ProbeEvidence", "cross_check", "CrossCheck", "Miss", "Difference", "LeafAgreement",
+    # surgery
+    "plan", "Surgery", "Report", "LeafPlan", "remap_state", "StateReport", "verify", "Verification",
+    # rules (see jaxsurgery.rules)
+    "rules", "Val", "register_rule", "override_rule",
+    # errors and warnings
+    "FeatureSpecError", "TraceError", "SurgeryError", "UnknownNameError", "UnknownPrimitiveError",
+    "UnknownPrimitiveWarning", "RuleError",
+    "__version__",
+]

@@ -6,12 +6,20 @@
 * Linen: :func:`plan_linen`, :func:`remap_train_state`.
 * Building blocks: :func:`nnx_fn`, :func:`linen_fn`.
 
-See docs/integrations.md.
+Remapping returns a :class:`jaxsurgery.StateReport`; the generic
+:func:`jaxsurgery.remap_state` is in the top-level package. See
+docs/integrations.md.
 """
 
-from jaxsurgery._src.integrations.flax import (  # noqa: F401
-    linen_fn, nnx_fn, plan_linen, plan_nnx, remap_nnx, remap_train_state, transplant, verify_nnx)
-from jaxsurgery._src.surgery.state import StateReport, remap_state  # noqa: F401
+from jaxsurgery._src.integrations.flax import (
+                                               linen_fn,
+                                               nnx_fn,
+                                               plan_linen,
+                                               plan_nnx,
+                                               remap_nnx,
+                                               remap_train_state,
+                                               transplant,
+                                               verify_nnx,
+)
 
-__all__ = ["plan_nnx", "plan_linen", "verify_nnx", "nnx_fn", "linen_fn", "transplant", "remap_nnx", "remap_train_state",
-           "remap_state", "StateReport"]
+__all__ = ["plan_nnx", "plan_linen", "verify_nnx", "nnx_fn", "linen_fn", "transplant", "remap_nnx", "remap_train_state"]

@@ -191,8 +191,7 @@ def test_unknown_primitive_strict_raises():
 def test_registering_a_rule_for_the_unknown_primitive():
   # a precise rule replaces the fallback: out = w * sum(x); y = 2 x (elementwise)
   def rule(ctx, eqn, invals):
-    from jaxsurgery._src.core import masks as M
-    from jaxsurgery._src.core.values import out_val
+    M, out_val = js.rules.masks, js.rules.out_val
     x, w = invals
     ctx.touch(w, M.uniform(M.reduce_all(x.mask), w.ndim))
     return [out_val(eqn.outvars[0], M.uniform(M.reduce_all(x.mask), 1)), out_val(eqn.outvars[1], x.mask)]

@@ -310,8 +310,7 @@ def test_cross_check_html_ok():
 
 
 def test_cross_check_html_failed_lists_missed_groups_capped():
-  from jaxsurgery._src.rules import registry
-  real = registry.lookup("dot_general")
+  real = js.rules.get("dot_general")
 
   def broken(ctx, eqn, invals):
     lhs, rhs = invals[:2]

@@ -16,8 +16,7 @@ import zoo  # noqa: E402
 
 import jaxsurgery as js  # noqa: E402
 from jaxsurgery._src.core import masks  # noqa: E402
-from jaxsurgery._src.probe.evidence import ProbeEvidence  # noqa: E402
-from jaxsurgery._src.rules import registry  # noqa: E402  (the real dot_general rule, to break it)
+from jaxsurgery import ProbeEvidence  # noqa: E402
 
 KEY = jax.random.key(0)  # results were also checked with keys 1-4
 
@@ -190,7 +189,7 @@ def test_additive_parameters_cannot_single_out_features():
       assert d.op == "max" and "additive" in d.explanation and "`max`" in d.explanation
 
 
-REAL_DOT_GENERAL = registry.lookup("dot_general")
+REAL_DOT_GENERAL = js.rules.get("dot_general")  # the real rule, to break it
 
 
 def broken_dot_general(ctx, eqn, invals):

@@ -575,3 +575,54 @@ def test_positional_axis_contracted_against_pieces_is_aligned_per_piece():
   assert {l.path: l for l in surgery.report.leaves}["w"].how[0] == "segments 4+4 -> 6+6"
   w_old, w_new = np.asarray(old_p["w"]), np.asarray(new_p["w"])
   np.testing.assert_array_equal(w_new[[0, 1, 2, 3, 6, 7, 8, 9]], w_old)
+
+
+def test_strict_accepts_a_removed_feature_inside_a_concatenated_piece():
+  """A kernel reading concat([units, globals]): removing a unit feature while adding a global one
+  keeps the axis size; the dropped row belongs to the removed feature, so strict=True accepts it
+  (the axis is labelled "features in segments ...", which strict once took for positional)."""
+  def fn(p, x):
+    return jnp.tanh(jnp.concatenate([x["units"], x["globals"]], -1) @ p["w"])
+  old_p, new_init = {"w": rand(KEY, (5, 4))}, {"w": rand(jax.random.key(1), (5, 4))}
+  old_x = {"units": jnp.ones((2, 3)), "globals": jnp.ones((2, 2))}
+  new_x = {"units": jnp.ones((2, 2)), "globals": jnp.ones((2, 3))}
+  old_spec = {"units": js.Features(["hp", "mana", "x"]), "globals": js.Features(["time", "gold"])}
+  new_spec = {"units": js.Features(["hp", "x"]), "globals": js.Features(["time", "gold", "xp"])}
+  old_t = js.dependency_table(fn, old_p, old_x, old_spec, strict=True)
+  new_t = js.dependency_table(fn, new_init, new_x, new_spec, strict=True)
+  surgery = js.plan(old_t, new_t, strict=True)   # raised "did not shrink" before
+  (leaf,) = surgery.report.leaves
+  assert leaf.how[0] == "features in segments 3+2 -> 2+3" and leaf.how[0].kind == "features", leaf.how
+  assert surgery.report.removed == ("mana",) and surgery.report.added == ("xp",)
+  np.testing.assert_array_equal(leaf.maps[0], [0, 2, 3, 4, -1])
+  w_old, w_new = np.asarray(old_p["w"]), np.asarray(surgery(old_p, new_init)["w"])
+  np.testing.assert_array_equal(w_new[:4], w_old[[0, 2, 3, 4]])
+  np.testing.assert_array_equal(w_new[4], 0)  # the new global's row: random in, zero out
+
+
+def test_rename_features_and_rename_params_are_unambiguous():
+  """A parameter path that is also a feature name: ``rename`` takes it for the feature, the
+  specific arguments say which is meant; conflicting entries are an error."""
+  def fn_old(p, x):
+    return mlp({"l1": p["b"], "l2": p["second"]}, x)
+  old_p = mlp_params(KEY, 3, 4, 2)
+  old_named = {"b": old_p["l1"], "second": old_p["l2"]}   # leaf paths b/w, b/b ...
+  new_init = mlp_params(jax.random.key(1), 3, 4, 2)
+  x = jnp.ones((2, 3))
+  old_t = js.dependency_table(fn_old, old_named, x, js.Features(["a", "b/w", "c"]))
+  new_t = js.dependency_table(mlp, new_init, x, js.Features(["a", "hp", "c"]))
+  params = {"b/w": "l1/w", "b/b": "l1/b", "second/w": "l2/w", "second/b": "l2/b"}
+  surgery = js.plan(old_t, new_t, rename_features={"b/w": "hp"}, rename_params=params)
+  assert surgery.report.renamed_features == {"b/w": "hp"} and not surgery.report.added
+  assert ("b/w", "l1/w", "rename") in surgery.report.matching
+  np.testing.assert_array_equal(np.asarray(surgery(old_named, new_init)["l1"]["w"]), np.asarray(old_p["l1"]["w"]))
+  # `rename` alone reads "b/w" as the feature; the explicit arguments agree with it.
+  same = js.plan(old_t, new_t, rename={"b/w": "hp", "b/b": "l1/b"}, rename_features={"b/w": "hp"},
+                 rename_params={"b/w": "l1/w"})
+  assert same.report.renamed_features == {"b/w": "hp"} and ("b/w", "l1/w", "rename") in same.report.matching
+  with pytest.raises(js.SurgeryError, match=r"`rename` maps 'b/w' to 'hp' but `rename_features` maps it to 'x'"):
+    js.plan(old_t, new_t, rename={"b/w": "hp"}, rename_features={"b/w": "x"})
+  with pytest.raises(js.SurgeryError, match="rename_features.*'nope'"):
+    js.plan(old_t, new_t, rename_features={"nope": "hp"})
+  with pytest.raises(js.SurgeryError, match="rename_outputs.*no named outputs"):
+    js.plan(old_t, new_t, rename_outputs={"logits": "logits"})

@@ -25,6 +25,7 @@ from jax._src import core as jcore
 from jaxsurgery._src.core.errors import NoSubJaxprError
 
 Literal = jcore.Literal
+JaxprEqn = jcore.JaxprEqn
 DropVar = jcore.DropVar
 Jaxpr = jcore.Jaxpr
 ClosedJaxpr = jcore.ClosedJaxpr

@@ -27,14 +27,36 @@ class FeatureTable:
   """Which features touch which parameter elements, and which outputs depend on which features.
 
   Masks are stored bit-packed and compressed (size-1 along axes where they are
-  constant); the accessors below expand them for inspection.
+  constant); the accessors below expand them for inspection. Build one with
+  :func:`dependency_table` (``method="boolean"``) or :func:`gradient_table`
+  (``method="gradient"``).
 
   Attributes:
     features: feature names, in spec order.
     paths: parameter leaf paths (``keystr(path, simple=True, separator="/")``).
     shapes: parameter shape per path.
+    dtypes: parameter dtype per path.
+    packed: packed, compressed touch mask per path (``None``: touched by nothing).
     output_paths: output leaf paths.
+    output_shapes: output shape per path.
+    output_packed: packed forward mask per output path.
+    spec: the resolved feature spec (feature positions in the inputs).
     method: ``"boolean"`` (the interpreter) or ``"gradient"`` (the probe).
+    unknown_primitives: primitives that got the conservative dense rule.
+    jaxpr: the traced program (``None`` once dropped, e.g. for pickling).
+    param_treedef: the params' treedef.
+    evidence: the probe's :class:`ProbeEvidence` (gradient tables only).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js
+    >>> fn = lambda p, x: x @ p["w"] + p["b"]
+    >>> params = {"w": jax.ShapeDtypeStruct((2, 3), jnp.float32), "b": jax.ShapeDtypeStruct((3,), jnp.float32)}
+    >>> x = jax.ShapeDtypeStruct((5, 2), jnp.float32)
+    >>> table = js.dependency_table(fn, params, x, js.Features(["hp", "mana"]))
+    >>> table.paths, table.mask("w")[:, 0].tolist()      # kernel row i is touched by feature i
+    (('b', 'w'), [[True, False], [False, True]])
+    >>> table.feature_counts("b").tolist()              # the bias meets both features
+    [3, 3]
   """
 
   features: tuple[str, ...]
@@ -50,13 +72,14 @@ class FeatureTable:
   unknown_primitives: tuple[str, ...] = ()
   jaxpr: Any = None
   param_treedef: Any = None
-  evidence: Any = None  # gradient probe: what cross_check needs besides the masks (probe.ProbeEvidence)
+  evidence: Any = None  # gradient probe: what cross_check needs besides the masks (ProbeEvidence)
 
   @property
   def num_features(self) -> int:
+    """Number of features."""
     return len(self.features)
 
-  def _check_path(self, path: str, outputs: bool = False) -> str:
+  def _check_path(self, path: str | None, outputs: bool = False) -> str:
     known = self.output_paths if outputs else self.paths
     if path is None and outputs and len(known) == 1:
       return known[0]
@@ -72,17 +95,47 @@ class FeatureTable:
       raise UnknownNameError(f"No feature {feature!r} in this table. Features: {list(self.features)}") from None
 
   def mask(self, path: str) -> np.ndarray:
-    """Dense bool array ``param.shape + (num_features,)``: element ``[..., k]`` is touched by feature k."""
+    """The touches of one parameter leaf, expanded.
+
+    Args:
+      path: a parameter path (one of :attr:`paths`).
+
+    Returns:
+      A bool array ``param.shape + (num_features,)``: element ``[..., k]`` is
+      touched by feature ``k``.
+
+    Raises:
+      UnknownNameError: ``path`` is not a parameter of this table.
+    """
     path = self._check_path(path)
     return M.unpack(self.packed[path], self.shapes[path], self.num_features)
 
   def output_mask(self, path: str | None = None) -> np.ndarray:
-    """Dense bool array ``output.shape + (num_features,)``: which features each output element depends on."""
+    """The forward mask of one output leaf, expanded.
+
+    Args:
+      path: an output path (one of :attr:`output_paths`); may be omitted when
+        there is one output.
+
+    Returns:
+      A bool array ``output.shape + (num_features,)``: which features each
+      output element depends on.
+    """
     path = self._check_path(path, outputs=True)
     return M.unpack(self.output_packed[path], self.output_shapes[path], self.num_features)
 
   def lookup(self, feature: str) -> dict[str, np.ndarray]:
-    """The paper's φ(feature): ``{path: bool array of param.shape}``."""
+    """The paper's φ(feature): the parameter elements one feature touches.
+
+    Args:
+      feature: a feature name.
+
+    Returns:
+      ``{path: bool array of the parameter's shape}``.
+
+    Raises:
+      UnknownNameError: no such feature.
+    """
     k = self._feature_index(feature)
     out = {}
     for path in self.paths:
@@ -95,31 +148,54 @@ class FeatureTable:
         out[path] = np.broadcast_to(bit.astype(bool), shape).copy()
     return out
 
-  def feature_counts(self, path: str) -> np.ndarray:
-    """Number of elements of leaf ``path`` touched by each feature (computed on compressed masks)."""
+  def _compressed(self, path: str) -> tuple[np.ndarray | None, int]:
+    """The leaf's packed mask (full rank, still compressed) and the size of its compressed axes."""
     path = self._check_path(path)
     m = self.packed[path]
+    if m is None:
+      return None, 0
     shape = self.shapes[path]
+    m = M.lift(m, len(shape))
+    return m, int(np.prod([s if c == 1 else 1 for s, c in zip(shape, m.shape[:-1])], dtype=np.int64))
+
+  def feature_counts(self, path: str) -> np.ndarray:
+    """Number of elements of leaf ``path`` touched by each feature (computed on compressed masks).
+
+    Args:
+      path: a parameter path.
+
+    Returns:
+      An int array ``(num_features,)``.
+    """
+    m, repeat = self._compressed(path)
     if m is None:
       return np.zeros(self.num_features, np.int64)
-    m = M.lift(m, len(shape))
-    repeat = int(np.prod([s if c == 1 else 1 for s, c in zip(shape, m.shape[:-1])], dtype=np.int64))
     dense = M.unpack(m, m.shape[:-1], self.num_features).reshape(-1, self.num_features)
     return dense.sum(axis=0).astype(np.int64) * repeat
 
   def touched_elements(self, path: str) -> int:
-    """Number of elements of leaf ``path`` touched by at least one feature."""
-    path = self._check_path(path)
-    m = self.packed[path]
-    shape = self.shapes[path]
+    """Number of elements of leaf ``path`` touched by at least one feature.
+
+    Args:
+      path: a parameter path.
+
+    Returns:
+      The count.
+    """
+    m, repeat = self._compressed(path)
     if m is None:
       return 0
-    m = M.lift(m, len(shape))
-    repeat = int(np.prod([s if c == 1 else 1 for s, c in zip(shape, m.shape[:-1])], dtype=np.int64))
     return int(np.any(m != 0, axis=-1).sum()) * repeat
 
   def summary(self, max_features: int = 6) -> str:
-    """A readable summary: features, and per parameter leaf the features touching it."""
+    """A readable summary: the features, and per parameter leaf the features touching it.
+
+    Args:
+      max_features: at most this many features per leaf.
+
+    Returns:
+      The text (also the table's ``repr``).
+    """
     return display.table_summary(self, max_features)
 
   def __repr__(self) -> str:
@@ -265,8 +341,8 @@ def dependency_table(fn: Callable, params: Any, inputs: Any, features: Any, *,
     >>> params = {"w": jax.ShapeDtypeStruct((3, 4), jnp.float32)}
     >>> x = jax.ShapeDtypeStruct((2, 3), jnp.float32)
     >>> table = js.dependency_table(fn, params, x, js.Features(["a", "b", "c"]))
-    >>> table.lookup("b")["w"][1].all()
-    True
+    >>> table.lookup("b")["w"].tolist()    # row 1 of the kernel reads feature "b"
+    [[False, False, False, False], [True, True, True, True], [False, False, False, False]]
   """
   spec = feats.resolve(features, inputs)
   traced = trace(fn, params, inputs)

@@ -111,7 +111,21 @@ class Val:
 
 
 def join_pulls(*pulls: Pull | None) -> Pull | None:
-  """One pull that forwards a touch to every given pull (``None`` entries skipped)."""
+  """One pull that forwards a touch to every given pull (``None`` entries skipped).
+
+  Args:
+    *pulls: provenance pullbacks, or ``None``.
+
+  Returns:
+    ``None`` if none is given, the only one if one is, else a pull calling each.
+
+  Example:
+    >>> seen = []
+    >>> pull = join_pulls(seen.append, None, lambda t: seen.append(2 * t))
+    >>> pull(1)
+    >>> seen
+    [1, 2]
+  """
   present = [p for p in pulls if p is not None]
   if not present:
     return None
@@ -125,7 +139,23 @@ def join_pulls(*pulls: Pull | None) -> Pull | None:
 
 
 def out_val(outvar: Any, mask: np.ndarray | None = None, pull: Pull | None = None) -> Val:
-  """The :class:`Val` of an eqn output variable, with its aval's shape and dtype."""
+  """The :class:`Val` of an eqn output variable, with its aval's shape and dtype.
+
+  Args:
+    outvar: ``eqn.outvars[k]``.
+    mask: its forward mask (``None``: depends on no feature).
+    pull: its provenance (``None``: not derived from parameters).
+
+  Returns:
+    The value.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> eqn = jax.make_jaxpr(jnp.sin)(jnp.ones((2, 3))).eqns[0]
+    >>> v = out_val(eqn.outvars[0])
+    >>> v.shape, v.mask is None
+    ((2, 3), True)
+  """
   return Val(tuple(outvar.aval.shape), outvar.aval.dtype, mask=mask, pull=pull)
 
 

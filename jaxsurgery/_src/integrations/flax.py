@@ -23,7 +23,6 @@ from jaxsurgery._src.surgery.remap import Surgery
 from jaxsurgery._src.surgery.state import StateReport, remap_state
 from jaxsurgery._src.surgery.verify import verify
 
-
 # -- planning from models --------------------------------------------------------------
 
 def _default_nnx_call(model, inputs):
@@ -52,9 +51,13 @@ def nnx_fn(model: nnx.Module, wrt: Any = ..., call: Callable | None = None):
     ``wrt`` state, with paths like ``l1/kernel/value``.
 
   Example:
-    >>> abstract = nnx.eval_shape(lambda: Net(3, 8, rngs=nnx.Rngs(0)))       # doctest: +SKIP
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js, jaxsurgery.flax as jsf
+    >>> from flax import nnx
+    >>> abstract = nnx.eval_shape(lambda: nnx.Linear(2, 3, rngs=nnx.Rngs(0)))   # allocates nothing
     >>> fn, state = jsf.nnx_fn(abstract)
-    >>> table = js.dependency_table(fn, state, x, js.Features(["a", "b", "c"]))
+    >>> x = jax.ShapeDtypeStruct((1, 2), jnp.float32)
+    >>> js.dependency_table(fn, state, x, js.Features(["a", "b"])).paths
+    ('bias/value', 'kernel/value')
   """
   call = call or _default_nnx_call
   if wrt is ...:
@@ -96,10 +99,14 @@ def plan_nnx(old_model: nnx.Module, new_model: nnx.Module, old_inputs, new_input
     ``surgery(nnx.state(old), nnx.state(new))``.
 
   Example:
-    >>> old = nnx.eval_shape(lambda: Net(3, 8, rngs=nnx.Rngs(0)))          # doctest: +SKIP
-    >>> new = nnx.eval_shape(lambda: Net(4, 12, rngs=nnx.Rngs(0)))
-    >>> surgery = jsf.plan_nnx(old, new, x3, x4, js.Features(["a", "b", "c"]),
-    ...                        js.Features(["a", "new", "b", "c"]))
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js, jaxsurgery.flax as jsf
+    >>> from flax import nnx
+    >>> old = nnx.eval_shape(lambda: nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+    >>> new = nnx.eval_shape(lambda: nnx.Linear(3, 3, rngs=nnx.Rngs(0)))
+    >>> x2, x3 = jax.ShapeDtypeStruct((1, 2), jnp.float32), jax.ShapeDtypeStruct((1, 3), jnp.float32)
+    >>> surgery = jsf.plan_nnx(old, new, x2, x3, js.Features(["a", "b"]), js.Features(["a", "new", "b"]))
+    >>> surgery.report.preserved, surgery.report.added
+    (True, ('new',))
   """
   tables = []
   for model, inputs, features in ((old_model, old_inputs, old_features), (new_model, new_inputs, new_features)):
@@ -124,7 +131,17 @@ def verify_nnx(surgery: Surgery, old_model, new_model, old_inputs, new_inputs, *
     A :class:`~jaxsurgery.Verification`.
 
   Example:
-    >>> jsf.verify_nnx(surgery, old_model, new_model, x3, x4, key=jax.random.key(0))   # doctest: +SKIP
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js, jaxsurgery.flax as jsf
+    >>> from flax import nnx
+    >>> old_model, new_model = nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.Linear(3, 3, rngs=nnx.Rngs(1))
+    >>> x2, x3 = jax.ShapeDtypeStruct((1, 2), jnp.float32), jax.ShapeDtypeStruct((1, 3), jnp.float32)
+    >>> surgery = jsf.plan_nnx(old_model, new_model, x2, x3, js.Features(["a", "b"]),
+    ...                        js.Features(["a", "new", "b"]))
+    >>> jsf.verify_nnx(surgery, old_model, new_model, x2, x3, key=jax.random.key(0)).ok  # before the transfer
+    False
+    >>> _ = jsf.transplant(surgery, old_model, new_model)
+    >>> jsf.verify_nnx(surgery, old_model, new_model, x2, x3, key=jax.random.key(0)).ok
+    True
   """
   old_fn, old_state = nnx_fn(old_model, wrt, call)
   new_fn, new_state = nnx_fn(new_model, wrt, call)
@@ -153,6 +170,18 @@ def linen_fn(module, variables, collections: Sequence[str] | None = None, call: 
 
   Returns:
     ``(fn, variables)``: ``fn(variables, inputs)`` and the variables it takes.
+
+  Raises:
+    UnknownNameError: ``collections`` names a collection ``variables`` lack.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js, jaxsurgery.flax as jsf
+    >>> import flax.linen as nn
+    >>> x = jax.ShapeDtypeStruct((1, 2), jnp.float32)
+    >>> variables = jax.eval_shape(nn.Dense(3).init, jax.random.key(0), x)
+    >>> fn, taken = jsf.linen_fn(nn.Dense(3), variables)
+    >>> js.dependency_table(fn, taken, x, js.Features(["a", "b"])).paths
+    ('params/bias', 'params/kernel')
   """
   call = call or _default_linen_call
   names = list(variables) if collections is None else list(collections)
@@ -191,9 +220,15 @@ def plan_linen(old_module, new_module, old_variables, new_variables, old_inputs,
     ``params/Dense_0/kernel``), ready for :func:`remap_train_state`.
 
   Example:
-    >>> v_old = jax.eval_shape(old_module.init, jax.random.key(0), x3)      # doctest: +SKIP
-    >>> v_new = jax.eval_shape(new_module.init, jax.random.key(0), x4)
-    >>> surgery = jsf.plan_linen(old_module, new_module, v_old, v_new, x3, x4, feats3, feats4)
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js, jaxsurgery.flax as jsf
+    >>> import flax.linen as nn
+    >>> x2, x3 = jax.ShapeDtypeStruct((1, 2), jnp.float32), jax.ShapeDtypeStruct((1, 3), jnp.float32)
+    >>> module = nn.Dense(3)
+    >>> v2, v3 = (jax.eval_shape(module.init, jax.random.key(0), x) for x in (x2, x3))
+    >>> surgery = jsf.plan_linen(module, module, v2, v3, x2, x3, js.Features(["a", "b"]),
+    ...                          js.Features(["a", "new", "b"]))
+    >>> [leaf.path for leaf in surgery.report.leaves], surgery.report.preserved
+    (['params/bias', 'params/kernel'], True)
   """
   tables = []
   for module, variables, inputs, features in ((old_module, old_variables, old_inputs, old_features),
@@ -280,8 +315,16 @@ def remap_nnx(surgery: Surgery, old, new, *, rename: Mapping[str, str] | None = 
     ``nnx.update(new_model, state)``. With ``return_report=True``, ``(state, report)``.
 
   Example:
-    >>> state = jsf.remap_nnx(surgery, (old_model, old_opt), (new_model, new_opt))   # doctest: +SKIP
-    >>> nnx.update(new_model, state[0]); nnx.update(new_opt, state[1])
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js, jaxsurgery.flax as jsf
+    >>> from flax import nnx
+    >>> old_model, new_model = nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.Linear(3, 3, rngs=nnx.Rngs(1))
+    >>> x2, x3 = jax.ShapeDtypeStruct((1, 2), jnp.float32), jax.ShapeDtypeStruct((1, 3), jnp.float32)
+    >>> surgery = jsf.plan_nnx(old_model, new_model, x2, x3, js.Features(["a", "b"]),
+    ...                        js.Features(["a", "new", "b"]))
+    >>> state = jsf.remap_nnx(surgery, old_model, new_model)     # new_model is not changed
+    >>> bool((state["kernel"][...][2] == old_model.kernel[...][1]).all())   # row "b" moved to 2
+    True
+    >>> nnx.update(new_model, state)
   """
   return remap_state(surgery, _states(old, "old"), _states(new, "new"), rename=rename, prefixes=prefixes,
                      strict=strict, return_report=return_report)
@@ -310,9 +353,17 @@ def transplant(surgery: Surgery, old, new, *, rename: Mapping[str, str] | None =
     The :class:`~jaxsurgery.StateReport`.
 
   Example:
-    >>> new_model = Net(4, 12, rngs=nnx.Rngs(1))                                      # doctest: +SKIP
+    >>> import jax, jax.numpy as jnp, optax, jaxsurgery as js, jaxsurgery.flax as jsf
+    >>> from flax import nnx
+    >>> old_model, new_model = nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.Linear(3, 3, rngs=nnx.Rngs(1))
+    >>> old_opt = nnx.Optimizer(old_model, optax.adam(1e-3), wrt=nnx.Param)
     >>> new_opt = nnx.Optimizer(new_model, optax.adam(1e-3), wrt=nnx.Param)
+    >>> x2, x3 = jax.ShapeDtypeStruct((1, 2), jnp.float32), jax.ShapeDtypeStruct((1, 3), jnp.float32)
+    >>> surgery = jsf.plan_nnx(old_model, new_model, x2, x3, js.Features(["a", "b"]),
+    ...                        js.Features(["a", "new", "b"]))
     >>> print(jsf.transplant(surgery, (old_model, old_opt), (new_model, new_opt)))
+    StateReport: 8 leaves -- 6 remapped, 0 fresh params, 2 copied, 0 from new init; 0 old leaves left behind
+    ...
   """
   _check_updatable(new)
   state, report = remap_nnx(surgery, old, new, rename=rename, prefixes=prefixes, strict=strict,
@@ -343,8 +394,18 @@ def remap_train_state(surgery: Surgery, old_state, new_state: train_state_lib.Tr
     The new ``TrainState``, or ``(state, report)``.
 
   Example:
-    >>> new = TrainState.create(apply_fn=new_module.apply, params=new_init, tx=optax.adam(1e-3))  # doctest: +SKIP
-    >>> state = jsf.remap_train_state(surgery, old_state, new)
+    >>> import jax, jax.numpy as jnp, optax, jaxsurgery as js, jaxsurgery.flax as jsf
+    >>> import flax.linen as nn
+    >>> from flax.training.train_state import TrainState
+    >>> module, tx = nn.Dense(3), optax.adam(1e-3)
+    >>> v2, v3 = module.init(jax.random.key(0), jnp.ones((1, 2))), module.init(jax.random.key(1), jnp.ones((1, 3)))
+    >>> surgery = jsf.plan_linen(module, module, v2, v3, jnp.ones((1, 2)), jnp.ones((1, 3)),
+    ...                          js.Features(["a", "b"]), js.Features(["a", "new", "b"]))
+    >>> old_state = TrainState.create(apply_fn=module.apply, params=v2["params"], tx=tx)
+    >>> new_state = jsf.remap_train_state(surgery, old_state,
+    ...                                   TrainState.create(apply_fn=module.apply, params=v3["params"], tx=tx))
+    >>> bool((new_state.params["kernel"][2] == old_state.params["kernel"][1]).all())
+    True
   """
   if not hasattr(new_state, "params") or not hasattr(new_state, "opt_state"):
     raise TypeError(f"new_state should be a flax.training.train_state.TrainState; got {type(new_state).__name__}. "

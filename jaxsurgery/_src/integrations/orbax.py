@@ -131,7 +131,12 @@ def old_abstract(source, *, step: int | None = None, item: str | None = None, sh
     containers; only the paths matter to :func:`~jaxsurgery.remap_state`).
 
   Example:
-    >>> abstract = jso.old_abstract("/ckpt/old_run", step=1000)   # doctest: +SKIP
+    >>> import os, tempfile, jax.numpy as jnp, orbax.checkpoint as ocp, jaxsurgery.orbax as jso
+    >>> path = os.path.join(tempfile.mkdtemp(), "ckpt")
+    >>> with ocp.StandardCheckpointer() as ckpt:
+    ...   ckpt.save(path, {"params": {"w": jnp.ones((2, 3))}, "step": 7})
+    >>> jso.old_abstract(path)["params"]["w"].shape
+    (2, 3)
   """
   md = _tree(_Source(source, step, item).metadata())
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -199,11 +204,20 @@ def restore(surgery: Surgery, source, new_state_init, *, step: int | None = None
     FileNotFoundError: no checkpoint at ``source`` / ``step``.
 
   Example:
-    >>> mngr = ocp.CheckpointManager("/ckpt/run")                            # doctest: +SKIP
-    >>> new_state = jso.restore(surgery, mngr, new_train_state)             # latest step
-    >>> state, report = jso.restore(surgery, "/ckpt/run", nnx.state(new_model), step=1000,
-    ...                             return_report=True)
-    >>> nnx.update(new_model, state)
+    >>> import os, tempfile, jax.numpy as jnp, orbax.checkpoint as ocp, jaxsurgery as js, jaxsurgery.orbax as jso
+    >>> fn = lambda p, x: x @ p["w"]
+    >>> old_p, new_init = {"w": jnp.ones((2, 3))}, {"w": jnp.zeros((3, 3))}
+    >>> table = lambda p, names: js.dependency_table(fn, p, jnp.ones((1, len(names))), js.Features(names))
+    >>> surgery = js.plan(table(old_p, ["a", "b"]), table(new_init, ["a", "new", "b"]))
+    >>> path = os.path.join(tempfile.mkdtemp(), "ckpt")
+    >>> with ocp.StandardCheckpointer() as ckpt:      # the old run's checkpoint
+    ...   ckpt.save(path, {"params": old_p, "step": 7})
+    >>> state = jso.restore(surgery, path, {"params": new_init, "step": jnp.int32(0)})
+    >>> state["params"]["w"].tolist(), int(state["step"])
+    ([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]], 7)
+
+    With a ``CheckpointManager`` (object or root directory), ``step=`` picks a
+    step (default: the latest) and ``item=`` an item of a composite checkpoint.
   """
   src = _Source(source, step, item)
   given = old_state_abstract is not None

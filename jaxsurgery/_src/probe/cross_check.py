@@ -29,7 +29,31 @@ from jaxsurgery._src.probe.static import Record, static_walk
 
 
 class Miss(NamedTuple):
-  """A probe entry the boolean table lacks and that no legitimate difference explains."""
+  """A probe entry the boolean table lacks and that no legitimate difference explains.
+
+  Attributes:
+    path: the parameter (or output) leaf.
+    index: the element.
+    feature: the feature the probe found and the table lacks.
+    explanation: why no criterion of :func:`cross_check` excuses it.
+
+  Example:
+    A ``dot_general`` rule that hides the kernel's provenance drops every
+    kernel touch; the cross-check finds each one.
+
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js
+    >>> fn = lambda p, x: jnp.tanh(x @ p["w"])
+    >>> params, x, spec = {"w": jnp.ones((2, 3))}, jnp.ones((1, 2)), js.Features(["a", "b"])
+    >>> real = js.rules.get("dot_general")
+    >>> def blind(ctx, eqn, invals):
+    ...   lhs, rhs = invals[:2]
+    ...   return real(ctx, eqn, [lhs, js.Val(rhs.shape, rhs.dtype, mask=rhs.mask)] + list(invals[2:]))
+    >>> with js.override_rule("dot_general", blind):
+    ...   table = js.dependency_table(fn, params, x, spec)
+    >>> check = js.cross_check(table, js.gradient_table(fn, params, x, spec, key=jax.random.key(0)))
+    >>> check.ok, len(check.missed), check.missed[0][:3]
+    (False, 6, ('w', (0, 0), 'a'))
+  """
 
   path: str
   index: tuple[int, ...]
@@ -38,7 +62,28 @@ class Miss(NamedTuple):
 
 
 class Difference(NamedTuple):
-  """A probe entry the table lacks, explained by a named downstream operation (legitimate)."""
+  """A probe entry the table lacks, explained by a named downstream operation (legitimate).
+
+  Attributes:
+    path: the parameter leaf.
+    index: the element.
+    feature: the feature that changed the element's gradient.
+    op: the primitive after the element's first contact whose derivative
+      depends on the feature.
+    explanation: the contact and that operation, in words.
+
+  Example:
+    A mean subtracted from each feature is touched by its own feature only;
+    the ReLU after the matmul makes its gradient depend on the other one.
+
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js
+    >>> fn = lambda p, x: jax.nn.relu((x - p["m"]) @ p["w"])
+    >>> params, x, spec = {"m": jnp.ones(2), "w": jnp.ones((2, 3))}, jnp.ones((1, 2)), js.Features(["a", "b"])
+    >>> check = js.cross_check(js.dependency_table(fn, params, x, spec),
+    ...                        js.gradient_table(fn, params, x, spec, key=jax.random.key(0)))
+    >>> check.ok, [d[:4] for d in check.legitimate if d.path == "m"]
+    (True, [('m', (0,), 'b', 'max'), ('m', (1,), 'a', 'max')])
+  """
 
   path: str
   index: tuple[int, ...]
@@ -54,6 +99,25 @@ class LeafAgreement(NamedTuple):
   counts pairs outside both tables that changed the element's gradient only in
   runs where its first contact was live (probe evidence). ``legitimate`` and
   ``missed`` classify the ``probe_only`` and ``live_only`` pairs.
+
+  Attributes:
+    both: pairs in both tables.
+    table_only: pairs in the boolean table only (over-approximation).
+    probe_only: pairs in the probe table only.
+    total: elements times features.
+    legitimate: probe-only and live-only pairs with a legitimate explanation.
+    missed: the others.
+    live_only: pairs seen only in runs where the first contact was live.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js
+    >>> fn = lambda p, x: jnp.tanh(x @ p["w"])
+    >>> params, x, spec = {"w": jnp.ones((2, 3))}, jnp.ones((1, 2)), js.Features(["a", "b"])
+    >>> check = js.cross_check(js.dependency_table(fn, params, x, spec),
+    ...                        js.gradient_table(fn, params, x, spec, key=jax.random.key(0)))
+    >>> a = check.per_leaf["w"]
+    >>> a.both, a.total, a.exact
+    (6, 12, True)
   """
 
   both: int
@@ -98,6 +162,17 @@ class CrossCheck:
       that their forward mask lacks (always a real bug).
     output_per_leaf: agreement counts of the output masks.
     notes: general remarks (missing evidence, capped categorical ids...).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js
+    >>> fn = lambda p, x: jnp.tanh(x @ p["w"])
+    >>> params, x, spec = {"w": jnp.ones((2, 3))}, jnp.ones((1, 2)), js.Features(["a", "b"])
+    >>> check = js.cross_check(js.dependency_table(fn, params, x, spec),
+    ...                        js.gradient_table(fn, params, x, spec, key=jax.random.key(0)))
+    >>> check.ok, check.agrees("w")
+    (True, True)
+    >>> print(check.report().splitlines()[0])
+    CrossCheck: OK -- 0 missed parameter entries, 0 missed output entries, 0 legitimate differences, 2 features
   """
 
   features: tuple[str, ...]
@@ -115,13 +190,30 @@ class CrossCheck:
     return not self.missed and not self.output_missed
 
   def agrees(self, path: str) -> bool:
-    """True iff table and probe agree exactly on leaf ``path``."""
+    """True iff table and probe agree exactly on leaf ``path``.
+
+    Args:
+      path: a parameter path.
+
+    Returns:
+      Whether the leaf's agreement is exact.
+
+    Raises:
+      UnknownNameError: no such parameter leaf.
+    """
     if path not in self.per_leaf:
       raise UnknownNameError(f"No parameter leaf {path!r}. Known: {list(self.per_leaf)}")
     return self.per_leaf[path].exact
 
   def report(self, max_rows: int = 12) -> str:
-    """A readable report: verdict, per-leaf agreement, misses, legitimate differences, table-only notes."""
+    """A readable report: verdict, per-leaf agreement, misses, legitimate differences, table-only notes.
+
+    Args:
+      max_rows: at most this many groups of misses and of legitimate differences.
+
+    Returns:
+      The text (also the ``repr``).
+    """
     n_missed = len(self.missed) + len(self.output_missed)
     head = (f"CrossCheck: {'OK' if self.ok else 'FAILED'} -- {len(self.missed)} missed parameter "
             f"entries, {len(self.output_missed)} missed output entries, {len(self.legitimate)} "
@@ -201,11 +293,12 @@ def _check_tables(table: FeatureTable, probe: FeatureTable) -> None:
     if not isinstance(t, FeatureTable):
       raise TypeError(f"cross_check: `{name}` must be a FeatureTable, got {type(t).__name__}.")
   if tuple(table.features) != tuple(probe.features):
-    raise ValueError("cross_check: the two tables have different features.\n"
+    raise ValueError("cross_check: `table` and `probe` have different features; build both with the same spec.\n"
                      f"  table: {list(table.features)}\n  probe: {list(probe.features)}")
   if tuple(table.paths) != tuple(probe.paths) or any(
       tuple(table.shapes[p]) != tuple(probe.shapes[p]) for p in table.paths):
-    raise ValueError("cross_check: the two tables have different parameter leaves or shapes.\n"
+    raise ValueError("cross_check: `table` and `probe` have different parameter leaves or shapes; build both "
+                     "from the same params.\n"
                      f"  table: {[(p, table.shapes[p]) for p in table.paths]}\n"
                      f"  probe: {[(p, probe.shapes[p]) for p in probe.paths]}")
 

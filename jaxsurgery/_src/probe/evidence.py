@@ -46,6 +46,15 @@ class ProbeEvidence:
     notes: remarks for the cross-check report.
     columns: probed (feature, id) columns per run.
     chunk: columns vmapped together (from ``chunk_size`` or ``memory_budget``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js
+    >>> fn = lambda p, x: jnp.tanh(x @ p["w"])
+    >>> probe = js.gradient_table(fn, {"w": jnp.ones((2, 3))}, jnp.ones((1, 2)), js.Features(["a", "b"]),
+    ...                           key=jax.random.key(0))
+    >>> ev = probe.evidence
+    >>> ev.columns, len(ev.runs), ev.mask("contact_change", "w").shape
+    (2, 4, (2, 3, 2))
   """
 
   features: tuple[str, ...]

@@ -107,9 +107,9 @@ def _check_base(base, inputs, ipaths, ileaves):
   for path, (_, b), l in zip(ipaths, bleaves, ileaves):
     shape, dtype = feats.leaf_shape_dtype(b, "base", path)
     if isinstance(b, jax.ShapeDtypeStruct):
-      raise TypeError(f"base leaf {path or '<root>'!r} is a ShapeDtypeStruct; the base must be concrete.")
+      raise TypeError(f"`base` leaf {path or '<root>'!r} is a ShapeDtypeStruct; the base must be concrete arrays.")
     if tuple(shape) != tuple(l.shape):
-      raise ValueError(f"base leaf {path or '<root>'!r} has shape {tuple(shape)} but the input leaf has "
+      raise ValueError(f"`base` leaf {path or '<root>'!r} has shape {tuple(shape)} but the input leaf has "
                        f"shape {tuple(l.shape)}.")
     out.append(np.asarray(b).astype(l.dtype))
   return out
@@ -179,7 +179,8 @@ def _resolve_num_ids(num_ids, spec, sites, walk: StaticWalk) -> dict[int, int]:
     if any(spec.leaves[li].dtype == np.bool_ for li, _ in sites[k]):
       n = min(n, 2)
     if n < 2:
-      raise ValueError(f"Categorical feature {names[k]!r}: need at least 2 ids to compare, got {n}.")
+      raise ValueError(f"Categorical feature {names[k]!r}: need at least 2 ids to compare, got {n}. Pass "
+                       f"`num_ids={{{names[k]!r}: n}}` with its number of valid ids.")
     out[k] = n
   return out
 

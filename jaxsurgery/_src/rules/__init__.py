@@ -5,5 +5,4 @@ Importing this package registers every family (each module calls
 ``jaxsurgery._src.rules.registry`` sees the complete table.
 """
 
-from jaxsurgery._src.rules import (  # noqa: F401  (imported to register their rules)
-    contraction, control_flow, elementwise, indexing, opaque, reductions, structural)
+from jaxsurgery._src.rules import contraction, control_flow, elementwise, indexing, opaque, reductions, structural  # noqa: F401  (imported to register their rules)

@@ -31,6 +31,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -39,6 +40,10 @@ from jaxsurgery._src.core import masks as M
 from jaxsurgery._src.core.values import Val, const_vals, join_pulls, out_val
 from jaxsurgery._src.rules.common import all_words, same_mask
 from jaxsurgery._src.rules.registry import register
+
+if TYPE_CHECKING:  # the interpreter imports the rules
+  from jaxsurgery._src.compat import JaxprEqn
+  from jaxsurgery._src.core.interpreter import Context
 
 # Levels computed precisely before a loop's carry masks are widened.
 WIDEN_AFTER = 64
@@ -51,14 +56,14 @@ CALLS = ("jit", "pjit", "closed_call", "core_call", "remat2", "checkpoint", "rem
          "remat_opt", "composite", "linear_call", "eval_jaxpr")
 
 
-def call(ctx, eqn, invals):
+def call(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   """Interpret the callee in place: ``out = callee(*in)``."""
   jaxpr, consts = compat.sub_jaxpr(eqn.params, eqn.primitive.name)
   outs = ctx.run(jaxpr, const_vals(consts), invals)
   return [Val(tuple(o.aval.shape), o.aval.dtype, v.mask, v.pull, v.const) for o, v in zip(eqn.outvars, outs)]
 
 
-def cond(ctx, eqn, invals):
+def cond(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   """``out = branches[index](*ops)``: union of the branches, plus the index's mask."""
   index, ops = invals[0], invals[1:]
   branches = eqn.params["branches"]
@@ -199,7 +204,7 @@ def _iterate(ctx, eqn, init: Sequence[Val], step: Callable, *, length: int | Non
     cur = levels.level(k, masks, None, provenance)
 
 
-def while_loop(ctx, eqn, invals):
+def while_loop(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   """``while cond(c): c = body(c)``: the level fixed point of the carry; the predicate's
   mask joins every carry and touches the body's operands."""
   p = eqn.params
@@ -229,7 +234,7 @@ def _suffix_or(m, reverse: bool):
   return acc if reverse else acc[::-1]
 
 
-def scan(ctx, eqn, invals):
+def scan(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   """``c, ys[t] = body(c, xs[t])``: the level fixed point of the carry (at most ``length``
   levels); iteration ``k`` reads ``xs`` of the steps ``>= k`` and writes ``ys`` of step
   ``k`` (of every later step for the last iteration)."""
@@ -306,7 +311,7 @@ def scan(ctx, eqn, invals):
   return outs
 
 
-def shard_map(ctx, eqn, invals):
+def shard_map(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   """The body on the union of the shards: masks ORed over the sharded axes on the way in
   and out (local shapes come from the body's avals), so collectives inside are sound."""
   jaxpr, consts = compat.sub_jaxpr(eqn.params, eqn.primitive.name)

@@ -7,25 +7,83 @@ element is touched by the masks of its partners at the same position.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from jaxsurgery._src.core import masks as M
-from jaxsurgery._src.core.values import out_val
+from jaxsurgery._src.core.values import Val, out_val
 from jaxsurgery._src.rules.common import cut_pull
 from jaxsurgery._src.rules.registry import add_traits, register
 
+if TYPE_CHECKING:  # the interpreter imports the rules
+  from jaxsurgery._src.compat import JaxprEqn
+  from jaxsurgery._src.core.interpreter import Context
 
-def unary(ctx, eqn, invals):
-  """``out[e]`` depends on ``x[e]`` only: the mask and the provenance pass through."""
+
+def unary(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+  """``out[e]`` depends on ``x[e]`` only: the mask and the provenance pass through.
+
+  Args:
+    ctx: the interpreter's state (unused: no operand meets another).
+    eqn: the eqn (one operand or more; only the first is read).
+    invals: the operands' values.
+
+  Returns:
+    One value per output, with the first operand's mask and provenance.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js
+    >>> fn = lambda p, x: jnp.sin(x + p["b"])
+    >>> with js.override_rule("sin", js.rules.unary):   # sin's own rule
+    ...   table = js.dependency_table(fn, {"b": jnp.ones(2)}, jnp.ones(2), js.Features(["a", "b"]))
+    >>> table.output_mask().tolist()
+    [[True, False], [False, True]]
+  """
   (x,) = invals[:1]
   return [out_val(o, x.mask, x.pull) for o in eqn.outvars]
 
 
-def passthrough(ctx, eqn, invals):
-  """``out_k`` is ``in_k``: masks and provenance pass through one to one."""
+def passthrough(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+  """``out_k`` is ``in_k``: masks and provenance pass through one to one.
+
+  Args:
+    ctx: the interpreter's state (unused).
+    eqn: the eqn (as many outputs as operands).
+    invals: the operands' values.
+
+  Returns:
+    One value per output, a copy of its operand's mask and provenance.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js
+    >>> fn = lambda p, x: jax.lax.optimization_barrier((x, p["w"]))
+    >>> table = js.dependency_table(fn, {"w": jnp.ones(2)}, jnp.ones(2), js.Features(["a", "b"]))
+    >>> js.rules.get("optimization_barrier") is js.rules.passthrough, table.output_mask("0").tolist()
+    (True, [[True, False], [False, True]])
+  """
   return [out_val(o, v.mask, v.pull) for o, v in zip(eqn.outvars, invals)]
 
 
-def nary(ctx, eqn, invals):
-  """``out[e]`` depends on every ``in_k[e]``: OR of masks; partners touch each other."""
+def nary(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+  """``out[e]`` depends on every ``in_k[e]``: OR of masks; partners touch each other.
+
+  Operands broadcast (numpy rules); a parameter-derived operand element is
+  touched by the masks of its partners at the same position.
+
+  Args:
+    ctx: the interpreter's state.
+    eqn: the eqn.
+    invals: the operands' values.
+
+  Returns:
+    One value per output, with the OR of the operands' masks.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js
+    >>> fn = lambda p, x: x * p["w"]
+    >>> table = js.dependency_table(fn, {"w": jnp.ones(2)}, jnp.ones(2), js.Features(["a", "b"]))
+    >>> js.rules.get("mul") is js.rules.nary, table.mask("w").tolist()   # w[i] meets feature i
+    (True, [[True, False], [False, True]])
+  """
   ndim = len(eqn.outvars[0].aval.shape)
   masks = [M.lift(v.mask, ndim) for v in invals]
   out_mask = M.orr(*masks)

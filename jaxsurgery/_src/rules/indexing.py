@@ -14,14 +14,20 @@ touched by the indices' masks ("any row could be selected").
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from jax import lax
 
 from jaxsurgery._src.core import masks as M
-from jaxsurgery._src.core.values import join_pulls, out_val
+from jaxsurgery._src.core.values import Val, join_pulls, out_val
 from jaxsurgery._src.rules.common import all_words, concrete_ints, cut_pull, forward_pull, place
 from jaxsurgery._src.rules.registry import add_traits, register
 from jaxsurgery._src.rules.structural import slice_bwd, slice_fwd
+
+if TYPE_CHECKING:  # the interpreter imports the rules
+  from jaxsurgery._src.compat import JaxprEqn
+  from jaxsurgery._src.core.interpreter import Context
 
 
 def _select_touches(ctx, data, index_vals):
@@ -37,7 +43,7 @@ def _select_touches(ctx, data, index_vals):
 
 # -- dynamic_slice / dynamic_update_slice -------------------------------------
 
-def dynamic_slice(ctx, eqn, invals):
+def dynamic_slice(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   """``out[i] = x[start + i]`` (starts clamped). Static starts: an exact slice. Traced:
   OR over the sliced axes plus the starts' masks on every element."""
   x, idx = invals[0], invals[1:]
@@ -56,7 +62,7 @@ def dynamic_slice(ctx, eqn, invals):
   return [out_val(out, mask, cut_pull([(x, lambda t: M.reduce_or(t, moving, keepdims=True))], mask))]
 
 
-def dynamic_update_slice(ctx, eqn, invals):
+def dynamic_update_slice(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   """``out = x`` with ``out[start + i] = upd[i]`` (starts clamped). Static starts: the
   region takes ``upd``'s mask, the rest keeps ``x``'s (compressed axes expanded only where
   the region cuts them). Traced: ``x``'s mask OR ``upd``'s spread over the moving axes,
@@ -117,7 +123,7 @@ def _scatter_rows(rows, src, n, W):
   return acc
 
 
-def gather(ctx, eqn, invals):
+def gather(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   """``out[batch, offset] = x[idx[batch] + offset]`` (clip / fill modes).
 
   Static indices: the exact source of every output element, found by gathering an
@@ -207,7 +213,7 @@ def _scatter_dest(x_shape, idx, upd_shape, dn, mode):
                                mode=gmode, fill_value=-1))
 
 
-def scatter(ctx, eqn, invals):
+def scatter(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   """``scatter`` overwrites; the others combine the operand with every update landing on it."""
   x, idx, upd = invals[:3]
   out = eqn.outvars[0]

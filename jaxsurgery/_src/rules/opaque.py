@@ -21,17 +21,43 @@ Structure:
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
 
 from jaxsurgery._src.core import masks as M
 from jaxsurgery._src.core.errors import UnknownPrimitiveError
-from jaxsurgery._src.core.values import out_val
+from jaxsurgery._src.core.values import Val, out_val
 from jaxsurgery._src.rules.common import all_words, cut_pull
 from jaxsurgery._src.rules.registry import add_traits, register
 
+if TYPE_CHECKING:  # the interpreter imports the rules
+  from jaxsurgery._src.compat import JaxprEqn
+  from jaxsurgery._src.core.interpreter import Context
 
-def dense(ctx, eqn, invals):
-  """Every output element depends on every input element."""
+
+def dense(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+  """Every output element depends on every input element: the conservative rule, always sound.
+
+  Every parameter-derived operand is touched by everything that enters the
+  op. Primitives without a rule get it, with an ``UnknownPrimitiveWarning``.
+
+  Args:
+    ctx: the interpreter's state.
+    eqn: the eqn.
+    invals: the operands' values.
+
+  Returns:
+    One value per output, each with the OR of every operand's mask on every element.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js
+    >>> fn = lambda p, x: jnp.cumsum(x * p["w"])
+    >>> params, x, spec = {"w": jnp.ones(3)}, jnp.ones(3), js.Features(["a", "b", "c"])
+    >>> js.dependency_table(fn, params, x, spec).output_mask()[0].tolist()    # cumsum's own rule
+    [True, False, False]
+    >>> with js.override_rule("cumsum", js.rules.dense):
+    ...   js.dependency_table(fn, params, x, spec).output_mask()[0].tolist()
+    [True, True, True]
+  """
   words = all_words(invals)
   for v in invals:
     ctx.touch(v, M.uniform(words, v.ndim))
@@ -46,7 +72,7 @@ def dense(ctx, eqn, invals):
 def blockwise(core_rank):
   """A rule for ops that are dense within ``core_rank(eqn)`` trailing axes, batched elsewhere."""
 
-  def rule(ctx, eqn, invals):
+  def rule(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
     """``out[b, ...] = op(in[b, ...])``: exact on the leading batch axes, dense on the core."""
     core = core_rank(eqn)
     ranks = [v.ndim for v in invals] + [len(o.aval.shape) for o in eqn.outvars]
@@ -73,7 +99,7 @@ def blockwise(core_rank):
   return rule
 
 
-def leading(ctx, eqn, invals):
+def leading(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   """``out[b, t] = op(x[b])`` for the leading axes ``b`` of the first operand (random_bits, split).
 
   Every other operand is dense (it reaches every output element).
@@ -96,7 +122,7 @@ def leading(ctx, eqn, invals):
   return outs
 
 
-def representation(ctx, eqn, invals):
+def representation(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   """Conversions between an extended dtype and its representation (random_wrap/unwrap,
   to_edtype/from_edtype): ``key[b]`` is made of ``data[b, :]`` (dense over the trailing axes)."""
   x = invals[0]
@@ -141,7 +167,7 @@ register(LINALG, blockwise(lambda eqn: 2))
 register("fft", blockwise(lambda eqn: len(eqn.params["fft_lengths"])))
 
 
-def unsupported_ref(ctx, eqn, invals):
+def unsupported_ref(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   """Mutable array references are updated in place; a per-variable analysis would be unsound."""
   raise UnknownPrimitiveError(
       f"jaxsurgery does not support mutable array references (primitive {eqn.primitive.name!r}, "

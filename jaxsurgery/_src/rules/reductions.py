@@ -12,17 +12,23 @@ Structure:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import numpy as np
 from jax import lax
 
 from jaxsurgery._src.core import masks as M
-from jaxsurgery._src.core.values import out_val
+from jaxsurgery._src.core.values import Val, out_val
 from jaxsurgery._src.rules.common import cut_pull, unsqueeze
 from jaxsurgery._src.rules.registry import add_traits, register
 
+if TYPE_CHECKING:  # the interpreter imports the rules
+  from jaxsurgery._src.compat import JaxprEqn
+  from jaxsurgery._src.core.interpreter import Context
 
-def reduce(ctx, eqn, invals):
+
+def reduce(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   """``out[e] = op(x[group(e)])``: OR over ``axes``."""
   axes = tuple(eqn.params["axes"] if "axes" in eqn.params else eqn.params["dimensions"])
   n = len(eqn.outvars)
@@ -50,7 +56,7 @@ def _cum_or(m, axis, reverse):
   return np.flip(m, axis) if reverse else m
 
 
-def cumulative(ctx, eqn, invals):
+def cumulative(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   """``out[i]`` depends on ``x[:i+1]`` along ``axis`` (``x[i:]`` when reversed)."""
   x = invals[0]
   axis, reverse = eqn.params["axis"], eqn.params.get("reverse", False)
@@ -128,7 +134,7 @@ def _window_or_numpy(m, axes, dims, strides, padding, base_dilation, window_dila
   return m
 
 
-def reduce_window(ctx, eqn, invals):
+def reduce_window(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   """``out[p]`` depends on the window of ``x`` at ``p``."""
   p = eqn.params
   n = len(eqn.outvars)
@@ -147,7 +153,7 @@ def reduce_window(ctx, eqn, invals):
   return [out_val(o, mask, pull) for o in eqn.outvars]
 
 
-def sort(ctx, eqn, invals):
+def sort(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   """Along ``dimension``, each output may come from any position; keys pick which."""
   d = eqn.params["dimension"]
   nk = eqn.params.get("num_keys", 1)
@@ -161,7 +167,7 @@ def sort(ctx, eqn, invals):
   return outs
 
 
-def top_k(ctx, eqn, invals):
+def top_k(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   """Values and indices of the k largest along the last (or ``axis``) axis."""
   x = invals[0]
   axis = eqn.params.get("axis", -1) % x.ndim
@@ -171,7 +177,7 @@ def top_k(ctx, eqn, invals):
   return [out_val(o, mask, pull) for o in eqn.outvars]
 
 
-def argreduce(ctx, eqn, invals):
+def argreduce(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   """argmax / argmin: the index of the extremum over ``axes``."""
   return reduce(ctx, eqn, invals)
 

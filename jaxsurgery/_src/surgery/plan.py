@@ -48,6 +48,15 @@ class LeafPlan:
     zero: broadcastable bool mask of the fresh elements set to zero, or ``None``.
     counts: element counts ``copied``, ``moved``, ``fresh``, ``zeroed`` (new
       elements) and ``dropped`` (old elements not carried over).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js
+    >>> fn = lambda p, x: x @ p["w"]
+    >>> old = js.dependency_table(fn, {"w": jnp.ones((2, 3))}, jnp.ones((1, 2)), js.Features(["a", "b"]))
+    >>> new = js.dependency_table(fn, {"w": jnp.ones((3, 3))}, jnp.ones((1, 3)), js.Features(["a", "c", "b"]))
+    >>> (leaf,) = js.plan(old, new).report.leaves
+    >>> leaf.how, leaf.maps[0].tolist(), leaf.counts["fresh"]
+    (('features', 'identity'), [0, -1, 1], 3)
   """
 
   path: str
@@ -271,7 +280,7 @@ def _unexplained_drop(old: FeatureTable, leaf: LeafPlan, removed) -> str | None:
     dropped = np.setdiff1d(np.arange(leaf.old_shape[a]), m[m >= 0])
     if not len(dropped):
       continue
-    if how == "features":
+    if how.kind == "features":  # plain or in segments: a drop is explained by removed features
       sig = signatures(restrict(old.packed[leaf.old_path], gone, leaf.old_shape), a, leaf.old_shape[a])
       bad = [int(i) for i in dropped if not sig[i].any()]
       if bad:

@@ -70,7 +70,10 @@ def sharded_call(cache: dict, key: Any, fn: Callable, args: tuple, targets: Sequ
                  out_shardings_of: Callable) -> Any:
   """``fn(*args)``: traced inline under an outer transformation; otherwise one jitted
   program per ``key`` and sharding of ``targets`` (the new init's leaves), whose outputs
-  get those shardings (``out_shardings_of(list of shardings)`` lays them out)."""
+  get those shardings (``out_shardings_of(list of shardings)`` lays them out).
+
+  ``cache`` holds the jitted programs (one dict per caller object).
+  """
   if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(args)):
     return fn(*args)
   shardings = tuple(getattr(x, "sharding", None) for x in targets)
@@ -89,6 +92,26 @@ class Surgery:
   params, optimizer moments, or every checkpoint of a pool of past versions.
   Eager calls run one jitted program and keep the shardings of
   ``new_params_init``; under an outer ``jax.jit`` it is traced inline.
+  Build it with :func:`~jaxsurgery.plan`.
+
+  Attributes:
+    old_table: the old model's :class:`~jaxsurgery.FeatureTable`.
+    new_table: the new model's.
+    report: the :class:`~jaxsurgery.Report` (what moves where).
+    leaf_plans: ``{new path: LeafPlan}``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, jaxsurgery as js
+    >>> fn = lambda p, x: x @ p["w"]
+    >>> old_p, new_init = {"w": jnp.ones((2, 3))}, {"w": jnp.zeros((3, 3))}
+    >>> old = js.dependency_table(fn, old_p, jnp.ones((1, 2)), js.Features(["a", "b"]))
+    >>> new = js.dependency_table(fn, new_init, jnp.ones((1, 3)), js.Features(["a", "c", "b"]))
+    >>> surgery = js.plan(old, new)
+    >>> surgery(old_p, new_init)["w"].shape
+    (3, 3)
+    >>> pool = {"w": jnp.stack([jnp.ones((2, 3)), 2 * jnp.ones((2, 3))])}   # two checkpoints
+    >>> np.asarray(jax.vmap(surgery.apply, in_axes=(0, None))(pool, new_init)["w"][1]).tolist()
+    [[2.0, 2.0, 2.0], [0.0, 0.0, 0.0], [2.0, 2.0, 2.0]]
   """
 
   def __init__(self, old_table: FeatureTable, new_table: FeatureTable, report: Report):
@@ -130,13 +153,32 @@ class Surgery:
     return jax.tree_util.tree_unflatten(treedef, out)
 
   def remap_state(self, old_state: Any, new_state_init: Any, **kwargs: Any) -> Any:
-    """Remaps a whole training state (params, EMA, optimizer moments, counts): see
-    :func:`jaxsurgery.remap_state`."""
+    """Remaps a whole training state (params, EMA, optimizer moments, counts).
+
+    Args:
+      old_state: the trained old state.
+      new_state_init: the new model's initialised state.
+      **kwargs: passed to :func:`jaxsurgery.remap_state` (``rename``,
+        ``prefixes``, ``strict``, ``return_report``).
+
+    Returns:
+      What :func:`jaxsurgery.remap_state` returns.
+    """
     from jaxsurgery._src.surgery.state import remap_state  # state builds on this module
     return remap_state(self, old_state, new_state_init, **kwargs)
 
   def __call__(self, old_params: Any, new_params_init: Any) -> Any:
-    """:meth:`apply`, run as one jitted program that keeps ``new_params_init``'s shardings."""
+    """:meth:`apply`, run as one jitted program that keeps ``new_params_init``'s shardings.
+
+    Under an outer transformation (``jit``, ``vmap``) it is traced inline.
+
+    Args:
+      old_params: a tree shaped like the old table's params.
+      new_params_init: a tree shaped like the new table's params.
+
+    Returns:
+      The new params, shaped like ``new_params_init``.
+    """
     init_leaves, treedef = jax.tree_util.tree_flatten(new_params_init)
     return sharded_call(self._compiled, treedef, self.apply, (old_params, new_params_init), init_leaves,
                         lambda shardings: jax.tree_util.tree_unflatten(treedef, shardings))

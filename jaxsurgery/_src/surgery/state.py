@@ -97,6 +97,7 @@ class Subtree:
 
   @property
   def size(self) -> int:
+    """Number of param-shaped leaves in the subtree."""
     return sum(self.counts.values())
 
 
@@ -109,13 +110,29 @@ class StateReport:
     subtrees: the param-shaped subtrees found, as :class:`Subtree`.
     left_behind: ``(old path, shape, dtype, why)`` for every old leaf that was
       neither a source of a remapped leaf nor copied.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, jaxsurgery as js
+    >>> fn = lambda p, x: x @ p["w"]
+    >>> old_p, new_init = {"w": jnp.ones((2, 3))}, {"w": jnp.zeros((3, 3))}
+    >>> table = lambda p, names: js.dependency_table(fn, p, jnp.ones((1, len(names))), js.Features(names))
+    >>> surgery = js.plan(table(old_p, ["a", "b"]), table(new_init, ["a", "c", "b"]))
+    >>> old_state = {"params": old_p, "ema": old_p, "step": 7, "seed": 1}
+    >>> _, report = js.remap_state(surgery, old_state, {"params": new_init, "ema": new_init, "step": 0},
+    ...                            return_report=True)
+    >>> print(report)
+    StateReport: 3 leaves -- 2 remapped, 0 fresh params, 1 copied, 0 from new init; 1 old leaves left behind
+    ...
+      left behind in the old state:
+        seed () int32: no leaf at this path in the new state
   """
 
   leaves: tuple[StateLeaf, ...]
   subtrees: tuple[Subtree, ...]
   left_behind: tuple[tuple[str, tuple[int, ...], str, str], ...]
 
-  def of_kind(self, *kinds: str) -> tuple[StateLeaf, ...]:
+  def of_kind(self, *kinds: LeafKind) -> tuple[StateLeaf, ...]:
+    """The leaves of these kinds (``"remapped"``, ``"copied"``...)."""
     return tuple(l for l in self.leaves if l.kind in kinds)
 
   @property
@@ -134,6 +151,7 @@ class StateReport:
     return {l.path: l.why for l in self.leaves if l.kind in (MISSING, RESET, INIT)}
 
   def totals(self) -> dict[str, int]:
+    """Number of new leaves per kind, and ``left_behind`` (old leaves)."""
     out = {k: 0 for k in (REMAPPED, FRESH, MISSING, RESET, COPIED, INIT)}
     for l in self.leaves:
       out[l.kind] += 1
@@ -330,7 +348,7 @@ def _match_param(index: _TableIndex, path: str, sd, prefixes):
     if len(found) > 1:
       raise SurgeryError(
           f"State leaf {path!r} matches several parameters of the new table under different roots: "
-          f"{[p for _, p in found]}. Pass prefixes=[...] to say which state prefixes hold params, "
+          f"{[p for _, p in found]}. Pass `prefixes=[...]` to say which state prefixes hold params, "
           f"or build the table over one collection.")
     return ("param", prefix) + found[0]
   return None
@@ -371,7 +389,7 @@ def _plan_state(surgery, old_state, new_state_init, rename, prefixes):
   abstract = [p for p, x in zip(new_paths, new_leaves) if isinstance(x, jax.ShapeDtypeStruct)]
   if abstract:
     raise SurgeryError(
-        f"new_state_init holds abstract leaves (ShapeDtypeStruct) at {abstract[:5]}"
+        f"`new_state_init` holds abstract leaves (ShapeDtypeStruct) at {abstract[:5]}"
         f"{' ...' if len(abstract) > 5 else ''}: fresh elements take new_state_init's values, so it must "
         f"hold arrays. Build it with the new model's init (for a large model, jax.jit(init, out_shardings=...)).")
 
@@ -471,7 +489,7 @@ def _plan_state(surgery, old_state, new_state_init, rename, prefixes):
     raise SurgeryError("The old state does not fit the old model the plan was built for:\n" + "\n".join(errors[:20])
                        + (f"\n  ... +{len(errors) - 20} more" if len(errors) > 20 else "")
                        + "\n  Check that the checkpoint is the old model's (the one given to dependency_table), "
-                         "or map moved subtrees with rename={old prefix: new prefix}.")
+                         "or map moved subtrees with `rename={old prefix: new prefix}`.")
   if not groups:
     raise SurgeryError(
         "No leaf of new_state_init has the path and shape of a parameter of the new table, so nothing would be "
@@ -579,11 +597,18 @@ def remap_state(surgery, old_state, new_state_init, *, rename: Mapping[str, str]
       ``strict=True``, anything left behind or missing.
 
   Example:
-    >>> tx = optax.adam(1e-3)                                            # doctest: +SKIP
-    >>> old = {"params": old_params, "opt_state": old_opt_state, "step": step}
-    >>> new = {"params": new_init, "opt_state": tx.init(new_init), "step": 0}
-    >>> state, report = js.remap_state(surgery, old, new, return_report=True)
-    >>> print(report)   # params, opt_state/0/mu, opt_state/0/nu remapped; step, count copied
+    >>> import jax, jax.numpy as jnp, optax, jaxsurgery as js
+    >>> fn = lambda p, x: x @ p["w"]
+    >>> old_p, new_init = {"w": jnp.ones((2, 3))}, {"w": jnp.zeros((3, 3))}
+    >>> old = js.dependency_table(fn, old_p, jnp.ones((1, 2)), js.Features(["a", "b"]))
+    >>> new = js.dependency_table(fn, new_init, jnp.ones((1, 3)), js.Features(["a", "c", "b"]))
+    >>> surgery = js.plan(old, new)
+    >>> tx = optax.adam(1e-3)
+    >>> old_state = {"params": old_p, "opt_state": tx.init(old_p), "step": 7}
+    >>> new_state = {"params": new_init, "opt_state": tx.init(new_init), "step": 0}
+    >>> state, report = js.remap_state(surgery, old_state, new_state, return_report=True)
+    >>> state["step"], sorted(report.params)   # params, adam's mu and nu remapped; counts copied
+    (7, ['opt_state/0/mu/', 'opt_state/0/nu/', 'params/'])
   """
   steps, treedef, new_leaves, old_leaves, report = _plan_state(surgery, old_state, new_state_init, rename, prefixes)
   if strict:

@@ -15,6 +15,35 @@ from jaxsurgery._src.core import features as feats
 
 @dataclasses.dataclass(frozen=True)
 class Verification:
+  """The result of :func:`verify`: does the new model compute what the old one did?
+
+  Attributes:
+    ok: every output's largest difference is at most ``atol``.
+    max_abs_diff: per output path, the largest ``|old - new|`` over the samples
+      (``inf`` where exactly one side is NaN).
+    atol: the tolerance.
+    samples: the number of random input draws.
+
+  Example:
+    The new init alone does not compute the old function; the surgery's
+    result does.
+
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js
+    >>> fn = lambda p, x: jnp.tanh(x @ p["w"])
+    >>> old_p = {"w": jax.random.normal(jax.random.key(1), (2, 3))}
+    >>> new_init = {"w": jax.random.normal(jax.random.key(2), (3, 3))}
+    >>> old_x, new_x = jax.ShapeDtypeStruct((4, 2), jnp.float32), jax.ShapeDtypeStruct((4, 3), jnp.float32)
+    >>> old = js.dependency_table(fn, old_p, old_x, js.Features(["hp", "mana"]))
+    >>> new = js.dependency_table(fn, new_init, new_x, js.Features(["hp", "armor", "mana"]))
+    >>> surgery = js.plan(old, new)
+    >>> key = jax.random.key(0)
+    >>> js.verify(surgery, fn, fn, old_p, new_init, old_x, new_x, key=key).ok
+    False
+    >>> check = js.verify(surgery, fn, fn, old_p, surgery(old_p, new_init), old_x, new_x, key=key)
+    >>> check.ok, max(check.max_abs_diff.values()) < 1e-6
+    (True, True)
+  """
+
   ok: bool
   max_abs_diff: dict[str, float]
   atol: float
@@ -118,8 +147,20 @@ def verify(surgery, old_fn: Callable, new_fn: Callable, old_params: Any, new_par
   Returns:
     A :class:`Verification` with ``ok`` and the worst difference per output.
 
+  Raises:
+    ValueError: the two models' outputs differ in number or shape.
+
   Example:
-    >>> js.verify(surgery, mlp, mlp, old_p, new_p, x_old, x_new, key=jax.random.key(0))  # doctest: +SKIP
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js
+    >>> fn = lambda p, x: jnp.tanh(x @ p["w"])
+    >>> old_p, new_init = {"w": jnp.ones((2, 3))}, {"w": jnp.full((3, 3), 5.0)}
+    >>> old_x, new_x = jax.ShapeDtypeStruct((4, 2), jnp.float32), jax.ShapeDtypeStruct((4, 3), jnp.float32)
+    >>> old = js.dependency_table(fn, old_p, old_x, js.Features(["hp", "mana"]))
+    >>> new = js.dependency_table(fn, new_init, new_x, js.Features(["hp", "armor", "mana"]))
+    >>> surgery = js.plan(old, new)
+    >>> print(js.verify(surgery, fn, fn, old_p, surgery(old_p, new_init), old_x, new_x,
+    ...                 key=jax.random.key(0)).ok)
+    True
   """
   old_t, new_t = surgery.old_table, surgery.new_table
   if int_high is None:
