@@ -1,6 +1,7 @@
 """Surgery fuzzing campaign: random model pairs, every broken invariant as a minimal reproducer.
 
-    python scripts/fuzz.py --examples 500 [--seed 0] [--shrink-budget 150] [--kinds vec,seq,img]
+    python scripts/fuzz.py --examples 500 [--seed 0] [--shrink-budget 60] [--kinds vec,seq,img]
+                           [--family all|contraction-first] [--log failures.jsonl] [--replay failures.jsonl]
 
 Each case is a model description and an edit (tests/fuzz_models.py); the invariants are those of
 tests/test_fuzz.py (no crash; ``report.preserved is True`` implies ``js.verify`` within 1e-5;
@@ -23,8 +24,9 @@ import warnings
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-import fuzz_models as fm  # noqa: E402
-from hypothesis import HealthCheck, Phase, given, seed as hseed, settings  # noqa: E402
+import fuzz_models as fm
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import seed as hseed
 
 SIMPLER = {"lstm": "gru", "gru": "elman", "index": "uid", "NCHW": "NHWC", "flatten": "mean", "rms": "ln",
            "seq": "vec"}
@@ -99,14 +101,14 @@ def _candidates(case, part):
     yield from ((s, edits) for s in _variants(spec))
 
 
-def campaign(examples: int, seed: int, kinds, log=None) -> tuple[dict, int]:
+def campaign(examples: int, seed: int, family: dict, log=None) -> tuple[dict, int]:
   found: dict[str, tuple] = {}  # class -> (smallest case, its failure, number of cases)
   counter = [0]
 
   @hseed(seed)
   @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
             suppress_health_check=list(HealthCheck))
-  @given(fm.pairs(kinds=kinds))
+  @given(fm.pairs(**family))
   def run(case):
     counter[0] += 1
     classes = failing_classes(case)
@@ -145,16 +147,19 @@ def main(argv=None):
   parser.add_argument("--examples", type=int, default=200)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--shrink-budget", type=int, default=60, help="checks per failure class (0: no shrinking)")
-  parser.add_argument("--kinds", default="vec,seq,img")
+  parser.add_argument("--kinds", default="vec,seq,img", help="with --family all: the model kinds")
+  parser.add_argument("--family", default="all", choices=sorted(fm.FAMILIES),
+                      help="all, or contraction-first: the family tests/test_fuzz.py generates in CI")
   parser.add_argument("--log", help="write every failing case (JSON lines) to this file")
   parser.add_argument("--replay", help="shrink the failing cases of a --log file instead of generating")
   args = parser.parse_args(argv)
   t0 = time.time()
-  log = open(args.log, "w") if args.log else None
   if args.replay:
     found, n = replay(args.replay)
   else:
-    found, n = campaign(args.examples, args.seed, tuple(args.kinds.split(",")), log)
+    with open(args.log or os.devnull, "w") as log:
+      family = fm.FAMILIES[args.family] or {"kinds": tuple(args.kinds.split(","))}
+      found, n = campaign(args.examples, args.seed, family, log if args.log else None)
   print(f"{n} cases in {time.time() - t0:.0f} s: {len(found)} failure classes", flush=True)
   shrunk: dict[str, list] = {}  # reproducer -> [(class, count, failure)]
   for cls, (case, failure, count) in sorted(found.items(), key=lambda kv: -kv[1][2]):

@@ -11,15 +11,13 @@ The oracle itself is tested first: the transfer its labels imply is exact for ed
 move features, and it flags a misplaced row.
 """
 
+import fuzz_models as fm
 import jax
 import numpy as np
-import pytest
+from fuzz_models import Dense, ModelSpec, MoveFeature, PermuteFeatures, RemoveFeature
 from hypothesis import HealthCheck, Phase, example, given, settings
 
-import fuzz_models as fm
 import jaxsurgery as js
-from fuzz_models import (Attention, Dense, ModelSpec, MoveFeature, Norm, PermuteFeatures, RemoveFeature, Residual,
-                         RNN)
 
 # No shrinking in CI: a failing case is printed as it is; scripts/fuzz.py shrinks.
 FAST = settings(deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
@@ -40,7 +38,7 @@ def assert_no_failures(case):
 
 # -- the oracle ---------------------------------------------------------------------------
 
-@settings(FAST, max_examples=15)
+@settings(FAST, max_examples=10)
 @given(fm.pairs(edit_types=(PermuteFeatures, MoveFeature)))
 def test_oracle_transfer_is_exact_for_feature_moves(case):
   """Labels and forward agree: moving every element with its label computes the same function
@@ -78,18 +76,12 @@ def test_oracle_flags_a_misplaced_row_and_an_unreported_drop():
 
 # -- the fuzzer ---------------------------------------------------------------------------
 
-@settings(FAST, max_examples=6)
+# The generated family is the one the planner handles today (fuzz_models.CONTRACTION_FIRST).
+# Everything else fails today and is covered by the explicit cases (fuzz_models.FOUND, strict
+# expected failures) and by scripts/fuzz.py. Widen the family (image models, positional tables,
+# uneven gate splits, no ``front``) as issue 15.0-15.3 are fixed.
+@settings(FAST, max_examples=5)
 @with_found_examples
-@given(fm.pairs(kinds=("vec", "seq"), layer_types=(Dense, Norm, Residual, Attention, RNN), front=(Dense, RNN)))
+@given(fm.pairs(**fm.CONTRACTION_FIRST))
 def test_fuzz_features_entering_through_a_contraction(case):
-  """Models whose features enter through a dense layer or an RNN cell: what the planner handles today."""
-  assert_no_failures(case)
-
-
-@pytest.mark.xfail(strict=True, reason="issue 15.0-15.2: the full family hits misplaced features behind norms, "
-                                        "residuals, attention and positions, dropped positional rows and conv crashes "
-                                        "(each is a regression test in test_regressions_15.py)")
-@settings(FAST, max_examples=6)
-@given(fm.pairs())
-def test_fuzz_every_model_and_edit(case):
   assert_no_failures(case)
