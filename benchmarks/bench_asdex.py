@@ -75,6 +75,7 @@ def first_call(builder: str, tool: str) -> dict:
   """
   import asdex  # noqa: F401  (import cost is not part of the call)
   import jax
+
   import jaxsurgery  # noqa: F401
   from jaxsurgery._src.core import table as jtable
   m, P, X = _setup(builder)

@@ -21,11 +21,11 @@ import inspect
 import resource
 import time
 
-import jax
-
 import common
-import jaxsurgery as js
+import jax
 import models
+
+import jaxsurgery as js
 
 WIDTHS = [256, 1024]
 BUDGET = 120.0

@@ -5,12 +5,12 @@ Old model: benchmarks.models.five(); new model: one more unit feature (44), LSTM
 
 from __future__ import annotations
 
+import common
 import jax
 import jax.numpy as jnp
-
-import common
-import jaxsurgery as js
 import models
+
+import jaxsurgery as js
 
 
 def main():

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 
-import jax
-
 import common
-import jaxsurgery as js
+import jax
 import models
+
+import jaxsurgery as js
 
 SWEEPS = {
     # name: (x label, x values, builder)
@@ -64,7 +64,7 @@ def plot(res, path):
 
 def main():
   res = {}
-  for name, (label, xs, build) in SWEEPS.items():
+  for name, (_, xs, build) in SWEEPS.items():
     res[name] = [point(build, x) for x in xs]
     for p in res[name]:
       print(f"{name:9s} x={p['x']:<6d} params={p['num_params']:>12,d}  table "

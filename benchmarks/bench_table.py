@@ -22,8 +22,9 @@ def cold(what: str) -> dict:
   rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak so far, MiB
   import jax
   base = rss()
-  import jaxsurgery as js
   import models
+
+  import jaxsurgery as js
   m = models.five()
   base_js = rss()
   t = time.perf_counter()
@@ -57,8 +58,9 @@ def run_cold(what: str, repeats: int = 3) -> dict:
 
 def main():
   import jax
-  import jaxsurgery as js
   import models
+
+  import jaxsurgery as js
 
   m = models.five()
   print(f"model {m.name}: {m.num_params:,} params, "

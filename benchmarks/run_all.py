@@ -22,6 +22,7 @@ COMMAND = "python benchmarks/run_all.py"
 
 def machine() -> dict:
   import importlib.metadata
+
   import flax
   import jax
   import jaxlib
@@ -220,9 +221,11 @@ def report(mach, logs) -> str:
           "compiles (the time a user sees once); the compiled chunk function is cached per "
           "function and signature, so a second call (timed only when the first took < 60 s) "
           "does not compile again.", "",
-          "| model | params | probe, 2nd call | probe, 1st call | boolean table | probe / table (2nd call, else 1st) | cross_check ok |",
+          "| model | params | probe, 2nd call | probe, 1st call | boolean table | probe / table (2nd call, else 1st) "
+          "| cross_check ok |",
           "|---|---|---|---|---|---|---|"]
-    L += [f"| {r['model']} | {r['num_params']:,} | {f(r.get('probe_second_s')) if r.get('probe_second_s') else '–'} | {f(r['probe_first_s'])} | "
+    second = lambda r: f(r.get('probe_second_s')) if r.get('probe_second_s') else '–'
+    L += [f"| {r['model']} | {r['num_params']:,} | {second(r)} | {f(r['probe_first_s'])} | "
           f"{f(r['table_s'])} | {r['ratio']:,.0f}× | {r['cross_check_ok']} |" for r in probe]
     L.append("")
   L += ["## 4. Applying the remap (`bench_remap.py`)", ""]

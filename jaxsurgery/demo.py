@@ -14,6 +14,8 @@ import jaxsurgery as js
 
 
 class Policy(nnx.Module):
+  """A set encoder (max-pooled unit MLP) plus a hero embedding, an LSTM over time and a head."""
+
   def __init__(self, n_unit_features: int, hidden: int, *, rngs: nnx.Rngs):
     self.unit_mlp = nnx.Linear(n_unit_features, 16, rngs=rngs)
     self.hero_embed = nnx.Embed(10, 16, rngs=rngs)
@@ -22,6 +24,7 @@ class Policy(nnx.Module):
     self.hidden = hidden
 
   def __call__(self, obs):
+    """Logits of the last step, from ``obs["units"]`` (B, T, U, F) and ``obs["hero"]`` (B, T)."""
     units = jax.nn.relu(self.unit_mlp(obs["units"]))          # (B, T, U, 16)
     x = units.max(axis=2) + self.hero_embed(obs["hero"])      # (B, T, 16)
     b = x.shape[0]
@@ -31,6 +34,7 @@ class Policy(nnx.Module):
 
 
 def model(n_features: int, hidden: int, seed: int):
+  """``(fn, abstract params, make)``: the pure function, its abstract params and a concrete init."""
   abstract = nnx.eval_shape(lambda: Policy(n_features, hidden, rngs=nnx.Rngs(seed)))
   graph, abstract_params = nnx.split(abstract, nnx.Param)
   fn = lambda p, obs: nnx.merge(graph, p)(obs)
@@ -39,6 +43,7 @@ def model(n_features: int, hidden: int, seed: int):
 
 
 def main():
+  """Plans, applies and verifies the surgery, printing the table, the report and the check."""
   old_names = ["hp", "mana", "x", "y"]
   new_names = ["hp", "armor", "mana", "x", "y"]        # a new observation, inserted
   obs = lambda n: {"units": jax.ShapeDtypeStruct((2, 3, 6, n), jnp.float32),

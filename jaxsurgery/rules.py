@@ -4,8 +4,8 @@ The mask interpreter walks a jaxpr eqn by eqn and asks each primitive's *rule*
 how its outputs depend on its inputs. A rule is a function
 ``rule(ctx, eqn, invals) -> list[Val]`` (the :class:`Rule` protocol):
 
-* ``eqn`` is the ``jax.core.JaxprEqn`` (``eqn.primitive.name``,
-  ``eqn.params``, ``eqn.outvars[k].aval.shape``);
+* ``eqn`` is the ``jax.core.JaxprEqn`` (the :class:`Eqn` protocol:
+  ``eqn.primitive.name``, ``eqn.params``, ``eqn.outvars[k].aval.shape``);
 * ``invals`` holds one :class:`Val` per operand: its forward ``mask`` (which
   features each element depends on, bit-packed; see :mod:`masks`), its
   provenance ``pull`` (``None`` unless the value comes from parameters) and a
@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from jaxsurgery._src.compat import Eqn
 from jaxsurgery._src.core import masks
 from jaxsurgery._src.core.values import Val, join_pulls, out_val
 from jaxsurgery._src.rules import registry as _registry
@@ -42,7 +43,7 @@ from jaxsurgery._src.rules.elementwise import nary, passthrough, unary
 from jaxsurgery._src.rules.opaque import dense
 from jaxsurgery._src.rules.registry import TRAITS, override_rule
 
-__all__ = ["Rule", "Context", "Val", "out_val", "join_pulls", "masks", "dense", "unary", "nary",
+__all__ = ["Rule", "Context", "Eqn", "Val", "out_val", "join_pulls", "masks", "dense", "unary", "nary",
            "passthrough", "get", "register_rule", "override_rule", "TRAITS"]
 
 
@@ -67,7 +68,7 @@ class Context(Protocol):
 class Rule(Protocol):
   """A dependency rule: ``rule(ctx, eqn, invals) -> list[Val]`` (see the module docstring)."""
 
-  def __call__(self, ctx: Context, eqn: Any, invals: list[Val]) -> list[Val]:
+  def __call__(self, ctx: Context, eqn: Eqn, invals: list[Val], /) -> list[Val]:
     """The output values of ``eqn`` given its operands' values; records touches through ``ctx``."""
 
 

@@ -1,4 +1,5 @@
-import os
-import sys
+"""Shared pytest configuration.
 
-sys.path.insert(0, os.path.dirname(__file__))
+The test helpers (``checks``, ``zoo``, ``fuzz_models``...) import as top-level
+modules: ``pythonpath = ["tests"]`` in pyproject.toml puts this directory on the path.
+"""

@@ -6,7 +6,6 @@ from html.parser import HTMLParser
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import jaxsurgery as js
@@ -122,6 +121,7 @@ def chain(n_layers):
 
 # -- escaping ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_names_are_escaped_everywhere():
   p = hostile_params(KEY)
   x = jnp.ones((2, 4))

@@ -46,7 +46,7 @@ def restore_registry():
 
 # Public names without an example of their own: exceptions (a docstring says when they are raised),
 # typing protocols and constants (documented in jaxsurgery.rules' module docstring, which has one).
-NO_EXAMPLE = {"__version__", "rules", "masks", "TRAITS", "Rule", "Context"}
+NO_EXAMPLE = {"__version__", "rules", "masks", "TRAITS", "Rule", "Context", "Eqn"}
 
 
 def test_the_public_names_have_examples():

@@ -10,6 +10,7 @@ params follow "random in, zero out", counts are copied, and the new model
 computes what the old one did.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,6 +81,7 @@ def assert_image(r: str, old, new, fresh):
 def check_state(report: StateReport, old_state, new_init, new_state, param_prefixes, moment_prefixes):
   """Every param-shaped subtree is the image of its old counterpart; counts are copied; nothing is left behind."""
   o, i, n = flat(old_state), flat(new_init), flat(new_state)
+  chex.assert_trees_all_equal_structs(new_state, new_init)   # the new state is shaped like its init
   assert set(report.params) == set(param_prefixes) | set(moment_prefixes), report
   assert not report.left_behind, report
   for leaf in report.leaves:
@@ -162,7 +164,7 @@ def fresh_plain_state(tx, key):
   return {"params": params, "ema": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
 
 
-@pytest.mark.parametrize("name", list(TXS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "adam" else n for n in TXS])
 def test_optax_states_move_with_their_features(plain_surgery, name):
   make_tx, moments = TXS[name]
   tx = make_tx()
@@ -185,6 +187,7 @@ def test_optax_states_move_with_their_features(plain_surgery, name):
   assert "param-shaped subtrees" in text and moments[0] in text and "left behind in the old state: nothing" in text
 
 
+@pytest.mark.slow
 def test_remap_state_under_jit_vmap_and_sharding(plain_surgery):
   tx = optax.adam(1e-2)
   old = trained_plain_state(tx, jax.random.key(1))
@@ -240,6 +243,7 @@ def test_moved_subtree_needs_rename_and_nothing_is_dropped_silently(plain_surger
   assert "opt_state/1/0/nu/l1/w" in report.from_init and "opt_state/0/nu/l1/w" in {p for p, *_ in report.left_behind}
 
 
+@pytest.mark.slow
 def test_another_models_state_is_a_clear_error(plain_surgery):
   tx = optax.adam(1e-2)
   init = fresh_plain_state(tx, jax.random.key(2))
@@ -302,6 +306,7 @@ def linen_module(nh):
   return MLP()
 
 
+@pytest.mark.slow
 def test_linen_train_state():
   from flax.training.train_state import TrainState
   old_m, new_m = linen_module(H_OLD), linen_module(H_NEW)
@@ -311,13 +316,15 @@ def test_linen_train_state():
   assert surgery.new_table.paths[0].startswith("params/")
 
   tx = optax.adam(1e-2)
-  old = TrainState.create(apply_fn=old_m.apply, params=old_m.init(jax.random.key(1), jnp.ones(X_OLD.shape))["params"], tx=tx)
+  old = TrainState.create(apply_fn=old_m.apply, params=old_m.init(jax.random.key(1), jnp.ones(X_OLD.shape))["params"],
+                          tx=tx)
   x, y = data(jax.random.key(2), 3)
   step = jax.jit(lambda s: s.apply_gradients(
       grads=jax.grad(lambda p: jnp.mean((old_m.apply({"params": p}, x) - y) ** 2))(s.params)))
   for _ in range(STEPS):
     old = step(old)
-  init = TrainState.create(apply_fn=new_m.apply, params=new_m.init(jax.random.key(3), jnp.ones(X_NEW.shape))["params"], tx=tx)
+  init = TrainState.create(apply_fn=new_m.apply, params=new_m.init(jax.random.key(3), jnp.ones(X_NEW.shape))["params"],
+                           tx=tx)
   new, report = jsf.remap_train_state(surgery, old, init, return_report=True)
   assert isinstance(new, TrainState) and new.apply_fn is init.apply_fn and new.tx is init.tx
   check_state(report, old, init, new, [""], ["opt_state/0/mu/", "opt_state/0/nu/"])

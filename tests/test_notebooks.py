@@ -184,6 +184,7 @@ def test_notebook_is_valid_and_cleared(path):
           assert (path.parent / target).resolve().exists(), f"{path.name}: broken link {target}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(path):
   start = time.perf_counter()

@@ -1,15 +1,12 @@
 """Forward masks contain the Jacobian sparsity pattern, rule by rule; structurally dense ops equal it."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
-
 from checks import forward_pattern, jacobian_pattern, perturbation_pattern
-
+from jax import lax
 
 R = np.random.RandomState(0)
 W34 = jnp.asarray(R.normal(size=(3, 4)), jnp.float32)
@@ -332,6 +329,7 @@ for name, f in cases.items():
 '''
 
 
+@pytest.mark.slow
 def test_shard_map_on_two_devices_is_sound():
   """Sharded axes really split (local shapes differ from global); run in a fresh process."""
   import os

@@ -23,11 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from checks import assert_contains, assert_equal, forward_pattern, jacobian_pattern
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax import lax
-
-from checks import assert_contains, assert_equal, forward_pattern, jacobian_pattern
 
 N = 12
 MAX_SIZE = 72
@@ -253,6 +252,7 @@ def describe(program) -> str:
   return " -> ".join(f"{name}({seed})" for name, seed in program)
 
 
+@pytest.mark.slow
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(programs(ALL_OPS))
 def test_random_programs_are_sound(program):
@@ -260,6 +260,7 @@ def test_random_programs_are_sound(program):
   assert_contains(forward_pattern(f, N), jacobian_pattern(f, N, seeds=(0, 1)), describe(program))
 
 
+@pytest.mark.slow
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(programs(DENSE_OPS))
 def test_dense_chains_are_exact(program):
@@ -370,6 +371,7 @@ def _view_table(view):
   return table, reads, n
 
 
+@pytest.mark.slow
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.sampled_from(sorted(VIEWS)), st.integers(0, 2**31 - 1)), min_size=1, max_size=5))
 def test_parameter_views_pull_back_to_the_elements_they_read(program):
@@ -381,7 +383,8 @@ def test_parameter_views_pull_back_to_the_elements_they_read(program):
 LOOP_VIEWS = {
     "fori_roll": lambda w: lax.fori_loop(0, 3, lambda i, c: jnp.roll(c, 1, axis=0) * 1.5, w),
     "scan_ys": lambda w: lax.scan(lambda c, r: (c + r, c * r), w[0], w)[1],
-    "scan_reverse_carry": lambda w: lax.scan(lambda c, r: (jnp.roll(c, 1) + r, None), w[0] * 0, w, reverse=True)[0][None],
+    "scan_reverse_carry": lambda w: lax.scan(lambda c, r: (jnp.roll(c, 1) + r, None), w[0] * 0, w,
+                                             reverse=True)[0][None],
     "while_shift": lambda w: lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, c[1][::-1]), (0, w))[1],
     "scan_consts": lambda w: lax.scan(lambda c, _: (c * w[1], None), w[0], None, length=4)[0][None],
 }

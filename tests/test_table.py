@@ -8,22 +8,18 @@ implementation.
 from __future__ import annotations
 
 import gc
-import os
-import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import zoo
+from checks import jacobian_pattern
 from flax import nnx
 from jax import lax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import zoo  # noqa: E402
-from checks import jacobian_pattern  # noqa: E402
-
-import jaxsurgery as js  # noqa: E402
+import jaxsurgery as js
 
 SDS = jax.ShapeDtypeStruct
 F32 = jnp.float32
@@ -258,7 +254,7 @@ def test_scan_over_stacked_layers_keeps_first_layer_rows_precise():
   layer = lambda h, w: (jnp.tanh(h @ w["k"] + w["b"]), None)
   params = {"layers": {"k": sds(3, 4, 4), "b": sds(3, 4)}}
   for reverse, first in ((False, 0), (True, 2)):
-    fn = lambda p, x: lax.scan(layer, x, p["layers"], reverse=reverse)[0]
+    fn = lambda p, x, reverse=reverse: lax.scan(layer, x, p["layers"], reverse=reverse)[0]
     t = js.dependency_table(fn, params, sds(2, 4), ABCD)
     got = sets(t, "layers/k")
     for l in range(3):

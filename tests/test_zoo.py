@@ -1,17 +1,13 @@
 """Smoke tests for the model zoo (tests/zoo.py)."""
 
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import zoo
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import zoo  # noqa: E402
-
-import jaxsurgery as js  # noqa: E402
+import jaxsurgery as js
 
 NAMES = zoo.names()
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import inspect
 import weakref
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 from jax._src import core as jcore
@@ -25,16 +25,30 @@ from jax._src import core as jcore
 from jaxsurgery._src.core.errors import NoSubJaxprError
 
 Literal = jcore.Literal
-JaxprEqn = jcore.JaxprEqn
 DropVar = jcore.DropVar
 Jaxpr = jcore.Jaxpr
 ClosedJaxpr = jcore.ClosedJaxpr
 
 
+class Eqn(Protocol):
+  """What the analysis reads of a jaxpr eqn (a ``jax.core.JaxprEqn`` has all of it).
+
+  ``invars[k].aval`` / ``outvars[k].aval`` have ``.shape`` and ``.dtype``;
+  ``primitive.name`` names the primitive.
+  """
+
+  primitive: Any
+  params: dict[str, Any]
+  invars: list[Any]
+  outvars: list[Any]
+  effects: Any
+  source_info: Any
+
+
 _SUB_JAXPR_KEYS = ("jaxpr", "call_jaxpr", "fun_jaxpr", "callee", "call")  # call: custom_vmap_call
 
 
-def sub_jaxpr(params: dict[str, Any], primitive: str = "?") -> tuple[Jaxpr, list[Any]]:
+def sub_jaxpr(params: dict[str, Any], primitive: str = "?") -> tuple[Any, list[Any]]:
   """The (open jaxpr, consts) that a call-like primitive evaluates.
 
   Raises:
@@ -51,7 +65,7 @@ def sub_jaxpr(params: dict[str, Any], primitive: str = "?") -> tuple[Jaxpr, list
       f"`jaxsurgery.register_rule({primitive!r}, rule)` (see jaxsurgery.rules), or report the JAX version.")
 
 
-def open_jaxpr(j: Any) -> tuple[Jaxpr, list[Any]]:
+def open_jaxpr(j: Any) -> tuple[Any, list[Any]]:
   """``(jaxpr, consts)`` of a closed or open jaxpr."""
   if isinstance(j, ClosedJaxpr):
     return j.jaxpr, list(j.consts)
@@ -139,9 +153,11 @@ _FAST = _fast_trace_api()
 
 
 class WeakLRU:
-  """A small LRU keyed weakly by a function object (a bound method by its instance) plus
-  a hashable rest; an entry dies with its function or when evicted. Shared by the trace
-  cache here and the probe's compiled functions."""
+  """A small LRU keyed weakly by a function object (a bound method by its instance) plus a rest.
+
+  The rest is any hashable; an entry dies with its function or when evicted. Shared
+  by the trace cache here and the probe's compiled functions.
+  """
 
   def __init__(self, maxsize: int):
     self.maxsize = maxsize
@@ -152,6 +168,7 @@ class WeakLRU:
   @staticmethod
   def _target(fn):
     """(object whose lifetime bounds the entry, identity part of the key), or None."""
+    ident: tuple
     if inspect.ismethod(fn):  # a new bound-method object per attribute access
       target, ident = fn.__self__, (id(fn.__self__), fn.__func__)
     else:

@@ -100,7 +100,7 @@ class ResolvedSpec:
     on exactly the flagged features (the planner's novelty pass).
     """
     W = 1 if flagged is not None else M.num_words(self.num_features)
-    out = []
+    out: list[np.ndarray | None] = []
     for leaf in self.leaves:
       ids = leaf.feature_ids[:1] if leaf.axis is None else leaf.feature_ids
       if not ids or (flagged is not None and flagged.isdisjoint(ids)):
@@ -150,13 +150,13 @@ def resolve(features: Any, inputs: Any) -> ResolvedSpec:
   """Checks ``features`` against ``inputs`` and assigns global feature indices."""
   input_leaves, input_def = jax.tree_util.tree_flatten_with_path(inputs)
   spec_leaves, spec_def = jax.tree_util.tree_flatten_with_path(features, is_leaf=is_spec_leaf)
-  for path, s in spec_leaves:
+  for key_path, s in spec_leaves:
     if not is_spec_leaf(s):
       raise FeatureSpecError(
-          f"Feature spec leaf at {keystr(path) or '<root>'!r} is {s!r}; expected "
+          f"Feature spec leaf at {keystr(key_path) or '<root>'!r} is {s!r}; expected "
           f"jaxsurgery.Features(...), a feature name (str) or None.")
   try:
-    per_input = spec_def.flatten_up_to(inputs)
+    per_input = spec_def.flatten_up_to(inputs)  # type: ignore[attr-defined]  # missing from jax's stub
   except (ValueError, TypeError) as e:
     spec_paths = [keystr(p) or "<root>" for p, _ in spec_leaves]
     input_paths = [keystr(p) or "<root>" for p, _ in input_leaves]

@@ -103,7 +103,7 @@ class Context:
 
   def touch(self, val: Val, mask: np.ndarray | None) -> None:
     """Records that ``val`` takes part in an operation with values of ``mask``."""
-    if val.pull is None or M.is_empty(mask):
+    if val.pull is None or mask is None or M.is_empty(mask):
       return
     val.pull(M.lift(mask, val.ndim))
 

@@ -13,6 +13,7 @@ activation mask is touched as (4096, 1, W), never 67M entries.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import overload
 
 import numpy as np
 
@@ -76,6 +77,12 @@ def orr(*masks: Mask | None) -> Mask | None:
   return out
 
 
+@overload
+def compress(mask: Mask) -> Mask: ...
+@overload
+def compress(mask: None) -> None: ...
+@overload
+def compress(mask: Mask | None) -> Mask | None: ...
 def compress(mask: Mask | None) -> Mask | None:
   """Shrinks axes along which the mask is constant to size 1 (cheap, exact)."""
   if mask is None:
@@ -136,6 +143,12 @@ def _or_axis(m: Mask, axis: int) -> Mask:
   return m
 
 
+@overload
+def reduce_or(mask: Mask, axes: Sequence[int], keepdims: bool = False) -> Mask: ...
+@overload
+def reduce_or(mask: None, axes: Sequence[int], keepdims: bool = False) -> None: ...
+@overload
+def reduce_or(mask: Mask | None, axes: Sequence[int], keepdims: bool = False) -> Mask | None: ...
 def reduce_or(mask: Mask | None, axes: Sequence[int], keepdims: bool = False) -> Mask | None:
   """OR over value axes (never the packed axis)."""
   if mask is None:
@@ -153,6 +166,12 @@ def reduce_or(mask: Mask | None, axes: Sequence[int], keepdims: bool = False) ->
   return mask
 
 
+@overload
+def reduce_all(mask: Mask) -> Mask: ...
+@overload
+def reduce_all(mask: None) -> None: ...
+@overload
+def reduce_all(mask: Mask | None) -> Mask | None: ...
 def reduce_all(mask: Mask | None) -> Mask | None:
   """OR over every value axis: a (W,) mask."""
   if mask is None:
@@ -177,6 +196,12 @@ def any_bits(mask: Mask) -> np.ndarray:
   return np.any(mask != 0, axis=-1, keepdims=True)
 
 
+@overload
+def lift(mask: Mask, ndim: int) -> Mask: ...
+@overload
+def lift(mask: None, ndim: int) -> None: ...
+@overload
+def lift(mask: Mask | None, ndim: int) -> Mask | None: ...
 def lift(mask: Mask | None, ndim: int) -> Mask | None:
   """Left-pads a mask of lower rank with size-1 axes (numpy broadcasting rules)."""
   if mask is None or mask.ndim - 1 == ndim:
@@ -184,6 +209,12 @@ def lift(mask: Mask | None, ndim: int) -> Mask | None:
   return mask.reshape((1,) * (ndim - mask.ndim + 1) + mask.shape)
 
 
+@overload
+def uniform(word_mask: Mask, ndim: int) -> Mask: ...
+@overload
+def uniform(word_mask: None, ndim: int) -> None: ...
+@overload
+def uniform(word_mask: Mask | None, ndim: int) -> Mask | None: ...
 def uniform(word_mask: Mask | None, ndim: int) -> Mask | None:
   """A (W,) mask as a constant mask of rank ``ndim``."""
   if word_mask is None:
@@ -199,6 +230,12 @@ def broadcast_count(b, shape: Sequence[int]) -> int:
   return int(np.count_nonzero(b)) * repeat
 
 
+@overload
+def unbroadcast(mask: Mask, shape: Sequence[int]) -> Mask: ...
+@overload
+def unbroadcast(mask: None, shape: Sequence[int]) -> None: ...
+@overload
+def unbroadcast(mask: Mask | None, shape: Sequence[int]) -> Mask | None: ...
 def unbroadcast(mask: Mask | None, shape: Sequence[int]) -> Mask | None:
   """ORs a mask of a broadcast result back onto an operand of ``shape``."""
   if mask is None:

@@ -229,7 +229,8 @@ def _describe(paths, leaves, message: str = "") -> str:
   for p, l in zip(paths, leaves):
     dtype = l.dtype.name if isinstance(l.dtype, np.dtype) else str(l.dtype)
     hit = any(form in message for form in _shape_forms(l.shape))
-    lines.append(f"    {p or '<root>'}: {tuple(l.shape)} {dtype}" + ("   <-- shape appears in the error" if hit else ""))
+    lines.append(f"    {p or '<root>'}: {tuple(l.shape)} {dtype}"
+                 + ("   <-- shape appears in the error" if hit else ""))
   return "\n".join(lines) if lines else "    (none)"
 
 
@@ -237,8 +238,7 @@ def _user_frame(exc: BaseException) -> str | None:
   """The innermost traceback frame outside jax, flax and jaxsurgery (where ``fn`` failed)."""
   skip = [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))]
   for mod in ("jax", "flax"):
-    m = __import__(mod)
-    skip.append(os.path.dirname(os.path.abspath(m.__file__)))
+    skip.append(os.path.dirname(os.path.abspath(__import__(mod).__file__ or "")))
   frames = [f for f in traceback.extract_tb(exc.__traceback__)
             if not any(os.path.abspath(f.filename).startswith(d + os.sep) for d in skip)]
   if not frames:

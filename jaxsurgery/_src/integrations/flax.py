@@ -60,9 +60,10 @@ def nnx_fn(model: nnx.Module, wrt: Any = ..., call: Callable | None = None):
     ('bias/value', 'kernel/value')
   """
   call = call or _default_nnx_call
+  rest: list[Any]
   if wrt is ...:
     graphdef, state = nnx.split(model)
-    rest = ()
+    rest = []
   else:
     graphdef, state, *rest = nnx.split(model, wrt, ...)
     abstract = _abstract_leaves(rest)
@@ -82,10 +83,13 @@ def plan_nnx(old_model: nnx.Module, new_model: nnx.Module, old_inputs, new_input
   """Plans a surgery between two NNX models (abstract or concrete).
 
   Args:
-    old_model, new_model: ``nnx.Module``s; abstract ones from ``nnx.eval_shape``
-      are enough (planning allocates no parameters).
-    old_inputs, new_inputs: example inputs (arrays or ``jax.ShapeDtypeStruct``).
-    old_features, new_features: feature specs of the inputs (:class:`~jaxsurgery.Features`...).
+    old_model: the old ``nnx.Module``; an abstract one from ``nnx.eval_shape`` is
+      enough (planning allocates no parameters).
+    new_model: the new one (abstract or concrete).
+    old_inputs: example inputs of the old model (arrays or ``jax.ShapeDtypeStruct``).
+    new_inputs: example inputs of the new model.
+    old_features: the feature spec of the old inputs (:class:`~jaxsurgery.Features`...).
+    new_features: the feature spec of the new inputs.
     wrt: the variables the plan covers; see :func:`nnx_fn` (default: all).
     call: ``call(model, inputs) -> outputs``; default ``model(inputs)``.
     rename: passed to :func:`~jaxsurgery.plan` (old -> new feature names or
@@ -121,10 +125,13 @@ def verify_nnx(surgery: Surgery, old_model, new_model, old_inputs, new_inputs, *
 
   Args:
     surgery: the plan (from :func:`plan_nnx` with the same ``wrt``).
-    old_model, new_model: concrete models, the new one after :func:`transplant`.
-    old_inputs, new_inputs: example inputs (shapes are enough).
+    old_model: the old (trained) model, concrete.
+    new_model: the new model after :func:`transplant`, concrete.
+    old_inputs: example inputs of the old model (shapes are enough).
+    new_inputs: example inputs of the new model.
     key: a PRNG key.
-    wrt, call: as in :func:`nnx_fn`.
+    wrt: the variables the plan covers, as in :func:`nnx_fn`.
+    call: ``call(model, inputs) -> outputs``, as in :func:`nnx_fn`.
     **kwargs: passed to :func:`~jaxsurgery.verify` (``atol``, ``samples``...).
 
   Returns:
@@ -208,12 +215,20 @@ def plan_linen(old_module, new_module, old_variables, new_variables, old_inputs,
   """Plans a surgery between two Linen modules (variables may be abstract).
 
   Args:
-    old_module, new_module: ``flax.linen.Module``s.
-    old_variables, new_variables: their variables; ``jax.eval_shape(module.init,
-      key, x)`` is enough.
-    old_inputs, new_inputs, old_features, new_features, rename, strict,
-      strict_tables: as in :func:`plan_nnx`.
-    collections, call: as in :func:`linen_fn`.
+    old_module: the old ``flax.linen.Module``.
+    new_module: the new one.
+    old_variables: the old module's variables; ``jax.eval_shape(module.init, key,
+      x)`` is enough.
+    new_variables: the new module's variables (abstract is enough).
+    old_inputs: example inputs of the old module (arrays or ``jax.ShapeDtypeStruct``).
+    new_inputs: example inputs of the new module.
+    old_features: the feature spec of the old inputs.
+    new_features: the feature spec of the new inputs.
+    collections: the collections the plan covers, as in :func:`linen_fn`.
+    call: ``call(module, variables, inputs) -> outputs``, as in :func:`linen_fn`.
+    rename: passed to :func:`~jaxsurgery.plan`.
+    strict: passed to :func:`~jaxsurgery.plan`.
+    strict_tables: passed as ``strict`` to :func:`~jaxsurgery.dependency_table`.
 
   Returns:
     A :class:`~jaxsurgery.Surgery` over the variables (paths like
@@ -307,7 +322,9 @@ def remap_nnx(surgery: Surgery, old, new, *, rename: Mapping[str, str] | None = 
       tuple / list / dict of those (``(model, optimizer)``).
     new: the new model / optimizer (concrete: fresh elements take its values),
       or its state, in the same arrangement as ``old``.
-    rename, prefixes, strict: see :func:`~jaxsurgery.remap_state`.
+    rename: ``{old state prefix: new state prefix}``; see :func:`~jaxsurgery.remap_state`.
+    prefixes: the state prefixes that hold param-shaped subtrees; see :func:`~jaxsurgery.remap_state`.
+    strict: raise if anything is left behind or missing; see :func:`~jaxsurgery.remap_state`.
     return_report: also return the :class:`~jaxsurgery.StateReport`.
 
   Returns:
@@ -347,7 +364,9 @@ def transplant(surgery: Surgery, old, new, *, rename: Mapping[str, str] | None =
       dict, or a tuple / list / dict of those.
     new: the new ``nnx.Module`` / ``nnx.Optimizer`` objects (updated in place),
       in the same arrangement as ``old``.
-    rename, prefixes, strict: see :func:`~jaxsurgery.remap_state`.
+    rename: ``{old state prefix: new state prefix}``; see :func:`~jaxsurgery.remap_state`.
+    prefixes: the state prefixes that hold param-shaped subtrees; see :func:`~jaxsurgery.remap_state`.
+    strict: raise if anything is left behind or missing; see :func:`~jaxsurgery.remap_state`.
 
   Returns:
     The :class:`~jaxsurgery.StateReport`.
@@ -387,7 +406,9 @@ def remap_train_state(surgery: Surgery, old_state, new_state: train_state_lib.Tr
       ``batch_stats``), or the dict restored from its checkpoint.
     new_state: ``TrainState.create(apply_fn=..., params=new_init, tx=...)``; its
       ``apply_fn``, ``tx`` and other static fields are kept.
-    rename, prefixes, strict: see :func:`~jaxsurgery.remap_state`.
+    rename: ``{old state prefix: new state prefix}``; see :func:`~jaxsurgery.remap_state`.
+    prefixes: the state prefixes that hold param-shaped subtrees; see :func:`~jaxsurgery.remap_state`.
+    strict: raise if anything is left behind or missing; see :func:`~jaxsurgery.remap_state`.
     return_report: also return the :class:`~jaxsurgery.StateReport`.
 
   Returns:

@@ -43,7 +43,7 @@ def _step_dirs(path) -> dict[int, str]:
     names = os.listdir(path)
   except (FileNotFoundError, NotADirectoryError):
     return {}
-  out = {}
+  out: dict[int, str] = {}
   for n in names:
     m = re.fullmatch(r"(?:.*_)?(\d+)", n)
     full = os.path.join(path, n)
@@ -148,7 +148,7 @@ def old_abstract(source, *, step: int | None = None, item: str | None = None, sh
 def _old_shardings(abstract, new_state_init, rename):
   """Sharding per old leaf: the new leaf's when path and shape agree, else replicated on the new mesh."""
   new = {feats.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(new_state_init)[0]}
-  default = None
+  default: jax.sharding.Sharding | None = None
   for x in new.values():
     s = getattr(x, "sharding", None)
     if isinstance(s, jax.sharding.NamedSharding):
@@ -164,7 +164,8 @@ def _old_shardings(abstract, new_state_init, rename):
       return leaf
     x = new.get(to_new.to_old(feats.keystr(path)))
     s = getattr(x, "sharding", None)
-    ok = s is not None and tuple(getattr(x, "shape", ())) == tuple(leaf.shape) and x.dtype == leaf.dtype
+    same = tuple(getattr(x, "shape", ())) == tuple(leaf.shape) and getattr(x, "dtype", None) == leaf.dtype
+    ok = s is not None and same
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s if ok else default)
   return jax.tree_util.tree_map_with_path(pick, abstract)
 
@@ -192,7 +193,9 @@ def restore(surgery: Surgery, source, new_state_init, *, step: int | None = None
     item: the item name in a multi-item (``Composite``) checkpoint.
     old_state_abstract: the old state's abstract tree (``jax.ShapeDtypeStruct``
       leaves, optionally with shardings); default: from the metadata.
-    rename, prefixes, strict: see :func:`~jaxsurgery.remap_state`.
+    rename: ``{old state prefix: new state prefix}``; see :func:`~jaxsurgery.remap_state`.
+    prefixes: the state prefixes that hold param-shaped subtrees; see :func:`~jaxsurgery.remap_state`.
+    strict: raise if anything is left behind or missing; see :func:`~jaxsurgery.remap_state`.
     return_report: also return the :class:`~jaxsurgery.StateReport`.
 
   Returns:

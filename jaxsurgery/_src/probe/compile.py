@@ -57,8 +57,11 @@ class Fns(NamedTuple):
 
 
 def groups(sizes: Sequence[int]) -> list[list[int]]:
-  """Consecutive float leaves processed together: small ones concatenated (one fusion per
-  operation instead of one per leaf: half the compile time), large ones alone (no copy)."""
+  """Consecutive float leaves processed together: small ones concatenated, large ones alone.
+
+  Concatenating gives one fusion per operation instead of one per leaf (half the
+  compile time); large leaves stay alone (no copy).
+  """
   out: list[list[int]] = []
   for t, n in enumerate(sizes):
     if n >= _BIG_LEAF or not out or sizes[out[-1][-1]] >= _BIG_LEAF:
@@ -208,10 +211,13 @@ def _chunk_fn(ev: _Evaluators, flat, n_groups: int, options):
   @functools.partial(jax.jit, compiler_options=options, donate_argnums=(15, 16, 17, 18, 19))
   def chunk_fn(pf, po, consts, val, r, seed, live, scale_g, scale_c, rtol, atol, w0, rel, bit, valid,
                acc_u, acc_a, acc_c, acc_nf, acc_o):
-    """``val``: column 0 is the base, columns 1.. switch one (feature, id) on; the changed bits
+    """Runs one chunk of columns and ORs the changed bits into the accumulators.
+
+    ``val``: column 0 is the base, columns 1.. switch one (feature, id) on; the changed bits
     are ORed into the accumulators (flat over the float leaves, outputs per leaf). The base is a
     column of the same vmapped computation, so that elements the feature does not reach compare
-    bitwise equal (a separately compiled base can round differently)."""
+    bitwise equal (a separately compiled base can round differently).
+    """
     def one(v):
       g, outs = ev.grad_proj(pf, po, consts, v, r)
       gc = ev.grad_simple(pf, po, consts, v, seed)

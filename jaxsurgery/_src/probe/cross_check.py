@@ -56,7 +56,7 @@ class Miss(NamedTuple):
   """
 
   path: str
-  index: tuple[int, ...]
+  index: tuple[int, ...]  # type: ignore[assignment]  # a field named like tuple.index
   feature: str
   explanation: str
 
@@ -86,7 +86,7 @@ class Difference(NamedTuple):
   """
 
   path: str
-  index: tuple[int, ...]
+  index: tuple[int, ...]  # type: ignore[assignment]  # a field named like tuple.index
   feature: str
   op: str
   explanation: str
@@ -231,7 +231,7 @@ class CrossCheck:
       mgroups: dict[tuple[str, str], list[Miss]] = {}
       for m in self.missed + self.output_missed:
         mgroups.setdefault((m.path, m.explanation.replace(repr(m.feature), "the feature")), []).append(m)
-      for (path, expl), ms in list(mgroups.items())[:max_rows]:
+      for (path, _), ms in list(mgroups.items())[:max_rows]:
         elems = [_fmt_index(e) for e in sorted({m.index for m in ms})]
         fnames = sorted({m.feature for m in ms}, key=self.features.index)
         first = ms[0]
@@ -247,9 +247,9 @@ class CrossCheck:
       for d in self.legitimate:
         groups.setdefault((d.path, d.explanation), []).append(d)
       for (path, expl), ds in list(groups.items())[:max_rows]:
-        elems = sorted({d.index for d in ds})
+        indices = sorted({d.index for d in ds})
         fnames = sorted({d.feature for d in ds}, key=self.features.index)
-        lines.append(f"  {path}: {len(ds)} entries, elements {_compact([_fmt_index(e) for e in elems], 4)}; "
+        lines.append(f"  {path}: {len(ds)} entries, elements {_compact([_fmt_index(e) for e in indices], 4)}; "
                      f"features {_compact(fnames)}\n    {expl}")
       if len(groups) > max_rows:
         lines.append(f"  ... {len(groups) - max_rows} more groups")
@@ -396,7 +396,7 @@ def _why_missed(m: _LeafMasks, idx, e, feature: str, via: str) -> str:
 
 
 def _legitimate(path: str, ok_entry, m: _LeafMasks, first_down: dict[int, Record], names, via: str,
-                kinds: list[str]) -> list[Difference]:
+                kinds: Sequence[str]) -> list[Difference]:
   out = []
   cache: dict[tuple[int, bool], str] = {}
   for idx in zip(*np.nonzero(ok_entry)):
@@ -413,7 +413,7 @@ def _legitimate(path: str, ok_entry, m: _LeafMasks, first_down: dict[int, Record
   return out
 
 
-def _table_only_note(t_only, m: _LeafMasks, via: str, kinds: list[str]) -> str:
+def _table_only_note(t_only, m: _LeafMasks, via: str, kinds: Sequence[str]) -> str:
   n_t = int(t_only.sum())
   confirmed = int((t_only & m.cchange).sum())
   parts = [f"{n_t} entries"]

@@ -36,7 +36,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -98,7 +98,7 @@ def _check_base(base, inputs, ipaths, ileaves):
   bleaves, bdef = jax.tree_util.tree_flatten_with_path(base)
   idef = jax.tree_util.tree_structure(inputs)
   bpaths = [feats.keystr(p) for p, _ in bleaves]
-  if bdef != idef:
+  if bdef != idef:  # type: ignore[operator]  # PyTreeDef has __eq__; its stub does not say
     raise ValueError(
         "`base` must be a pytree with the same structure as `inputs`.\n"
         f"  base leaves:   {[p or '<root>' for p in bpaths]}\n"
@@ -139,7 +139,7 @@ def _draw_params(rng: np.random.Generator, pleaves, concrete, positive: bool, ke
 
 
 def _feature_sites(spec: feats.ResolvedSpec):
-  """feature index -> [(input leaf index, position along the feature axis or None)]."""
+  """Feature index -> [(input leaf index, position along the feature axis or None)]."""
   sites: dict[int, list[tuple[int, int | None]]] = {k: [] for k in range(spec.num_features)}
   for li, leaf in enumerate(spec.leaves):
     if not leaf.feature_ids:
@@ -380,13 +380,21 @@ class _Prepared(NamedTuple):
   cols: list[tuple[int, int | None]]  # (feature, id or None) per column
 
 
+def _site_index(leaf: feats.InputLeaf, pos: int | None, whole: tuple = (Ellipsis,)) -> tuple:
+  """The index of a feature's site in its input leaf.
+
+  Position ``pos`` along the feature axis, or ``whole`` for a leaf that is one feature.
+  """
+  return whole if pos is None else (slice(None),) * cast(int, leaf.axis) + (pos,)
+
+
 def _shifted_base(pb: _Problem, shift: int) -> list[np.ndarray]:
   """The base with every categorical id shifted by ``shift`` (mod its number of ids)."""
   out = [b.copy() for b in pb.base]
   if shift:
     for k in pb.n_ids:
       for li, pos in pb.sites[k]:
-        idx = (Ellipsis,) if pos is None else (slice(None),) * pb.spec.leaves[li].axis + (pos,)
+        idx = _site_index(pb.spec.leaves[li], pos)
         out[li][idx] = ((out[li][idx].astype(np.int64) + shift) % pb.n_ids[k]).astype(out[li].dtype)
   return out
 
@@ -398,9 +406,11 @@ def _draw(pb: _Problem, seed, positive: bool, fan_in: bool = False):
 
 
 def _annihilate(pb: _Problem, fns: C.Fns, flat, info: C.BaseInfo, base_args, acc: _Acc):
-  """Zeroes the elements that place a nonzero value into a feature-dependent one at the base,
-  lowest rank first (a bias before the kernel of ``b @ w + x @ w``: zeroing b already zeroes the
-  placed value, and w keeps multiplying the features), until none is left."""
+  """Zeroes the elements that place a nonzero value into a feature-dependent one at the base.
+
+  Lowest rank first (a bias before the kernel of ``b @ w + x @ w``: zeroing b already zeroes
+  the placed value, and w keeps multiplying the features), until none is left.
+  """
   shapes = pb.shapes
   vals = {i: np.array(flat[i], copy=True) for i in pb.float_idx}
   done = {i: np.zeros(shapes[i], bool) for i in pb.float_idx}
@@ -422,8 +432,11 @@ def _annihilate(pb: _Problem, fns: C.Fns, flat, info: C.BaseInfo, base_args, acc
 
 def _prepare_run(pb: _Problem, fns: C.Fns, run: _Run, seed, cols_plan: _Columns, max_ids: int, po, consts,
                  acc: _Acc, prog: _Progress) -> _Prepared | None:
-  """Draws the run's parameters (redrawn positive if the base is non-finite), annihilates if asked,
-  and records the run's line; ``None`` if the run is skipped."""
+  """Draws a run's parameters, redraws and annihilates them as needed, and records the run's line.
+
+  Parameters are redrawn positive if the base is non-finite. Returns ``None`` if the
+  run is skipped.
+  """
   rng = np.random.default_rng(seed[1])
   cseed = np.uint32(rng.integers(0, 2**32))  # of the contact-local cotangents
   opaths, oshapes = pb.outputs
@@ -477,7 +490,7 @@ def _columns_input(pb: _Problem, part, rng: np.random.Generator, positive: bool,
   for c, (k, idv) in enumerate(part, start=1):
     for li, pos in pb.sites[k]:
       leaf = pb.spec.leaves[li]
-      idx = (c,) if pos is None else (c,) + (slice(None),) * leaf.axis + (pos,)
+      idx = (c,) + _site_index(leaf, pos, whole=())
       if np.issubdtype(leaf.dtype, np.inexact):
         shape = val[li][idx].shape
         v = rng.uniform(0.5, 1.5, shape)
@@ -503,8 +516,10 @@ def _placement(part, chunk: int, W: int, K: int):
 
 def _run_chunks(pb: _Problem, fns: C.Fns, prep: _Prepared, cols_plan: _Columns, po, consts, tols, acc: _Acc,
                 pending, prog: _Progress, label: str):
-  """Runs every chunk of one run. Returns the last chunk's (output to wait on, label): each chunk
-  waits for the previous one, so the next one is queued meanwhile, across runs too."""
+  """Runs every chunk of one run; returns the last chunk's (output to wait on, label).
+
+  Each chunk waits for the previous one, so the next one is queued meanwhile, across runs too.
+  """
   W = M.num_words(pb.spec.num_features)
   chunk = cols_plan.chunk
   K = min(W, -(-chunk // M.BITS) + 1)

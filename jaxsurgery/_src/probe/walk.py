@@ -7,7 +7,7 @@ different roles (divisor, predicate, index) are special-cased here by name.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -31,12 +31,15 @@ def compound() -> frozenset[str]:
 
 
 def placing() -> frozenset[str]:
-  """Contacts that place a parameter-derived value into a feature-dependent one: a live element
-  of such a contact gives the feature-dependent value a nonzero base (zeroed when annihilating)."""
+  """Contacts that place a parameter-derived value into a feature-dependent one.
+
+  A live element of such a contact gives the feature-dependent value a nonzero base
+  (zeroed when annihilating).
+  """
   return registry.with_trait("additive", "places")
 
 
-def _union(fs: Sequence[int]) -> int:
+def _union(fs: Iterable[int]) -> int:
   out = 0
   for f in fs:
     out |= f

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from jaxsurgery._src.core import masks as M
-from jaxsurgery._src.core.values import Val
+from jaxsurgery._src.core.values import Pull, Val
 
 
 def argsort(xs: Sequence[int]) -> list[int]:
@@ -82,19 +83,20 @@ def same_mask(a: np.ndarray | None, b: np.ndarray | None) -> bool:
   return bool(np.array_equal(np.broadcast_to(a, shape), np.broadcast_to(b, shape)))
 
 
-def forward_pull(target: Val, transform):
+def forward_pull(target: Val, transform: Callable[[np.ndarray], np.ndarray | None]) -> Pull | None:
   """A pull that maps touches through ``transform`` onto ``target``'s provenance."""
-  if target.pull is None:
+  target_pull = target.pull
+  if target_pull is None:
     return None
 
   def pull(t):
     t = transform(t)
     if not M.is_empty(t):
-      target.pull(t)
+      target_pull(t)
   return pull
 
 
-def cut_pull(pulls: Sequence[tuple[Val, object]], out_mask):
+def cut_pull(pulls: Sequence[tuple[Val, Callable[..., Any]]], out_mask: np.ndarray | None) -> Pull | None:
   """A pull for a combining op: touches reach operands only where the output is feature-free.
 
   Args:
@@ -102,18 +104,18 @@ def cut_pull(pulls: Sequence[tuple[Val, object]], out_mask):
       to the operand's shape.
     out_mask: the op's output mask (the provenance cut-off).
   """
-  pulls = [(v, f) for v, f in pulls if v.pull is not None]
-  if not pulls:
+  present = [(v.pull, f) for v, f in pulls if v.pull is not None]
+  if not present:
     return None
 
   def pull(t):
     t = M.where_free(t, out_mask)
-    if M.is_empty(t):
+    if t is None or M.is_empty(t):
       return
-    for v, f in pulls:
+    for operand_pull, f in present:
       u = f(t)
       if not M.is_empty(u):
-        v.pull(u)
+        operand_pull(u)
   return pull
 
 

@@ -31,7 +31,7 @@ from jaxsurgery._src.rules.reductions import window_or
 from jaxsurgery._src.rules.registry import register
 
 if TYPE_CHECKING:  # the interpreter imports the rules
-  from jaxsurgery._src.compat import JaxprEqn
+  from jaxsurgery._src.compat import Eqn
   from jaxsurgery._src.core.interpreter import Context
 
 
@@ -61,7 +61,7 @@ def _from_out(t, out_rank, n_batch, lo, hi, rank, batch, free):
   return place(t, list(batch) + list(free), rank)
 
 
-def dot_general(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def dot_general(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """``out[b, i, j] = sum_c lhs[b, i, c] * rhs[b, c, j]``.
 
   mask(out)[b, i, j] = OR_c mask(lhs)[b, i, c] | OR_c mask(rhs)[b, c, j] (exact
@@ -90,7 +90,7 @@ def dot_general(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   return [out_val(eqn.outvars[0], mask, pull)]
 
 
-def conv(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def conv(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """``out[n, o, p] = sum_{i in group(o), k} lhs[n, i, window(p, k)] * rhs[o, i, k]``.
 
   Forward: OR over the channels of each feature group, a windowed OR with the

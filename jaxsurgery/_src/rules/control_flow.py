@@ -42,7 +42,7 @@ from jaxsurgery._src.rules.common import all_words, same_mask
 from jaxsurgery._src.rules.registry import register
 
 if TYPE_CHECKING:  # the interpreter imports the rules
-  from jaxsurgery._src.compat import JaxprEqn
+  from jaxsurgery._src.compat import Eqn
   from jaxsurgery._src.core.interpreter import Context
 
 # Levels computed precisely before a loop's carry masks are widened.
@@ -56,14 +56,14 @@ CALLS = ("jit", "pjit", "closed_call", "core_call", "remat2", "checkpoint", "rem
          "remat_opt", "composite", "linear_call", "eval_jaxpr")
 
 
-def call(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def call(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """Interpret the callee in place: ``out = callee(*in)``."""
   jaxpr, consts = compat.sub_jaxpr(eqn.params, eqn.primitive.name)
   outs = ctx.run(jaxpr, const_vals(consts), invals)
   return [Val(tuple(o.aval.shape), o.aval.dtype, v.mask, v.pull, v.const) for o, v in zip(eqn.outvars, outs)]
 
 
-def cond(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def cond(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """``out = branches[index](*ops)``: union of the branches, plus the index's mask."""
   index, ops = invals[0], invals[1:]
   branches = eqn.params["branches"]
@@ -160,8 +160,9 @@ class Levels:
           old = self.acc[k][i]
           self.acc[k][i] = new if old is None else M.compress(np.bitwise_or(old, new))
           if k == 0:
-            if self.init[i].pull is not None:
-              self.init[i].pull(new)
+            init_pull = self.init[i].pull
+            if init_pull is not None:
+              init_pull(new)
           else:
             below = self.pending.setdefault(k - 1, {})
             below[i] = new if below.get(i) is None else np.bitwise_or(below[i], new)
@@ -204,9 +205,11 @@ def _iterate(ctx, eqn, init: Sequence[Val], step: Callable, *, length: int | Non
     cur = levels.level(k, masks, None, provenance)
 
 
-def while_loop(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
-  """``while cond(c): c = body(c)``: the level fixed point of the carry; the predicate's
-  mask joins every carry and touches the body's operands."""
+def while_loop(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
+  """``while cond(c): c = body(c)``: the level fixed point of the carry.
+
+  The predicate's mask joins every carry and touches the body's operands.
+  """
   p = eqn.params
   nc, nb = p["cond_nconsts"], p["body_nconsts"]
   cconsts, bconsts, init = invals[:nc], invals[nc:nc + nb], invals[nc + nb:]
@@ -225,8 +228,10 @@ def while_loop(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
 
 
 def _suffix_or(m, reverse: bool):
-  """``out[r]`` = OR of ``m`` over the rows (time axis 0) of the steps at or after row
-  ``r``'s step: rows ``>= r`` for a forward scan, rows ``<= r`` for a reverse one."""
+  """``out[r]`` = OR of ``m`` over the rows (time axis 0) of the steps at or after row ``r``'s step.
+
+  Rows ``>= r`` for a forward scan, rows ``<= r`` for a reverse one.
+  """
   if m is None or m.shape[0] == 1:
     return m
   steps = m if reverse else m[::-1]  # steps in reverse order of execution
@@ -234,10 +239,12 @@ def _suffix_or(m, reverse: bool):
   return acc if reverse else acc[::-1]
 
 
-def scan(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
-  """``c, ys[t] = body(c, xs[t])``: the level fixed point of the carry (at most ``length``
-  levels); iteration ``k`` reads ``xs`` of the steps ``>= k`` and writes ``ys`` of step
-  ``k`` (of every later step for the last iteration)."""
+def scan(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
+  """``c, ys[t] = body(c, xs[t])``: the level fixed point of the carry (at most ``length`` levels).
+
+  Iteration ``k`` reads ``xs`` of the steps ``>= k`` and writes ``ys`` of step ``k`` (of
+  every later step for the last iteration).
+  """
   p = eqn.params
   nc, ncarry = compat.scan_counts(p)
   jaxpr, consts = compat.open_jaxpr(p["jaxpr"])
@@ -263,7 +270,6 @@ def scan(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
         x.pull(t)
     return Val(x.shape[1:], x.dtype, mask, pull)
 
-  n_ys = len(eqn.outvars) - ncarry
   ys_runs: list[list[Val]] = []
 
   def step(k, carry):
@@ -292,7 +298,9 @@ def scan(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
     pulls = [r[j].pull for r in ys_runs]
     pull = None
     if any(q is not None for q in pulls):
-      def pull(t, pulls=pulls, rank=len(shape)):
+      rank = len(shape)
+
+      def pull(t, pulls=pulls, rank=rank):
         t = M.lift(t, rank)
         if t.shape[0] == 1:
           for q in pulls:
@@ -311,9 +319,12 @@ def scan(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   return outs
 
 
-def shard_map(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
-  """The body on the union of the shards: masks ORed over the sharded axes on the way in
-  and out (local shapes come from the body's avals), so collectives inside are sound."""
+def shard_map(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
+  """The body on the union of the shards, so collectives inside are sound.
+
+  Masks are ORed over the sharded axes on the way in and out (local shapes come from
+  the body's avals).
+  """
   jaxpr, consts = compat.sub_jaxpr(eqn.params, eqn.primitive.name)
   local_in = [tuple(v.aval.shape) for v in jaxpr.invars]
 

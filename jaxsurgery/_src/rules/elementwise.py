@@ -15,11 +15,11 @@ from jaxsurgery._src.rules.common import cut_pull
 from jaxsurgery._src.rules.registry import add_traits, register
 
 if TYPE_CHECKING:  # the interpreter imports the rules
-  from jaxsurgery._src.compat import JaxprEqn
+  from jaxsurgery._src.compat import Eqn
   from jaxsurgery._src.core.interpreter import Context
 
 
-def unary(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def unary(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """``out[e]`` depends on ``x[e]`` only: the mask and the provenance pass through.
 
   Args:
@@ -42,7 +42,7 @@ def unary(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   return [out_val(o, x.mask, x.pull) for o in eqn.outvars]
 
 
-def passthrough(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def passthrough(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """``out_k`` is ``in_k``: masks and provenance pass through one to one.
 
   Args:
@@ -63,7 +63,7 @@ def passthrough(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   return [out_val(o, v.mask, v.pull) for o, v in zip(eqn.outvars, invals)]
 
 
-def nary(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def nary(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """``out[e]`` depends on every ``in_k[e]``: OR of masks; partners touch each other.
 
   Operands broadcast (numpy rules); a parameter-derived operand element is

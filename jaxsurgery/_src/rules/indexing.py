@@ -26,7 +26,7 @@ from jaxsurgery._src.rules.registry import add_traits, register
 from jaxsurgery._src.rules.structural import slice_bwd, slice_fwd
 
 if TYPE_CHECKING:  # the interpreter imports the rules
-  from jaxsurgery._src.compat import JaxprEqn
+  from jaxsurgery._src.compat import Eqn
   from jaxsurgery._src.core.interpreter import Context
 
 
@@ -43,45 +43,50 @@ def _select_touches(ctx, data, index_vals):
 
 # -- dynamic_slice / dynamic_update_slice -------------------------------------
 
-def dynamic_slice(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
-  """``out[i] = x[start + i]`` (starts clamped). Static starts: an exact slice. Traced:
-  OR over the sliced axes plus the starts' masks on every element."""
+def dynamic_slice(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
+  """``out[i] = x[start + i]`` (starts clamped).
+
+  Static starts: an exact slice. Traced: OR over the sliced axes plus the starts' masks
+  on every element.
+  """
   x, idx = invals[0], invals[1:]
   sizes = tuple(eqn.params["slice_sizes"])
   starts = concrete_ints(idx)
   idx_words = _select_touches(ctx, [x], idx)
   out = eqn.outvars[0]
   if starts is not None:
-    starts = [int(np.clip(int(s), 0, n - k)) for s, n, k in zip(starts, x.shape, sizes)]
-    limits = [s + k for s, k in zip(starts, sizes)]
+    first = [int(np.clip(int(s), 0, n - k)) for s, n, k in zip(starts, x.shape, sizes)]
+    limits = [s + k for s, k in zip(first, sizes)]
     ones = [1] * x.ndim
-    mask = None if x.mask is None else slice_fwd(M.lift(x.mask, x.ndim), starts, limits, ones)
-    return [out_val(out, mask, forward_pull(x, lambda t: slice_bwd(t, x.shape, starts, limits, ones)))]
+    mask = None if x.mask is None else slice_fwd(M.lift(x.mask, x.ndim), first, limits, ones)
+    return [out_val(out, mask, forward_pull(x, lambda t: slice_bwd(t, x.shape, first, limits, ones)))]
   moving = [a for a in range(x.ndim) if sizes[a] < x.shape[a]]
   mask = M.orr(M.reduce_or(M.lift(x.mask, x.ndim), moving, keepdims=True), M.uniform(idx_words, x.ndim))
   return [out_val(out, mask, cut_pull([(x, lambda t: M.reduce_or(t, moving, keepdims=True))], mask))]
 
 
-def dynamic_update_slice(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
-  """``out = x`` with ``out[start + i] = upd[i]`` (starts clamped). Static starts: the
-  region takes ``upd``'s mask, the rest keeps ``x``'s (compressed axes expanded only where
-  the region cuts them). Traced: ``x``'s mask OR ``upd``'s spread over the moving axes,
-  plus the starts' masks."""
+def dynamic_update_slice(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
+  """``out = x`` with ``out[start + i] = upd[i]`` (starts clamped).
+
+  Static starts: the region takes ``upd``'s mask, the rest keeps ``x``'s (compressed axes
+  expanded only where the region cuts them). Traced: ``x``'s mask OR ``upd``'s spread
+  over the moving axes, plus the starts' masks.
+  """
   x, upd, idx = invals[0], invals[1], invals[2:]
   out = eqn.outvars[0]
   starts = concrete_ints(idx)
   idx_words = _select_touches(ctx, [x, upd], idx)
   moving = [a for a in range(x.ndim) if upd.shape[a] < x.shape[a]]
   if starts is not None:
-    starts = [int(np.clip(int(s), 0, n - k)) for s, n, k in zip(starts, x.shape, upd.shape)]
-    region = tuple(slice(s, s + k) for s, k in zip(starts, upd.shape))
+    first = [int(np.clip(int(s), 0, n - k)) for s, n, k in zip(starts, x.shape, upd.shape)]
+    region = tuple(slice(s, s + k) for s, k in zip(first, upd.shape))
     if x.mask is None and upd.mask is None:
       mask = None
     else:
       base = x.mask if x.mask is not None else np.zeros((1,) * x.ndim + (ctx.W,), M.WORD)
       base = M.lift(base, x.ndim)
-      shape = [x.shape[a] if (a in moving or base.shape[a] > 1 or (upd.mask is not None and M.lift(upd.mask, x.ndim).shape[a] > 1)) else 1
-               for a in range(x.ndim)]
+      upd_full = [] if upd.mask is None else [a for a in range(x.ndim) if M.lift(upd.mask, x.ndim).shape[a] > 1]
+      shape = [x.shape[a] if (a in moving or base.shape[a] > 1 or a in upd_full) else 1 for a in range(x.ndim)]
       mask = np.array(np.broadcast_to(base, tuple(shape) + (ctx.W,)))
       reg = tuple(r if shape[a] > 1 else slice(None) for a, r in enumerate(region))
       mask[reg] = 0 if upd.mask is None else M.lift(upd.mask, x.ndim)
@@ -123,7 +128,7 @@ def _scatter_rows(rows, src, n, W):
   return acc
 
 
-def gather(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def gather(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """``out[batch, offset] = x[idx[batch] + offset]`` (clip / fill modes).
 
   Static indices: the exact source of every output element, found by gathering an
@@ -134,31 +139,45 @@ def gather(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   masks everywhere (any row may be selected).
   """
   x, idx = invals
+  indices = concrete_ints([idx])
+  _select_touches(ctx, [x], [idx])
+  if indices is not None and x.size < (1 << 26):
+    return _gather_static(ctx, eqn, x, indices[0])
+  return _gather_traced(eqn, x, idx)
+
+
+def _gather_static(ctx: Context, eqn: Eqn, x: Val, indices: np.ndarray) -> list[Val]:
+  """The exact source of every output element: the gather of an iota of ``x`` (-1: none)."""
   out = eqn.outvars[0]
   out_shape = tuple(out.aval.shape)
   p = eqn.params
-  indices = concrete_ints([idx])
-  idx_words = _select_touches(ctx, [x], [idx])
-  if indices is not None and x.size < (1 << 26):
-    params = dict(p, fill_value=-1, mode=lax.GatherScatterMode.FILL_OR_DROP
-                  if p["mode"] == lax.GatherScatterMode.FILL_OR_DROP else p["mode"])
-    src = np.asarray(lax.gather_p.bind(_iota(x.shape), indices[0].astype(np.int32), **params))
-    if x.mask is None:
-      mask = None
-    elif all(s == 1 for s in x.mask.shape[:-1]):
-      mask = np.where((src >= 0)[..., None], x.mask.reshape(-1), 0).astype(M.WORD) if (src < 0).any() \
-          else M.uniform(x.mask.reshape(-1), len(out_shape))
-    else:
-      mask = _take_rows(M.materialize(x.mask, x.shape, ctx.W).reshape(-1, ctx.W), src)
+  params = dict(p, fill_value=-1, mode=lax.GatherScatterMode.FILL_OR_DROP
+                if p["mode"] == lax.GatherScatterMode.FILL_OR_DROP else p["mode"])
+  src = np.asarray(lax.gather_p.bind(_iota(x.shape), indices.astype(np.int32), **params))
+  if x.mask is None:
+    mask = None
+  elif all(s == 1 for s in x.mask.shape[:-1]):
+    mask = np.where((src >= 0)[..., None], x.mask.reshape(-1), 0).astype(M.WORD) if (src < 0).any() \
+        else M.uniform(x.mask.reshape(-1), len(out_shape))
+  else:
+    mask = _take_rows(M.materialize(x.mask, x.shape, ctx.W).reshape(-1, ctx.W), src)
 
-    def to_x(t):
-      t = M.materialize(M.lift(t, len(out_shape)), out_shape, t.shape[-1])
-      return _scatter_rows(t, src, x.size, t.shape[-1]).reshape(x.shape + (t.shape[-1],))
-    return [out_val(out, mask, forward_pull(x, to_x))]
-  # Traced indices: out[batch..., offset...] = x[idx[batch] + offset]. Operand axes
-  # that are indexed (or windowed, or batching) are ORed over; fully sliced axes
-  # keep their mask and move to their offset dims. Every output element also
-  # depends on its batch position's index vector.
+  def to_x(t):
+    t = M.materialize(M.lift(t, len(out_shape)), out_shape, t.shape[-1])
+    return _scatter_rows(t, src, x.size, t.shape[-1]).reshape(x.shape + (t.shape[-1],))
+  return [out_val(out, mask, forward_pull(x, to_x))]
+
+
+def _gather_traced(eqn: Eqn, x: Val, idx: Val) -> list[Val]:
+  """Traced indices: ``out[batch..., offset...] = x[idx[batch] + offset]``.
+
+  Operand axes that are indexed (or windowed, or batching) are ORed over; fully
+  sliced axes keep their mask and move to their offset dims. Every output element
+  also depends on its batch position's index vector.
+  """
+  out = eqn.outvars[0]
+  out_shape = tuple(out.aval.shape)
+  p = eqn.params
   dn = p["dimension_numbers"]
   rank = len(out_shape)
   offset = list(dn.offset_dims)
@@ -213,7 +232,7 @@ def _scatter_dest(x_shape, idx, upd_shape, dn, mode):
                                mode=gmode, fill_value=-1))
 
 
-def scatter(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def scatter(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """``scatter`` overwrites; the others combine the operand with every update landing on it."""
   x, idx, upd = invals[:3]
   out = eqn.outvars[0]

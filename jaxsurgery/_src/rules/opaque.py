@@ -30,11 +30,11 @@ from jaxsurgery._src.rules.common import all_words, cut_pull
 from jaxsurgery._src.rules.registry import add_traits, register
 
 if TYPE_CHECKING:  # the interpreter imports the rules
-  from jaxsurgery._src.compat import JaxprEqn
+  from jaxsurgery._src.compat import Eqn
   from jaxsurgery._src.core.interpreter import Context
 
 
-def dense(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def dense(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """Every output element depends on every input element: the conservative rule, always sound.
 
   Every parameter-derived operand is touched by everything that enters the
@@ -72,7 +72,7 @@ def dense(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
 def blockwise(core_rank):
   """A rule for ops that are dense within ``core_rank(eqn)`` trailing axes, batched elsewhere."""
 
-  def rule(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+  def rule(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
     """``out[b, ...] = op(in[b, ...])``: exact on the leading batch axes, dense on the core."""
     core = core_rank(eqn)
     ranks = [v.ndim for v in invals] + [len(o.aval.shape) for o in eqn.outvars]
@@ -99,7 +99,7 @@ def blockwise(core_rank):
   return rule
 
 
-def leading(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def leading(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """``out[b, t] = op(x[b])`` for the leading axes ``b`` of the first operand (random_bits, split).
 
   Every other operand is dense (it reaches every output element).
@@ -122,9 +122,12 @@ def leading(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   return outs
 
 
-def representation(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
-  """Conversions between an extended dtype and its representation (random_wrap/unwrap,
-  to_edtype/from_edtype): ``key[b]`` is made of ``data[b, :]`` (dense over the trailing axes)."""
+def representation(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
+  """Conversions between an extended dtype and its representation.
+
+  random_wrap/unwrap, to_edtype/from_edtype: ``key[b]`` is made of ``data[b, :]``
+  (dense over the trailing axes).
+  """
   x = invals[0]
   o = eqn.outvars[0]
   rank = len(o.aval.shape)
@@ -167,7 +170,7 @@ register(LINALG, blockwise(lambda eqn: 2))
 register("fft", blockwise(lambda eqn: len(eqn.params["fft_lengths"])))
 
 
-def unsupported_ref(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def unsupported_ref(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """Mutable array references are updated in place; a per-variable analysis would be unsound."""
   raise UnknownPrimitiveError(
       f"jaxsurgery does not support mutable array references (primitive {eqn.primitive.name!r}, "

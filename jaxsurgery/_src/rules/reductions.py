@@ -24,11 +24,11 @@ from jaxsurgery._src.rules.common import cut_pull, unsqueeze
 from jaxsurgery._src.rules.registry import add_traits, register
 
 if TYPE_CHECKING:  # the interpreter imports the rules
-  from jaxsurgery._src.compat import JaxprEqn
+  from jaxsurgery._src.compat import Eqn
   from jaxsurgery._src.core.interpreter import Context
 
 
-def reduce(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def reduce(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """``out[e] = op(x[group(e)])``: OR over ``axes``."""
   axes = tuple(eqn.params["axes"] if "axes" in eqn.params else eqn.params["dimensions"])
   n = len(eqn.outvars)
@@ -56,7 +56,7 @@ def _cum_or(m, axis, reverse):
   return np.flip(m, axis) if reverse else m
 
 
-def cumulative(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def cumulative(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """``out[i]`` depends on ``x[:i+1]`` along ``axis`` (``x[i:]`` when reversed)."""
   x = invals[0]
   axis, reverse = eqn.params["axis"], eqn.params.get("reverse", False)
@@ -134,7 +134,7 @@ def _window_or_numpy(m, axes, dims, strides, padding, base_dilation, window_dila
   return m
 
 
-def reduce_window(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def reduce_window(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """``out[p]`` depends on the window of ``x`` at ``p``."""
   p = eqn.params
   n = len(eqn.outvars)
@@ -153,7 +153,7 @@ def reduce_window(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   return [out_val(o, mask, pull) for o in eqn.outvars]
 
 
-def sort(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def sort(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """Along ``dimension``, each output may come from any position; keys pick which."""
   d = eqn.params["dimension"]
   nk = eqn.params.get("num_keys", 1)
@@ -167,7 +167,7 @@ def sort(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   return outs
 
 
-def top_k(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def top_k(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """Values and indices of the k largest along the last (or ``axis``) axis."""
   x = invals[0]
   axis = eqn.params.get("axis", -1) % x.ndim
@@ -177,8 +177,8 @@ def top_k(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   return [out_val(o, mask, pull) for o in eqn.outvars]
 
 
-def argreduce(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
-  """argmax / argmin: the index of the extremum over ``axes``."""
+def argreduce(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
+  """Argmax / argmin: the index of the extremum over ``axes``."""
   return reduce(ctx, eqn, invals)
 
 

@@ -19,7 +19,7 @@ from jaxsurgery._src.rules.common import argsort, forward_pull, reshape_groups, 
 from jaxsurgery._src.rules.registry import add_traits, register
 
 if TYPE_CHECKING:  # the interpreter imports the rules
-  from jaxsurgery._src.compat import JaxprEqn
+  from jaxsurgery._src.compat import Eqn
   from jaxsurgery._src.core.interpreter import Context
 
 
@@ -29,7 +29,7 @@ def _one(eqn, x, fwd, bwd):
 
 # -- transpose / squeeze / broadcast_in_dim / reshape ------------------------
 
-def transpose(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def transpose(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """``out[p] = x[perm^-1(p)]``."""
   perm = list(eqn.params["permutation"])
   inv = argsort(perm)
@@ -38,7 +38,7 @@ def transpose(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
               lambda t: M.lift(t, r).transpose(inv + [r]))
 
 
-def squeeze(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def squeeze(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """Drops size-1 axes."""
   x = invals[0]
   dims = tuple(d % x.ndim for d in eqn.params["dimensions"])
@@ -62,7 +62,7 @@ def broadcast_in_dim_bwd(t, in_shape, out_shape, bd):
   return t.reshape([t.shape[d] for d in bd] + [t.shape[-1]])
 
 
-def broadcast_in_dim(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def broadcast_in_dim(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """``out[..., p_bd, ...] = x[p]``: new axes and size-1 axes are replicas."""
   x = invals[0]
   bd = tuple(eqn.params["broadcast_dimensions"])
@@ -92,7 +92,7 @@ def reshape_mask(m, in_shape, out_shape):
   return m.reshape(tuple(shape) + (W,))
 
 
-def reshape(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def reshape(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """Row-major reshape; the dimensions parameter (if any) transposes first."""
   x = invals[0]
   out_shape = tuple(eqn.outvars[0].aval.shape)
@@ -126,7 +126,7 @@ def slice_bwd(t, in_shape, starts, limits, strides):
   return out
 
 
-def slice_rule(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def slice_rule(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """``out[i] = x[start + i * stride]``."""
   x = invals[0]
   starts = eqn.params["start_indices"]
@@ -136,7 +136,7 @@ def slice_rule(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
               lambda t: slice_bwd(t, x.shape, starts, limits, strides))
 
 
-def rev(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def rev(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """``out[i] = x[n - 1 - i]`` along the reversed axes."""
   dims = eqn.params["dimensions"]
   x = invals[0]
@@ -177,7 +177,7 @@ def _unpad_axis(t, axis, lo, interior, n_in):
   return out
 
 
-def pad(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def pad(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """``out`` holds ``x`` at strided positions and the padding value elsewhere."""
   x, padv = invals
   config = eqn.params["padding_config"]
@@ -245,7 +245,7 @@ def _join_pull(invals, sizes, d, rank, to_operand):
   return pull
 
 
-def concatenate(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def concatenate(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """Operands side by side along ``dimension``."""
   d = eqn.params["dimension"]
   rank = len(eqn.outvars[0].aval.shape)
@@ -265,7 +265,7 @@ def _embed(t, axis: int, size: int, lo: int, hi: int):
   return full
 
 
-def split(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def split(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """Consecutive pieces of one axis."""
   x = invals[0]
   axis = eqn.params["axis"]
@@ -283,7 +283,7 @@ def split(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   return outs
 
 
-def stack(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def stack(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """``out[..., k, ...] = in_k``: a new axis at ``axis`` (a join of size-1 slabs)."""
   rank = len(eqn.outvars[0].aval.shape)
   d = eqn.params["axis"] % rank
@@ -293,20 +293,21 @@ def stack(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   return [out_val(eqn.outvars[0], _join_masks(masks, sizes, d), pull)]
 
 
-def unstack(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def unstack(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """``out_k = x[..., k, ...]`` along ``axis``."""
   x = invals[0]
   d = eqn.params["axis"] % x.ndim
   outs = []
   for k, o in enumerate(eqn.outvars):
-    m = None if x.mask is None else np.take(M.lift(x.mask, x.ndim), 0 if M.lift(x.mask, x.ndim).shape[d] == 1 else k, axis=d)
+    lifted = None if x.mask is None else M.lift(x.mask, x.ndim)
+    m = None if lifted is None else np.take(lifted, 0 if lifted.shape[d] == 1 else k, axis=d)
 
     to_x = lambda t, k=k: _embed(np.expand_dims(M.lift(t, x.ndim - 1), d), d, x.shape[d], k, k + 1)
     outs.append(out_val(o, m, forward_pull(x, to_x)))
   return outs
 
 
-def tile(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def tile(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """``out[i] = x[i mod n]`` along every axis."""
   x = invals[0]
   reps = tuple(eqn.params["reps"])
@@ -324,12 +325,12 @@ def tile(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
   return _one(eqn, x, fwd, bwd)
 
 
-def constant(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def constant(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """Outputs that do not depend on the operand values (iota, zeros_like, empty...)."""
   return [out_val(o) for o in eqn.outvars]
 
 
-def bitcast_convert_type(ctx: Context, eqn: JaxprEqn, invals: list[Val]) -> list[Val]:
+def bitcast_convert_type(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """Same shape: elementwise. Changed width: the last axis is regrouped (dense over it)."""
   x = invals[0]
   out_shape = tuple(eqn.outvars[0].aval.shape)

@@ -53,7 +53,7 @@ class AxisHow(str):
     self.kind, self.detail = kind, detail
     return self
 
-  def __getnewargs__(self) -> tuple[str, str]:  # type: ignore[override]  (pickles as (kind, detail))
+  def __getnewargs__(self) -> tuple[str, str]:  # type: ignore[override]  # pickles as (kind, detail)
     return self.kind, self.detail
 
 
@@ -119,7 +119,7 @@ def axis_structure(closed_jaxpr, param_index: int, axis: int, max_steps: int = 2
 def _consumers(jaxpr, var, cache: dict):
   entry = cache.get(id(jaxpr))
   if entry is None or entry[0] is not jaxpr:
-    table = {}
+    table: dict[int, list] = {}
     for eqn in jaxpr.eqns:
       for v in eqn.invars:
         if not isinstance(v, compat.Literal):
@@ -137,8 +137,10 @@ def _producers(jaxpr, cache: dict) -> dict:
 
 
 def _pieces(jaxpr, var, ax, cache, depth: int = 0) -> list[int]:
-  """Sizes of the concatenated pieces that ``var`` is made of along ``ax`` (flattening
-  nested concatenations, through casts and elementwise ops with scalar partners)."""
+  """Sizes of the concatenated pieces that ``var`` is made of along ``ax``.
+
+  Nested concatenations are flattened, through casts and elementwise ops with scalar partners.
+  """
   n = _shape(var)[ax]
   eqn = _producers(jaxpr, cache).get(id(var))
   while eqn is not None and depth < 64:

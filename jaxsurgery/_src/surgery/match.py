@@ -43,9 +43,13 @@ def feature_maps(old: FeatureTable, new: FeatureTable, rename: Mapping[str, str]
 
 
 def _location(table: FeatureTable, name: str):
+  spec = table.spec
+  if spec is None:
+    raise SurgeryError("The table has no feature spec (`FeatureTable.spec`): build it with "
+                       "jaxsurgery.dependency_table, or keep the spec when replacing fields.")
   k = table.features.index(name)
-  leaf, pos = table.spec.locations[k]
-  return table.spec.leaves[leaf].path, pos, k
+  leaf, pos = spec.locations[k]
+  return spec.leaves[leaf].path, pos, k
 
 
 def restrict(packed: np.ndarray | None, idx: np.ndarray, shape) -> np.ndarray:
@@ -84,8 +88,9 @@ def _feature_set(table: FeatureTable, path: str, idx: np.ndarray) -> bytes:
 
 def match_leaves(old: FeatureTable, new: FeatureTable, rename: Mapping[str, str],
                  fmaps: FeatureMaps | None = None) -> list[tuple[str, str, str]]:
-  """Pairs (old path, new path, why): explicit renames, then an alignment of the two
-  programs' parameters in order of first use.
+  """Pairs (old path, new path, why): explicit renames, then the two programs' parameters aligned.
+
+  They are aligned in order of first use.
 
   The alignment is an edit distance: matching two leaves costs nothing for the same
   path and shape, more for a renamed path, per resized axis and for different

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -81,7 +81,7 @@ class Novelty:
 
 
 def _dense(mask, shape) -> np.ndarray:
-  """bool array (broadcastable to ``shape``) of a 1-bit packed mask."""
+  """Bool array (broadcastable to ``shape``) of a 1-bit packed mask."""
   if mask is None:
     return np.zeros((1,) * len(shape), bool)
   return M.lift(mask, len(shape))[..., 0] != 0
@@ -100,8 +100,9 @@ def _squeeze(b: np.ndarray) -> np.ndarray:
 
 
 def _contract(x, y, x_shape, y_shape, dims) -> np.ndarray:
-  """``OR_c x[b, i, c] & y[b, c, j]`` for bool arrays broadcastable to the operands, in
-  dot_general layout, without expanding the free axes along which they are constant.
+  """``OR_c x[b, i, c] & y[b, c, j]`` for bool arrays broadcastable to the operands.
+
+  In dot_general layout, without expanding the free axes along which they are constant.
 
   Where one side is constant along the contracted axes, the other is first reduced
   over them (an outer product remains); otherwise a float matmul over the shared axes.
@@ -141,8 +142,11 @@ def _scope(eqn) -> str:
 
 
 def _unpulled(outs):
-  """Decisions are taken where a fresh element (or a view of it) meets novelty, not further
-  down: a value computed from old values is not a parameter, so touches stop there."""
+  """Outputs without provenance: decisions are taken where a fresh element meets novelty.
+
+  Not further down: a value computed from old values is not a parameter, so touches stop
+  there (a view of a fresh element is one too).
+  """
   return [o if o.pull is None else dataclasses.replace(o, pull=None) for o in outs]
 
 
@@ -159,7 +163,7 @@ class _Context(Context):
     self.grown = grown                # per param: {axis: old size} for axes grown at the end
     self.param_of: dict[int, int] = {}  # id(param Val) -> param index
     self.assumed: set[int] = set()    # params whose grown rows were taken as unselected
-    self.views: dict[int, tuple[Val, object]] = {}  # id(val) -> (val kept alive, zero fn)
+    self.views: dict[int, tuple[Val, Callable[[], np.ndarray | None]]] = {}  # id(val) -> (val kept alive, zeros)
     self._zero_cache: dict[int, tuple] = {}       # param -> (touch it was computed from, zeros)
     self._effective_cache: dict[int, tuple] = {}  # id(val) -> (val, zeros, effective val)
     self.sites: dict[tuple[str, str, str], Site] = {}
@@ -246,8 +250,10 @@ class _Context(Context):
     return out
 
   def _unselected(self, eqn, param: Val, effective: Val) -> Val:
-    """A gathered table grown at its end (a vocabulary): rows past the old size are
-    selected only by ids the old model could not take, so they bring no novelty."""
+    """A gathered table grown at its end (a vocabulary), whose new rows bring no novelty.
+
+    Rows past the old size are selected only by ids the old model could not take.
+    """
     i = self.param_of[id(param)]
     dims = eqn.params["dimension_numbers"]
     sizes = eqn.params["slice_sizes"]
@@ -264,7 +270,7 @@ class _Context(Context):
 
   def _derive(self, eqn, parent: Val, out: Val, cast: bool) -> None:
     parent_fn = self.views[id(parent)][1]
-    last = []
+    last: list[np.ndarray] = []  # (parent zeros, derived zeros) of the last call
 
     def zero():
       z = parent_fn()

@@ -119,7 +119,7 @@ class Report:
 
   def totals(self) -> dict[str, int]:
     """Element counts summed over the leaves (dropped leaves count as dropped)."""
-    out = {k: 0 for k in COUNTS}
+    out: dict[str, int] = {k: 0 for k in COUNTS}
     for leaf in self.leaves:
       for k in out:
         out[k] += leaf.counts[k]
@@ -269,8 +269,10 @@ def _novelty_reasons(nov: novelty.Novelty) -> list[str]:
 
 
 def _unexplained_drop(old: FeatureTable, leaf: LeafPlan, removed) -> str | None:
-  """Why old elements of ``leaf`` are dropped, if neither a removed feature nor a narrowed
-  positional axis explains it (``None`` when everything dropped is expected)."""
+  """Why old elements of ``leaf`` are dropped, if neither a removed feature nor a narrowed axis explains it.
+
+  ``None`` when everything dropped is expected.
+  """
   if leaf.old_path is None or leaf.old_shape is None or not leaf.counts["dropped"]:
     return None
   gone = np.array([old.features.index(f) for f in removed], dtype=np.int64)

@@ -68,9 +68,11 @@ def apply_leaf(leaf: LeafPlan, old: Any, init: Any) -> Any:
 
 def sharded_call(cache: dict, key: Any, fn: Callable, args: tuple, targets: Sequence[Any],
                  out_shardings_of: Callable) -> Any:
-  """``fn(*args)``: traced inline under an outer transformation; otherwise one jitted
-  program per ``key`` and sharding of ``targets`` (the new init's leaves), whose outputs
-  get those shardings (``out_shardings_of(list of shardings)`` lays them out).
+  """``fn(*args)``: inline under an outer transformation, else one jitted program per key and sharding.
+
+  Otherwise one jitted program per ``key`` and sharding of ``targets`` (the new init's
+  leaves), whose outputs get those shardings (``out_shardings_of(list of shardings)``
+  lays them out).
 
   ``cache`` holds the jitted programs (one dict per caller object).
   """
@@ -149,7 +151,7 @@ class Surgery:
     out = []
     for path, x in init_leaves:
       leaf = self.leaf_plans[feats.keystr(path)]
-      out.append(apply_leaf(leaf, old.get(leaf.old_path), x))
+      out.append(apply_leaf(leaf, None if leaf.old_path is None else old.get(leaf.old_path), x))
     return jax.tree_util.tree_unflatten(treedef, out)
 
   def remap_state(self, old_state: Any, new_state_init: Any, **kwargs: Any) -> Any:

@@ -143,7 +143,7 @@ class StateReport:
   @property
   def copied(self) -> dict[str, str]:
     """``{new path: old path}`` of the other leaves copied from the old state."""
-    return {l.path: l.old_path for l in self.leaves if l.kind == COPIED}
+    return {l.path: l.old_path for l in self.leaves if l.kind == COPIED and l.old_path is not None}
 
   @property
   def from_init(self) -> dict[str, str]:
@@ -366,10 +366,11 @@ def _dropped_param(path: str, dropped: set[str]) -> str | None:
 
 
 def _groups_old_path(groups, entry: StateLeaf, leaf: LeafPlan) -> str:
+  old_path = leaf.old_path or ""  # only called for leaves with an old source
   for (prefix, root), g in groups.items():
-    if prefix == entry.prefix and leaf.old_path.startswith(root):
-      return g["old_prefix"] + leaf.old_path[len(root):]
-  return leaf.old_path
+    if prefix == entry.prefix and old_path.startswith(root):
+      return g["old_prefix"] + old_path[len(root):]
+  return old_path
 
 
 def _plan_state(surgery, old_state, new_state_init, rename, prefixes):
@@ -500,7 +501,7 @@ def _plan_state(surgery, old_state, new_state_init, rename, prefixes):
   if expected and not any(g["counts"][REMAPPED] for g in groups.values()):
     want = {}
     for l in entries:
-      if l.kind == MISSING and l.prefix not in want:
+      if l.kind == MISSING and l.param is not None and l.prefix not in want:
         leaf = plans[l.param]
         want[l.prefix] = (f"{_groups_old_path(groups, l, leaf)!r} {display.fmt_shape(leaf.old_shape)} "
                           f"(old {leaf.old_path!r}, for new {l.path!r})")
@@ -510,6 +511,15 @@ def _plan_state(surgery, old_state, new_state_init, rename, prefixes):
         + f"\n  Old state leaves: {old_paths[:8]}{' ...' if len(old_paths) > 8 else ''}"
         "\n  Is it a checkpoint of another model? If its layout differs, map it with rename={old prefix: new prefix}.")
 
+  left = _left_behind(surgery, old_paths, old_leaves, old_sd, used_old, why_old)
+  subtrees = tuple(Subtree(prefix, g["old_prefix"], root, dict(g["counts"]), dict(g["elements"]))
+                   for (prefix, root), g in groups.items())
+  report = StateReport(tuple(entries), subtrees, tuple(left))
+  return steps, new_treedef, new_leaves, old_leaves, report
+
+
+def _left_behind(surgery, old_paths, old_leaves, old_sd, used_old: set[int], why_old: dict[int, str]):
+  """``(old path, shape, dtype, why)`` of every old leaf that is neither remapped from nor copied."""
   dropped = {p for p, _ in surgery.report.dropped_leaves}
   left = []
   for j, p in enumerate(old_paths):
@@ -524,11 +534,7 @@ def _plan_state(surgery, old_state, new_state_init, rename, prefixes):
         why = f"image of old parameter {hit!r}, which the plan drops (no counterpart in the new model)"
     shape, dtype = (sdj if sdj is not None else ((), type(old_leaves[j]).__name__))
     left.append((p, shape, str(dtype), why))
-
-  subtrees = tuple(Subtree(prefix, g["old_prefix"], root, dict(g["counts"]), dict(g["elements"]))
-                   for (prefix, root), g in groups.items())
-  report = StateReport(tuple(entries), subtrees, tuple(left))
-  return steps, new_treedef, new_leaves, old_leaves, report
+  return left
 
 
 # -- applying ---------------------------------------------------------------------------
@@ -545,7 +551,7 @@ def _run_steps(plans, steps, olds, inits):
   return out
 
 
-_COMPILED: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_COMPILED: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
 
 
 def remap_state(surgery, old_state, new_state_init, *, rename: Mapping[str, str] | None = None,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +52,8 @@ class Verification:
 
   def __repr__(self) -> str:
     worst = max(self.max_abs_diff.values(), default=0.0)
-    head = f"Verification: {'preserved' if self.ok else 'NOT preserved'} (max |old - new| = {worst:.3g}, atol={self.atol:g}, {self.samples} samples)"
+    head = (f"Verification: {'preserved' if self.ok else 'NOT preserved'} (max |old - new| = {worst:.3g}, "
+            f"atol={self.atol:g}, {self.samples} samples)")
     return "\n".join([head] + [f"  {p or '<root>'}: {d:.3g}" for p, d in self.max_abs_diff.items()])
 
 
@@ -107,10 +109,10 @@ def matched_inputs(key, old_spec, new_spec, old_inputs, new_inputs, feature_rena
             by_source.setdefault(li, ([], []))[0].append(pos)
             by_source[li][1].append(npos)
         xo = jnp.moveaxis(x, leaf.axis, -1)
-        for li, (pos, npos) in by_source.items():
-          src = jnp.moveaxis(new_leaves[li], new_spec.leaves[li].axis, -1)[..., np.asarray(npos)]
+        for li, (old_pos, new_pos) in by_source.items():
+          src = jnp.moveaxis(new_leaves[li], new_spec.leaves[li].axis, -1)[..., np.asarray(new_pos)]
           if src.shape[:-1] == xo.shape[:-1]:
-            xo = xo.at[..., np.asarray(pos)].set(src.astype(leaf.dtype))
+            xo = xo.at[..., np.asarray(old_pos)].set(src.astype(leaf.dtype))
         x = jnp.moveaxis(xo, -1, leaf.axis)
     else:
       same = [i for i, l in enumerate(new_spec.leaves) if l.path == leaf.path and l.shape == leaf.shape]
@@ -132,10 +134,12 @@ def verify(surgery, old_fn: Callable, new_fn: Callable, old_params: Any, new_par
 
   Args:
     surgery: the plan (its tables give the feature layouts and renames).
-    old_fn, new_fn: the two models, ``fn(params, inputs)``.
+    old_fn: the old model, ``old_fn(params, inputs)``.
+    new_fn: the new model, ``new_fn(params, inputs)``.
     old_params: the trained old parameters.
     new_params: the result of ``surgery(old_params, new_init)``.
-    old_inputs, new_inputs: example input trees (arrays or ShapeDtypeStruct).
+    old_inputs: example old input tree (arrays or ShapeDtypeStruct).
+    new_inputs: example new input tree.
     key: a PRNG key.
     samples: number of random input draws.
     atol: tolerance on ``max |old - new|``.
@@ -186,8 +190,10 @@ def verify(surgery, old_fn: Callable, new_fn: Callable, old_params: Any, new_par
 
 
 def _max_diff(a, b) -> float:
-  """Largest |a - b|; ``inf`` where exactly one side is NaN or they are infinities that differ
-  (a NaN must never pass as "no difference")."""
+  """Largest |a - b|; ``inf`` where exactly one side is NaN or they are infinities that differ.
+
+  A NaN must never pass as "no difference".
+  """
   if not np.size(a):
     return 0.0
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
