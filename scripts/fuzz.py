@@ -144,8 +144,8 @@ def replay(path) -> tuple[dict, int]:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--examples", type=int, default=200)
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--examples", type=int, default=200, help="generated cases")
+  parser.add_argument("--seed", type=int, default=0, help="hypothesis seed (the same seed gives the same cases)")
   parser.add_argument("--shrink-budget", type=int, default=60, help="checks per failure class (0: no shrinking)")
   parser.add_argument("--kinds", default="vec,seq,img", help="with --family all: the model kinds")
   parser.add_argument("--family", default="all", choices=sorted(fm.FAMILIES),

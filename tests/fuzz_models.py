@@ -957,8 +957,9 @@ def _edit(draw, spec: ModelSpec, cls, n: int, keep_front: bool = False):
 def edit_lists(draw, spec: ModelSpec, edit_types=EDIT_TYPES, max_edits: int = 3, keep_front: bool = False):
   """Up to ``max_edits`` edits that apply one after the other; ``keep_front``: no block before layer 0."""
   edits, current = [], spec
+  weighted = list(edit_types) + [Widen] * (Widen in edit_types)  # widening is the most common surgery
   for n in range(draw(st.integers(0, max_edits))):
-    edit = _edit(draw, current, draw(st.sampled_from(edit_types)), n, keep_front)
+    edit = _edit(draw, current, draw(st.sampled_from(weighted)), n, keep_front)
     try:
       current = apply_edit(current, edit)
     except InvalidSpec:
@@ -1001,7 +1002,8 @@ class Found:
 
   @property
   def reason(self) -> str:
-    return f"issue {self.item}: {self.what}"
+    where = f"issue {self.item}" if self.item != "new" else "fuzzer, not in issue 15"
+    return f"{where}: {self.what}"
 
 
 FOUND = (
@@ -1041,6 +1043,10 @@ FOUND = (
           "broadcast, novelty pass)",
           ModelSpec(kind="img", features=("f0",), layers=(Conv("L0", 1, kernel=1, groups=0),), out=1),
           (Widen("L0", 2),)),
+    Found("gru-uneven-widened", "15.3",
+          "a GRU whose fused gates are cut [2H | H], then in halves, widened 2 -> 3: columns aligned as a "
+          "prefix, old units land in the wrong gates",
+          ModelSpec(kind="seq", features=("f0", "f1"), layers=(RNN("L0", 2, "gru_uneven"),), out=1), (Widen("L0", 1),)),
     Found("block-inserted-before-dense", "new",
           "a residual block inserted on the input features: the next dense layer's rows all lose their "
           "feature signature and are dropped (reported, not preserved)",
@@ -1049,6 +1055,15 @@ FOUND = (
           "an attention block inserted on the input features: the GRU's input kernel is dropped whole",
           ModelSpec(kind="seq", features=("f0", "f1"), layers=(RNN("L0", 2, "gru_uneven"),), out=1),
           (InsertBlock(0, Attention("B0", 1, 1)),)),
+    Found("pre-ln-block-inserted-on-features", "new",
+          "a pre-LN residual block inserted on two input features: the head's trained rows are dropped and "
+          "re-initialised, yet the report says preserved (15.1's rule); verify differs by 0.1",
+          ModelSpec(features=("f0", "f1"), out=1), (InsertBlock(0, Residual("B1", 1, pre_norm=True)),)),
+    Found("block-inserted-after-grouped-conv", "new",
+          "a residual block inserted after a grouped 1x1 conv (mean-pooled): the head's rows, whose touch "
+          "sets differ per group, are dropped",
+          ModelSpec(kind="img", features=("f0", "f1"), layers=(Conv("L0", 2, kernel=1, groups=2),), out=1),
+          (InsertBlock(1, Residual("B1", 1)),)),
     Found("block-inserted-and-head-grown", "new",
           "a residual block inserted while the head grows: the old head is matched to the block's first layer "
           "(same shape, other path) instead of the grown head (same path); reported preserved, verify differs",

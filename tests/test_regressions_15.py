@@ -195,7 +195,8 @@ def test_1_positional_rows_beyond_the_traced_length_are_kept():
   np.testing.assert_array_equal(np.asarray(new_p["pos"]), np.asarray(old_p["pos"]))
   np.testing.assert_array_equal(np.asarray(new_p["tok"])[:7], np.asarray(old_p["tok"]))
   assert not any("'pos' grew" in r for r in surgery.report.reasons), surgery.report.reasons
-  long_ids = jnp.asarray(np.random.default_rng(2).integers(0, 7, (3, 10)), jnp.int32)  # the full table: positions 6..9 too
+  # the full table: positions 6..9 too
+  long_ids = jnp.asarray(np.random.default_rng(2).integers(0, 7, (3, 10)), jnp.int32)
   np.testing.assert_allclose(tokens_and_positions(new_p, long_ids), tokens_and_positions(old_p, long_ids), atol=ATOL)
   assert_claim_holds(surgery, tokens_and_positions, tokens_and_positions, old_p, new_p, ids, ids)
 
