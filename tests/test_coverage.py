@@ -235,3 +235,28 @@ def test_replacing_a_rule_keeps_the_primitives_traits():
   finally:
     registry.register("mul", real)
   assert registry.lookup("mul") is real and registry.traits_of("mul") == before
+
+
+# -- errors that name the primitive ----------------------------------------------------
+
+def test_a_rule_touching_with_the_wrong_shape_names_the_primitive():
+  def bad_mul(ctx, eqn, invals):
+    x, w = invals
+    ctx.touch(w, np.ones((5, 1), np.uint32))  # w has shape (3,): a touch of shape (5,) is a bug
+    return js.rules.nary(ctx, eqn, invals)
+  with js.override_rule("mul", bad_mul), pytest.raises(js.RuleError, match=r"primitive `mul`.*override_rule"):
+    js.dependency_table(lambda p, x: x * p["w"], {"w": jnp.ones(3)}, jnp.ones(3), SPEC)
+
+
+def test_a_call_without_a_readable_sub_jaxpr_names_the_primitive():
+  from jaxsurgery._src import compat
+  with pytest.raises(js.UnknownPrimitiveError, match=r"`my_call`.*\['fn', 'name'\].*register_rule\('my_call'"):
+    compat.sub_jaxpr({"fn": len, "name": "f"}, "my_call")
+
+
+def test_name_lookups_raise_a_readable_value_error():
+  table = js.dependency_table(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 2))}, jnp.ones((1, 3)), SPEC)
+  with pytest.raises(ValueError) as err:
+    table.mask("v")
+  assert isinstance(err.value, KeyError) and isinstance(err.value, js.UnknownNameError)
+  assert str(err.value) == "No parameter leaf 'v' in this table. Known parameter paths: ['w']"  # not quoted
