@@ -6,6 +6,7 @@ from html.parser import HTMLParser
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jaxsurgery as js
@@ -345,3 +346,476 @@ def test_text_views_unchanged():
   assert display.report_text(surgery.report) == repr(surgery.report)
   assert display.report_text(surgery.report).startswith("Surgery report: function ")
   assert display.table_summary(surgery.old_table).startswith("FeatureTable[boolean]: 3 features")
+
+
+# -- HTML layout (T4's browser measurements) and the new displays ----------------------------
+
+def test_report_html_layout_hints_and_theme_colours():
+  report = plan_mlp(["a", "b", "c"], ["c", "new", "a", "b"], old_h=4, new_h=6).report
+  html = display.report_html(report)
+  parse(html)
+  assert "l1/<wbr>w" in html                                         # paths may break after "/"
+  assert '<span style="white-space:nowrap">(4, 6)</span>' in html    # shapes never wrap inside
+  assert "color-mix(in srgb,#1565c0 60%,currentColor)" in html       # status colours follow the theme
+  assert "color:#888" not in html and "opacity:0.7" in html          # muted text: dimmed, not grey
+  rows = rows_by_name(table_with_header(parse(html), "parameter"))
+  assert rows["l1/w"]["from"] == "(3, 4)"                            # same path: the old shape only
+
+
+def test_long_feature_names_may_break_and_counts_are_singular():
+  long = "enemy_distance_to_nearest_allied_tower"
+  table = js.dependency_table(mlp, mlp_params(KEY, 2, 3), jnp.ones((2, 2)), js.Features(["hp", long]))
+  html = display.table_html(table)
+  assert "enemy_<wbr>distance" in html and long in parse(html).visible
+  assert "· 1 output</div>" in html and "1 outputs" not in html and "1 outputs" not in repr(table)
+
+
+def test_dropped_leaf_is_listed_once():
+  def two(p, x):
+    return jnp.tanh(x @ p["w"]) @ p["extra"] @ p["v"]
+
+  def one(p, x):
+    return jnp.tanh(x @ p["w"]) @ p["v"]
+  spec = js.Features(["a", "b"])
+  report = js.plan(js.dependency_table(two, {"w": jnp.ones((2, 3)), "extra": jnp.ones((3, 3)),
+                                             "v": jnp.ones((3, 1))}, jnp.ones((1, 2)), spec),
+                   js.dependency_table(one, {"w": jnp.ones((2, 3)), "v": jnp.ones((3, 1))}, jnp.ones((1, 2)),
+                                       spec)).report
+  assert any("'extra'" in r for r in report.reasons)
+  for text in (parse(display.report_html(report)).visible, repr(report)):
+    assert text.count("extra") == 1, text
+
+
+def fake_report(**extra):
+  """A Report-shaped object with the fields a recipe planner adds (read with getattr by the views)."""
+  import types
+  leaf = types.SimpleNamespace(path="ln/scale", old_path="ln/scale", shape=(6,), old_shape=(4,),
+                               maps=(np.array([0, 1, 2, 3, -1, -1]),), how=("prefix",), zero=None,
+                               counts={"copied": 4, "moved": 0, "fresh": 2, "zeroed": 0, "dropped": 0, "recipe": 6},
+                               scale=0.8, mean_axes=(0,), notes=("old values x 0.8", "axis 0: new positions hold "
+                                                                 "the mean of the old ones"))
+  base = dict(leaves=(leaf,), dropped_leaves=(), added=(), removed=(), moved=(), renamed_features={},
+              matching=(("ln/scale", "ln/scale", "same path"),), preserved=True, reasons=(),
+              outputs_added=("<jump>",), outputs_removed=(), outputs_moved=("noop",), renamed_outputs={},
+              assumptions=("ids below 10",))
+  base.update(extra)
+  report = types.SimpleNamespace(**base)
+  report.totals = lambda: {k: sum(l.counts.get(k, 0) for l in report.leaves) for k in
+                           ("copied", "moved", "fresh", "zeroed", "dropped")}
+  return report
+
+
+def test_report_views_show_recipes_outputs_and_assumptions():
+  report = fake_report()
+  parsed = parse(display.report_html(report))
+  rows = rows_by_name(table_with_header(parsed, "parameter"))
+  assert rows["ln/scale"]["recipe"] == "6"
+  recipes = table_with_header(parsed, "parameter")  # the first table with that header is the leaf table
+  assert recipes is not None
+  notes = [t for t in parsed.tables if t[0] == ["parameter", "what the plan computes"]][0]
+  assert notes[1] == ["ln/scale", "old values x 0.8"] and len(notes) == 3
+  outputs = {r[0]: r[1] for r in table_with_header(parsed, "outputs")[1:]}
+  assert outputs == {"added": "<jump>", "removed": "–", "moved": "noop"}
+  assert "ids below 10" in parsed.visible and "6 computed by a recipe" in parsed.visible
+  text = display.report_text(report)
+  assert "outputs added: <jump>" in text and "recipe: ln/scale: old values x 0.8" in text
+  assert "assumes: ids below 10" in text and text.splitlines()[1].endswith("6 computed by a recipe")
+
+
+def adam_state_report():
+  import optax
+  surgery = plan_mlp(["a", "b"], ["a", "new", "b"], old_h=3, new_h=5)
+  tx = optax.adam(1e-3)
+  old_p, new_p = mlp_params(KEY, 2, 3), mlp_params(KEY, 3, 5)
+  old_state = {"opt": tx.init(old_p), "<odd>": jnp.ones(2)}
+  _, report = js.remap_state(surgery, old_state, {"opt": tx.init(new_p)}, return_report=True)
+  return report
+
+
+def test_state_report_html():
+  report = adam_state_report()
+  parsed = parse(display.state_report_html(report))
+  subtrees = rows_by_name(table_with_header(parsed, "prefix"))
+  assert set(subtrees) == {s.prefix for s in report.subtrees}
+  for s in report.subtrees:
+    row = subtrees[s.prefix]
+    assert row["leaves"] == str(s.size) and row["remapped"] == str(s.counts["remapped"])
+    assert row["elements kept"] == f"{s.elements['copied'] + s.elements['moved']:,}"
+  left = rows_by_name(table_with_header(parsed, "old leaf"))
+  assert set(left) == {p for p, *_ in report.left_behind} and "<odd>" in left      # escaped, shown literally
+  assert "&lt;odd&gt;" in display.state_report_html(report)
+  assert "1 old leaf left behind" in parsed.visible
+  copied = rows_by_name(table_with_header(parsed, "leaf"))
+  assert set(copied) >= set(report.copied)
+
+
+# -- element sources: what a picture draws -----------------------------------------------------
+
+from jaxsurgery._src import display_sources as S  # noqa: E402  (grouped with the tests that use it)
+
+
+def gated(p, x):
+  """A fused-gate cell (blockwise axis) feeding a rank-3 kernel."""
+  g = x @ p["wi"] + p["b"]
+  i, f, c, o = jnp.split(g, 4, axis=-1)
+  h = jax.nn.sigmoid(i) * jnp.tanh(c) * jax.nn.sigmoid(o) + jax.nn.sigmoid(f)
+  return jnp.einsum("bh,hkd->bkd", h, p["w3"]).sum(-1)
+
+
+def gated_params(n, hidden):
+  return {"wi": jnp.ones((n, 4 * hidden)), "b": jnp.ones((4 * hidden,)), "w3": jnp.ones((hidden, 3, 2))}
+
+
+def plan_gated(old_names, new_names, old_h=4, new_h=6):
+  old = js.dependency_table(gated, gated_params(len(old_names), old_h), jnp.ones((2, len(old_names))),
+                            js.Features(old_names))
+  new = js.dependency_table(gated, gated_params(len(new_names), new_h), jnp.ones((2, len(new_names))),
+                            js.Features(new_names))
+  return js.plan(old, new)
+
+
+def observed_sources(surgery, old_params, new_init):
+  """The class of every element, read off the remapped arrays: old values are distinct positive numbers
+  (their flat index + 1), the init distinct negative ones, so each value says where it came from."""
+  number = lambda tree, sign: jax.tree.map(lambda x: sign * (1.0 + np.arange(x.size, dtype=np.float32)).reshape(
+      x.shape), tree)
+  old, init = number(old_params, 1), number(new_init, -1)
+  out = surgery(old, init)
+  flat = {"/".join(str(k.key) for k in p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(out)[0]}
+  result = {}
+  for path, leaf in surgery.leaf_plans.items():
+    v = flat[path]
+    cls = np.full(v.shape, S.FRESH, np.int8)
+    cls[v == 0] = S.ZEROED
+    carried = v > 0
+    if leaf.old_path is not None and carried.any():
+      src = np.stack(np.unravel_index(v[carried].astype(np.int64) - 1, leaf.old_shape), -1)
+      same = (src == np.argwhere(carried)).all(-1)
+      cls[carried] = np.where(same, S.COPIED, S.MOVED)
+    result[path] = cls
+  return result
+
+
+@pytest.mark.parametrize("case", ["widen+insert", "remove+reorder", "gated", "gated-narrow"])
+def test_element_sources_are_what_the_remap_does(case):
+  if case.startswith("gated"):
+    names = (["a", "b", "c"], ["c", "new", "a", "b"]) if case == "gated" else (["a", "b", "c"], ["b", "a"])
+    hidden = (4, 6) if case == "gated" else (4, 3)
+    surgery = plan_gated(*names, *hidden)
+    old_p, init = gated_params(len(names[0]), hidden[0]), gated_params(len(names[1]), hidden[1])
+  else:
+    names = (["a", "b", "c"], ["c", "new", "a", "b"]) if case == "widen+insert" else (["a", "b", "c"], ["c", "a"])
+    hidden = (4, 6) if case == "widen+insert" else (4, 4)
+    surgery = plan_mlp(*names, *hidden)
+    old_p, init = mlp_params(KEY, len(names[0]), hidden[0]), mlp_params(KEY, len(names[1]), hidden[1])
+  observed = observed_sources(surgery, old_p, init)
+  kinds = set()
+  for path, leaf in surgery.leaf_plans.items():
+    got = S.element_sources(leaf)
+    np.testing.assert_array_equal(got, observed[path], err_msg=path)
+    counts = S.source_counts(leaf)
+    assert [counts[k] for k in S.SOURCES] == np.bincount(got.ravel(), minlength=5).tolist()
+    c = leaf.counts
+    assert (counts["copied"], counts["moved"], counts["zeroed"]) == (c["copied"], c["moved"], c["zeroed"]), path
+    assert counts["fresh"] + counts["zeroed"] == c["fresh"], path
+    kinds |= {k for k, v in counts.items() if v}
+  assert {"copied", "moved"} <= kinds or case == "gated-narrow"
+  if case in ("widen+insert", "gated"):
+    assert {"fresh", "zeroed"} <= kinds
+
+
+class FakeLeaf:
+  """A LeafPlan with the recipe fields of the coming planner (scale, mean/noise axes, fold, zero_all)."""
+
+  def __init__(self, shape, maps, zero=None, old_path="old", **recipes):
+    self.path, self.old_path, self.shape, self.maps = "p", old_path, tuple(shape), tuple(maps)
+    self.old_shape = None if old_path is None else tuple(
+        n if m is None else int(np.max(m, initial=-1)) + 1 for n, m in zip(shape, maps))
+    self.how, self.zero, self.counts = (), zero, {}
+    self.__dict__.update(recipes)
+
+
+def test_recipes_and_zeros_classify_elements():
+  prefix = np.array([0, 1, 2, -1])               # widened: one fresh index at the end
+  plain = S.element_sources(FakeLeaf((4, 2), (prefix, None)))
+  assert plain[:3].tolist() == [[S.COPIED] * 2] * 3 and plain[3].tolist() == [S.FRESH] * 2
+  # old values rescaled: carried elements are a recipe, fresh ones stay fresh
+  scaled = S.element_sources(FakeLeaf((4, 2), (prefix, None), scale=0.5))
+  assert (scaled[:3] == S.RECIPE).all() and (scaled[3] == S.FRESH).all()
+  assert (S.element_sources(FakeLeaf((4, 2), (prefix, None), fold=(("c", 0, 0, 1),)))[:3] == S.RECIPE).all()
+  # mean-filled new positions are a recipe, the others are copied
+  mean = S.element_sources(FakeLeaf((4, 2), (prefix, None), mean_axes=(0,)))
+  assert (mean[:3] == S.COPIED).all() and (mean[3] == S.RECIPE).all()
+  # clones with noise: both copies of old index 1 are a recipe; without noise they are plain
+  clones = np.array([0, 1, 1, 2])
+  noised = S.element_sources(FakeLeaf((4,), (clones,), noise_axes=(0,), noise=0.01))
+  assert noised.tolist() == [S.COPIED, S.RECIPE, S.RECIPE, S.MOVED]
+  assert S.element_sources(FakeLeaf((4,), (clones,), noise_axes=(0,), noise=0.0)).tolist() == [0, 0, 1, 1]
+  # zeros win over everything; a new leaf is fresh; zero_all zeroes it all
+  zeroed = S.element_sources(FakeLeaf((4, 2), (prefix, None), zero=np.array([[False], [False], [False], [True]]),
+                                      scale=0.5))
+  assert (zeroed[3] == S.ZEROED).all() and (zeroed[:3] == S.RECIPE).all()
+  assert (S.element_sources(FakeLeaf((2, 3), (), old_path=None)) == S.FRESH).all()
+  assert (S.element_sources(FakeLeaf((2, 3), (), old_path=None, zero_all=True)) == S.ZEROED).all()
+  assert S.element_sources(FakeLeaf((), ())).shape == ()
+  with pytest.raises(ValueError, match="2 axis maps for shape"):
+    S.element_sources(FakeLeaf((2, 3, 4), (None, None)))
+
+
+def random_leaf(rng):
+  rank = int(rng.integers(0, 4))
+  shape = tuple(int(n) for n in rng.integers(1, 7, rank))
+  maps = [None if rng.random() < 0.3 else rng.integers(-1, 4, n) for n in shape]
+  zero = None
+  if rank and rng.random() < 0.5:
+    zero = rng.random(tuple(n if rng.random() < 0.5 else 1 for n in shape)) < 0.3
+  recipes = {}
+  if rng.random() < 0.2:
+    recipes["scale"] = 0.5
+  if rank and rng.random() < 0.3:
+    recipes["mean_axes"] = (int(rng.integers(rank)),)
+  if rank and rng.random() < 0.3:
+    recipes["noise_axes"] = (int(rng.integers(rank)),)
+  return FakeLeaf(shape, maps, zero, old_path=None if rng.random() < 0.1 else "old", **recipes)
+
+
+def test_counts_reduced_views_and_subsamples_agree_with_the_element_array():
+  import itertools
+  rng = np.random.default_rng(0)
+  for _ in range(300):
+    leaf = random_leaf(rng)
+    full = S.element_sources(leaf)
+    counts = S.source_counts(leaf)
+    assert [counts[k] for k in S.SOURCES] == np.bincount(full.ravel(), minlength=5).tolist()
+    rank = len(leaf.shape)
+    for k in range(min(rank, 2) + 1):
+      for axes in itertools.permutations(range(rank), k):
+        bins = [S.bin_starts(leaf.shape[a], int(rng.integers(1, 5))) for a in axes]
+        other = [a for a in range(rank) if a not in axes]
+        want = full.transpose(list(axes) + other).reshape([leaf.shape[a] for a in axes] + [-1]).max(-1)
+        for i, starts in enumerate(bins):
+          want = np.maximum.reduceat(want, starts, axis=i)
+        np.testing.assert_array_equal(S.source_grid(leaf, list(axes), bins), want)
+    if rank:
+      index = S.strided_index(leaf.shape, 4)
+      grid = [np.arange(n) if i is None else i for n, i in zip(leaf.shape, index)]
+      np.testing.assert_array_equal(S.element_sources(leaf, index), full[np.ix_(*grid)])
+
+
+def test_a_five_scale_leaf_is_counted_and_reduced_without_element_arrays():
+  # lstm/wi of benchmarks/models.py's five() widened 4096 -> 4352: 75.8M elements.
+  rows = np.concatenate([np.arange(4096), np.full(256, -1)])
+  cols = np.concatenate([np.concatenate([np.arange(g * 4096, (g + 1) * 4096), np.full(256, -1)]) for g in range(4)])
+  leaf = FakeLeaf((4352, 17408), (rows, cols), zero=(rows < 0)[:, None])
+  counts = S.source_counts(leaf)
+  assert counts == {"copied": 4096 * 4096, "moved": 3 * 4096 * 4096, "recipe": 0, "fresh": 4096 * 1024,
+                    "zeroed": 256 * 17408}
+  grid = S.source_grid(leaf, (0, 1), [S.bin_starts(4352, 68), S.bin_starts(17408, 68)])
+  assert grid.shape == (68, 68) and grid[-1].tolist() == [S.ZEROED] * 68
+  assert grid[0, 0] == S.COPIED and grid[0, 16] == S.FRESH and grid[0, 17] == S.MOVED  # 256 columns per cell
+  assert [(r.start, r.state, r.old_start) for r in S.axis_runs(leaf, 1)][:3] == [(0, 0, 0), (4096, 3, -1),
+                                                                                (4352, 1, 4096)]
+
+
+# -- pictures (matplotlib, Agg: no window) -----------------------------------------------------
+
+from jaxsurgery import display as jsd  # noqa: E402
+from jaxsurgery._src import display_viz as viz  # noqa: E402
+
+
+@pytest.fixture
+def mpl():
+  return pytest.importorskip("matplotlib", reason="the pictures need the viz extra")
+
+
+def test_show_surgery_labels_rows_by_feature_and_old_index(mpl):
+  surgery = plan_mlp(["a", "b", "c"], ["c", "new", "a", "b"], old_h=4, new_h=6)
+  picture = jsd.show_surgery(surgery, "l1/w")
+  info = picture.info
+  assert info["axes"] == (0, 1) and info["row_labels"] == ["c ←2", "new", "a ←0", "b ←1"]
+  assert info["col_labels"] == [str(i) for i in range(6)]
+  np.testing.assert_array_equal(info["grid"], S.element_sources(surgery.leaf_plans["l1/w"]))
+  leaf = surgery.leaf_plans["l1/w"]
+  assert info["counts"]["moved"] == leaf.counts["moved"] and info["note"] == ""
+  png = picture._repr_png_()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n" and png == picture.png()     # no timestamp: equal figures, equal bytes
+  assert "l1/w" in repr(picture)
+  # a wider hidden layer: the second kernel's rows are hidden units (no names), fresh ones last
+  rows = jsd.show_surgery(surgery, "l2/w").info["row_labels"]
+  assert rows == [str(i) for i in range(6)]
+
+
+def test_show_surgery_of_a_rank_3_leaf_shows_the_changed_axes(mpl):
+  surgery = plan_gated(["a", "b", "c"], ["c", "new", "a", "b"])
+  info = jsd.show_surgery(surgery, "w3").info
+  assert info["axes"][0] == 0 and "reduced" not in info["note"] and "unchanged" in info["note"]
+  leaf = surgery.leaf_plans["w3"]
+  want = S.element_sources(leaf).max(axis=tuple(a for a in range(3) if a not in info["axes"]))
+  np.testing.assert_array_equal(info["grid"], want)
+  # the fused gates: runs of moved columns are labelled with their old start
+  cols = jsd.show_surgery(surgery, "wi").info["col_labels"]
+  assert cols[:8] == ["0", "1", "2", "3", "4", "5", "6 ←4", "7 ←5"]
+  # explicit axes, and a reduction that is not lossless
+  leaf3 = FakeLeaf((3, 4, 5), (np.array([0, 1, -1]), np.array([1, 0, 2, 3]), None))
+  report = fake_report(leaves=(leaf3,), matching=())
+  info = jsd.show_surgery(report, "p", axes=(1, 2)).info
+  assert info["axes"] == (1, 2) and "axis 0 (3) reduced" in info["note"]
+  assert (info["grid"] == S.FRESH).all()      # every (axis 1, axis 2) cell has a fresh row among its 3
+  with pytest.raises(ValueError, match="at most two distinct axes"):
+    jsd.show_surgery(report, "p", axes=(0, 0))
+
+
+def test_show_surgery_names_the_closest_paths(mpl):
+  surgery = plan_mlp(["a", "b"], ["a", "b"])
+  with pytest.raises(js.UnknownNameError, match=r"No new parameter leaf 'l1/kernel'.*Closest: \['l1/w'"):
+    jsd.show_surgery(surgery, "l1/kernel")
+
+  def renamed(p, x):
+    return mlp({"l1": p["first"], "l2": p["l2"]}, x)
+  old_p = mlp_params(KEY, 3, 4)
+  new_p = {"first": old_p["l1"], "l2": old_p["l2"]}
+  spec = js.Features(["a", "b", "c"])
+  moved = js.plan(js.dependency_table(mlp, old_p, jnp.ones((2, 3)), spec),
+                  js.dependency_table(renamed, new_p, jnp.ones((2, 3)), spec), rename={"l1/w": "first/w",
+                                                                                       "l1/b": "first/b"})
+  with pytest.raises(js.UnknownNameError, match="old path of new leaf 'first/w'"):
+    jsd.show_surgery(moved, "l1/w")
+  assert "first/w (3, 4) ← l1/w (3, 4)" in jsd.show_surgery(moved, "first/w").info["title"]
+
+
+def test_show_overview_tiles_every_leaf_by_parameter_count(mpl):
+  surgery = plan_gated(["a", "b", "c"], ["c", "new", "a", "b"])
+  picture = jsd.show_surgery(surgery)                      # no path: the overview
+  info = picture.info
+  assert set(info["tiles"]) == set(surgery.leaf_plans)
+  sizes = {p: int(np.prod(l.shape)) for p, l in surgery.leaf_plans.items()}
+  area = {p: w * h for p, (x, y, w, h) in info["tiles"].items()}
+  ratio = [area[p] / np.sqrt(sizes[p]) for p in sizes]
+  assert max(ratio) / min(ratio) < 1.25                   # areas follow sqrt(parameters), up to rounding
+  t = surgery.report.totals()
+  assert info["counts"]["copied"] == t["copied"] and info["counts"]["moved"] == t["moved"]
+  assert info["counts"]["fresh"] + info["counts"]["zeroed"] == t["fresh"]
+  linear = jsd.show_overview(surgery, area="linear").info["tiles"]
+  assert linear["wi"][2] * linear["wi"][3] > area["wi"]
+  with pytest.raises(ValueError, match="`area` must be one of"):
+    jsd.show_overview(surgery, area="cubic")
+
+
+def test_overview_tiles_are_the_leaf_views(mpl):
+  zero = np.array([False] * 6 + [True, False])[:, None]
+  leaf = FakeLeaf((8, 4), (np.array([0, 1, 2, 3, 4, 5, -1, -1]), None), zero=zero)
+  tile = viz._leaf_tile(leaf, 4, 8)
+  np.testing.assert_array_equal(tile, S.element_sources(leaf))
+  small = viz._leaf_tile(leaf, 2, 2)                        # 4 rows per pixel: the highest class wins
+  assert small.tolist() == [[S.COPIED] * 2, [S.ZEROED] * 2]
+
+
+def test_overview_lists_changed_leaves_too_small_to_label(mpl):
+  big = FakeLeaf((400, 400), (None, None))
+  tiny = FakeLeaf((3,), (np.array([0, 1, -1]),))
+  tiny.path = "norm/mean"
+  report = fake_report(leaves=(big, tiny), matching=())
+  info = jsd.show_overview(report).info
+  assert info["small_changed"] == ["norm/mean"] and info["counts"]["fresh"] == 1
+
+
+def test_show_table_mask_probe_and_cross_check_on_one_picture(mpl):
+  p = mlp_params(KEY, 3, 4)
+  x, spec = jnp.ones((2, 3)), js.Features(["a", "b", "c"])
+  table = js.dependency_table(mlp, p, x, spec)
+  info = jsd.show_table(table, "l1/w").info
+  assert info["axis"] == 0
+  np.testing.assert_array_equal(info["grid"], table.mask("l1/w").any(axis=1))
+  elements = jsd.show_table(table, "l1/w", axis=None).info["grid"]
+  np.testing.assert_array_equal(elements, table.mask("l1/w").reshape(-1, 3))
+  assert jsd.show_table(table, "<root>" if "<root>" in table.output_paths else table.output_paths[0]).info["grid"].any()
+
+  real = js.rules.get("dot_general")
+
+  def broken(ctx, eqn, invals):
+    lhs, rhs = invals[:2]
+    return real(ctx, eqn, [lhs, js.Val(rhs.shape, rhs.dtype, mask=rhs.mask, pull=None, const=rhs.const)]
+                + list(invals[2:]))
+  with js.override_rule("dot_general", broken):
+    wrong = js.dependency_table(mlp, p, x, spec)
+  probe = js.gradient_table(mlp, p, x, spec, key=KEY)
+  check = js.cross_check(wrong, probe)
+  info = jsd.show_table(wrong, "l1/w", axis=None, probe=probe, check=check).info
+  t, g = wrong.mask("l1/w").reshape(-1, 3), probe.mask("l1/w").reshape(-1, 3)
+  want = np.where(t & g, 1, np.where(t, 2, np.where(g, 3, 0)))
+  np.testing.assert_array_equal(info["grid"], want)
+  missed = sorted({(int(np.ravel_multi_index(m.index, (3, 4))), wrong.features.index(m.feature))
+                   for m in check.missed if m.path == "l1/w"})
+  assert missed and info["marks"]["missed"] == missed
+  assert all(info["grid"][r, c] == 3 for r, c in missed)       # each miss sits on a probe-only cell
+  with pytest.raises(js.UnknownNameError, match=r"Closest: \['l1/w'"):
+    jsd.show_table(table, "l1/ww")
+  with pytest.raises(ValueError, match="`axis` must be"):
+    jsd.show_table(table, "l1/w", axis=5)
+
+
+def test_show_table_draws_reach_once_outputs_have_names(mpl):
+  import dataclasses
+  table = js.dependency_table(mlp, mlp_params(KEY, 3, 4), jnp.ones((2, 3)), js.Features(["a", "b", "c"]))
+
+  @dataclasses.dataclass(frozen=True, eq=False)
+  class Named(type(table)):                 # stands in for the output-naming table (helper O's `reach`)
+    output_features: tuple = ("left", "right")
+
+    def reach(self, path):
+      shape = self.shapes[path]
+      out = np.zeros(shape + (2,), bool)
+      out[..., 0] = True
+      if path == "l2/w":
+        out[..., 1] = np.arange(shape[1]) == 1
+      return out
+  named = Named(**{f.name: getattr(table, f.name) for f in dataclasses.fields(table)})
+  info = jsd.show_table(named, "l2/w", axis=1).info
+  assert info["reach"] == ("left", "right")
+  assert jsd.show_table(table, "l2/w").info["reach"] is None
+
+
+def test_missing_matplotlib_names_the_extra(monkeypatch):
+  import sys
+  monkeypatch.setitem(sys.modules, "matplotlib", None)
+  surgery = plan_mlp(["a", "b"], ["a", "b"])
+  with pytest.raises(ImportError, match=r"jaxsurgery\[viz\]"):
+    jsd.show_surgery(surgery, "l1/w")
+  assert S.element_sources(surgery.leaf_plans["l1/w"]).shape == (2, 4)    # the arrays need numpy only
+
+
+def test_importing_jaxsurgery_loads_neither_matplotlib_nor_treescope():
+  import subprocess
+  import sys
+  code = ("import sys, jaxsurgery, jaxsurgery.display; "
+          "print(sorted(m for m in ('matplotlib', 'treescope') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+  assert out.strip() == "[]"
+
+
+# -- treescope -----------------------------------------------------------------------------------
+
+def test_treescope_renders_a_training_state_with_its_surgery():
+  treescope = pytest.importorskip("treescope")
+  surgery = plan_mlp(["a", "b"], ["a", "new", "b"], old_h=3, new_h=5)
+  state_report = adam_state_report()
+  registered = jsd.register_treescope()
+  assert {js.FeatureTable, js.Report, js.Surgery, js.CrossCheck, js.StateReport, js.LeafPlan} <= set(registered)
+  view = {"params": mlp_params(KEY, 3, 5), "surgery": surgery, "state_report": state_report}
+  text = treescope.render_to_text(view)
+  assert "Surgery(  # function preserved · " in text or "Surgery(function preserved · " in text
+  assert "StateReport(" in text and "left behind" in text
+  with treescope.using_expansion_strategy(max_height=10_000):
+    expanded = treescope.render_to_text(view)
+  leaf = surgery.leaf_plans["l1/w"]
+  assert f"LeafPlan(  # {display.fmt_shape(leaf.shape)} ← {display.fmt_shape(leaf.old_shape)}" in expanded
+  html = treescope.render_to_html(view, compressed=False)
+  assert "Surgery report" in html and "StateReport" in html      # the HTML views, embedded
+  assert jsd.treescope_repr(object(), None, None) is NotImplemented
+
+
+def test_missing_treescope_names_the_extra(monkeypatch):
+  import sys
+  monkeypatch.setitem(sys.modules, "treescope", None)
+  with pytest.raises(ImportError, match=r"jaxsurgery\[treescope\]"):
+    jsd.register_treescope()
