@@ -61,11 +61,14 @@ def _size(case) -> int:
   return len(repr(spec)) + len(repr(edits))
 
 
+WIDEN: list = [None]  # the recipe passed to js.plan (--widen)
+
+
 def failing_classes(case, numeric=True) -> dict[str, fm.Failure]:
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
-      failures = fm.check_pair(*case, numeric=numeric)
+      failures = fm.check_pair(*case, numeric=numeric, widen=WIDEN[0])
   except fm.InvalidSpec:
     return {}
   except AssertionError as e:  # the generator cannot run this description: report, skip
@@ -152,7 +155,10 @@ def main(argv=None):
                       help="all, or contraction-first: the family tests/test_fuzz.py generates in CI")
   parser.add_argument("--log", help="write every failing case (JSON lines) to this file")
   parser.add_argument("--replay", help="shrink the failing cases of a --log file instead of generating")
+  parser.add_argument("--widen", default="default", help="js.plan's widen= where it exists: auto, zero, clone or "
+                      "default (the planner's own)")
   args = parser.parse_args(argv)
+  WIDEN[0] = None if args.widen == "default" else args.widen
   t0 = time.time()
   if args.replay:
     found, n = replay(args.replay)

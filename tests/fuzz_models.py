@@ -20,6 +20,7 @@ test suite and ``scripts/fuzz.py`` share it.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import math
 import traceback
@@ -707,12 +708,25 @@ def _flat_index(shape, i):
   return tuple(int(v) for v in np.unravel_index(i, shape))
 
 
-def _leaf_placement(old: Model, new: Model, path, old_p, new_init, new_p, source, dropped) -> list[Failure]:
-  """Carried elements hold their old value; fresh ones their init or zero."""
+def _scaled(got, want) -> np.ndarray:
+  """``got == c * want`` for one positive ``c`` per leaf (a recipe's rescaled gains): where not."""
+  nonzero = want != 0
+  if not nonzero.any():
+    return got != want
+  c = np.median(got[nonzero] / want[nonzero])
+  return ~np.isclose(got, c * want, rtol=1e-5, atol=1e-7) | (c <= 0)
+
+
+def _leaf_placement(old: Model, new: Model, path, old_p, new_init, new_p, source, dropped,
+                    exact: bool = True) -> list[Failure]:
+  """Carried elements hold their old value (``exact=False`` and a resized leaf: up to one positive
+  factor per leaf); fresh ones their init or zero (not checked then: recipes compute them)."""
   out = []
   old_path, src = source
+  # recipes rescale only leaves on a resized axis: a leaf of unchanged shape is always an exact copy
+  exact = exact or (old_path is not None and old.leaves[old_path].shape == new.leaves[path].shape)
   got, init = _leaf(new_p, path).ravel(), _leaf(new_init, path).ravel()
-  bad_fresh = (src < 0) & (got != init) & (got != 0)
+  bad_fresh = (src < 0) & (got != init) & (got != 0) & exact
   if bad_fresh.any():
     i = int(np.argmax(bad_fresh))
     out.append(Failure("fresh not init", f"{path}{_flat_index(new.leaves[path].shape, i)} is neither its init nor 0",
@@ -722,11 +736,13 @@ def _leaf_placement(old: Model, new: Model, path, old_p, new_init, new_p, source
   carried = src >= 0
   if old_path in dropped:  # reported as dropped: judged by the drop check instead
     carried &= ~dropped[old_path].ravel()[np.maximum(src, 0)]
-  wrong = carried & (got != _leaf(old_p, old_path).ravel()[np.maximum(src, 0)])
+  want = _leaf(old_p, old_path).ravel()[np.maximum(src, 0)]
+  wrong = carried & ((got != want) if exact else _scaled(np.where(carried, got, 0), np.where(carried, want, 0)))
   if wrong.any():
     i = int(np.argmax(wrong))
+    value = "old value" if exact else "old value (up to one factor)"
     out.append(Failure("misplaced", (
-        f"{path}: {int(wrong.sum())} of {int(carried.sum())} carried elements are not their old value; "
+        f"{path}: {int(wrong.sum())} of {int(carried.sum())} carried elements are not their {value}; "
         f"first {path}{_flat_index(new.leaves[path].shape, i)} should hold "
         f"{old_path}{_flat_index(old.leaves[old_path].shape, int(src[i]))}"), leaf_kind(new, path)))
   return out
@@ -748,13 +764,16 @@ def _leaf_drops(old: Model, path, kept, dropped, preserved) -> list[Failure]:
   return out
 
 
-def placement_failures(old: Model, new: Model, old_p, new_init, new_p, report, expected: Expected) -> list[Failure]:
+def placement_failures(old: Model, new: Model, old_p, new_init, new_p, report, expected: Expected,
+                       exact: bool = True) -> list[Failure]:
   """Moved values are exactly where the labels say; fresh ones are the init or zero; the drops
-  the report lists are exactly what the edit removed, and none while ``preserved``."""
+  the report lists are exactly what the edit removed, and none while ``preserved``. With
+  ``exact=False`` (a widening recipe other than zeros), carried values may be rescaled per leaf
+  and fresh ones computed."""
   dropped = report.dropped_elements()
   out = []
   for path, source in expected.source.items():
-    out += _leaf_placement(old, new, path, old_p, new_init, new_p, source, dropped)
+    out += _leaf_placement(old, new, path, old_p, new_init, new_p, source, dropped, exact)
   for path, kept in expected.kept.items():
     out += _leaf_drops(old, path, kept, dropped, report.preserved)
   return out
@@ -812,12 +831,21 @@ def make_pair(old_spec: ModelSpec, edits) -> tuple[Model, Model]:
   return old, new
 
 
+def plan_options(widen: str | None) -> dict:
+  """``widen=`` for ``js.plan`` when this version of the planner has it (issue 9's recipes)."""
+  has_widen = "widen" in inspect.signature(js.plan).parameters
+  return {"widen": widen} if widen and has_widen else {}
+
+
 def check_pair(old_spec: ModelSpec, edits=(), *, seed: int = 0, samples: int = 3,
-               numeric: bool = True) -> list[Failure]:
+               numeric: bool = True, widen: str | None = None) -> list[Failure]:
   """Plans ``old_spec -> apply_edits(old_spec, edits)`` through the public API and returns every
   broken invariant (empty when all hold). :class:`InvalidSpec` if the case is not valid.
 
   ``numeric=False`` skips ``js.verify`` (the slow part) when only the placement matters.
+  ``widen`` is passed to ``js.plan`` where it exists (``None``: the planner's default). A planner
+  with widening recipes (issue 9: rescaled gains, means, clones) is checked up to one positive
+  factor per leaf, and its fresh values are not checked; one without is checked exactly.
   """
   old, new = make_pair(old_spec, edits)
   width = min(old.spec.out, new.spec.out)
@@ -831,12 +859,14 @@ def check_pair(old_spec: ModelSpec, edits=(), *, seed: int = 0, samples: int = 3
   except Exception as e:  # noqa: BLE001  (a crash is a finding, reported like the others)
     return [_crash("dependency_table", e)]
   try:
-    surgery = js.plan(old_t, new_t)
+    options = plan_options(widen)
+    surgery = js.plan(old_t, new_t, **options)
     new_p = surgery(old_p, new_init)
   except Exception as e:  # noqa: BLE001
     return [_crash("plan", e)]
   report = surgery.report
-  failures = placement_failures(old, new, old_p, new_init, new_p, report, expected_transfer(old, new))
+  exact = not plan_options("zero")  # a planner without recipes copies old values unchanged
+  failures = placement_failures(old, new, old_p, new_init, new_p, report, expected_transfer(old, new), exact)
   if report.preserved is True and numeric:
     try:
       check = js.verify(surgery, old_fn, new_fn, old_p, new_p, old.inputs, new.inputs,

@@ -57,12 +57,19 @@ def positions(old_names, new_names):
   return np.array([old_names.index(n) if n in old_names else -1 for n in new_names])
 
 
-def assert_rows_follow(new, old, src, axis=0):
-  """Along ``axis``, every new index with a source holds exactly the old index's values."""
+def assert_rows_follow(new, old, src, axis=0, up_to_scale=False):
+  """Along ``axis``, every new index with a source holds exactly the old index's values (with
+  ``up_to_scale``: times one positive factor for the whole leaf, as a widening recipe rescales gains)."""
   new, old = np.moveaxis(np.asarray(new), axis, 0), np.moveaxis(np.asarray(old), axis, 0)
+  scale = 1.0
+  if up_to_scale:
+    j0 = next(j for j in src if j >= 0)
+    scale = float(np.ravel(new[list(src).index(j0)])[0] / np.ravel(old[j0])[0])
+    assert scale > 0, scale
   for i, j in enumerate(src):
     if j >= 0:
-      np.testing.assert_array_equal(new[i], old[j], err_msg=f"new index {i} should hold old index {j}")
+      np.testing.assert_allclose(new[i], scale * old[j], rtol=1e-6 if up_to_scale else 0,
+                                 err_msg=f"new index {i} should hold old index {j}")
 
 
 # -- 0. features behind a LayerNorm or a residual over the feature axis --------------------
@@ -120,7 +127,8 @@ def test_0_feature_inserted_in_front_of_a_sequence_layernorm_shifts_its_rows():
   surgery, new_p = plan(layernorm_dense, layernorm_dense, old_p, new_init, old_x, new_x,
                         js.Features(old_names), js.Features(new_names))
   src = positions(old_names, new_names)
-  for name in ("gain", "bias", "w"):
+  assert_rows_follow(new_p["gain"], old_p["gain"], src, up_to_scale=True)  # a recipe may rescale the gains
+  for name in ("bias", "w"):
     assert_rows_follow(new_p[name], old_p[name], src)
   assert_claim_holds(surgery, layernorm_dense, layernorm_dense, old_p, new_p, old_x, new_x)
 
