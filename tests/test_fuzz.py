@@ -63,8 +63,13 @@ def test_oracle_flags_a_misplaced_row_and_an_unreported_drop():
   expected = fm.expected_transfer(old, new)
   assert not fm.placement_failures(old, new, old_p, new_init, new_p, surgery.report, expected)
   swapped = {"d": dict(new_p["d"], w=new_p["d"]["w"][::-1]), "head": new_p["head"]}
-  checks = {f.check for f in fm.placement_failures(old, new, old_p, new_init, swapped, surgery.report, expected)}
-  assert checks == {"misplaced"}
+  for exact in (True, False):
+    failures = fm.placement_failures(old, new, old_p, new_init, swapped, surgery.report, expected, exact)
+    assert {f.check for f in failures} == {"misplaced"}
+  # A recipe's rescaling of a resized leaf (d/w lost a row) passes only where recipes are allowed.
+  rescaled = {"d": dict(new_p["d"], w=new_p["d"]["w"] * 0.5), "head": new_p["head"]}
+  assert not fm.placement_failures(old, new, old_p, new_init, rescaled, surgery.report, expected, exact=False)
+  assert fm.placement_failures(old, new, old_p, new_init, rescaled, surgery.report, expected, exact=True)
 
   class Silent:  # a report that forgets the removed feature's row
     preserved = None
