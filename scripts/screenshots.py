@@ -4,7 +4,8 @@
     python scripts/screenshots.py --out /tmp/shots --only surgery-report --themes jupyterlab-dark
 
 Builds small but realistic objects through the public API (a feature table, two surgery reports,
-two cross-checks, a training-state report), takes the ``_repr_html_()`` of each one that has it,
+two cross-checks, a training-state report), takes the ``_repr_html_()`` of each one (or, for a class
+still without one, the ``jaxsurgery.display`` function that will back it, flagged in the index),
 wraps it in a page that imitates a notebook's output area (JupyterLab and VS Code, light and dark:
 their background, text colour and the table CSS they apply to HTML outputs), renders each page with
 Chromium from the OS packages and writes ``<object>-<theme>.png`` plus an index (README.md) to
@@ -12,6 +13,11 @@ Chromium from the OS packages and writes ``<object>-<theme>.png`` plus an index 
 reaches its edge), and the blank margins are cropped with Pillow. Output wider than a notebook's
 output area (``--width``) is drawn in full, so that nothing is cut off, and reported: a notebook
 would scroll it sideways.
+
+It also renders the treescope view of a training state with its surgery (``treescope-*.png``,
+JavaScript on) and writes the matplotlib pictures of the same plan (``picture-*.png``; no browser
+needed for those); ``--five`` adds the overview of a 150M-parameter plan (benchmarks/models.py's
+``five()`` widened: planning it takes a while).
 
 Needs: ``apt-get install chromium`` (or ``CHROMIUM=/path/to/chrome``) and Pillow (``pip install
 pillow``; it comes with matplotlib).
@@ -213,7 +219,7 @@ class Shot:
 
 
 def render(html_body: str, theme: Theme, png: Path, *, width: int = 960, binary: str | None = None,
-           window: tuple[int, int] = (1800, 2400)) -> Shot:
+           window: tuple[int, int] = (1800, 2400), settle_ms: int = 0) -> Shot:
   """Renders one output's HTML in a notebook-like page with headless Chromium, cropped to content.
 
   The window starts larger than any display here and doubles (up to 4 times) while the content
@@ -226,6 +232,7 @@ def render(html_body: str, theme: Theme, png: Path, *, width: int = 960, binary:
     width: the output area's width in px; content spilling over it is kept and reported.
     binary: a Chromium binary (default: :func:`chromium_binary`).
     window: the first window size tried (at least 800x600, and wider than the output area).
+    settle_ms: let the page's scripts and timers run this long (virtual time) before the shot.
 
   Returns:
     A :class:`Shot` with the final size and the overflow beyond ``width``.
@@ -239,7 +246,9 @@ def render(html_body: str, theme: Theme, png: Path, *, width: int = 960, binary:
     html_file = Path(tmp) / "page.html"
     html_file.write_text(page(html_body, theme, width), encoding="utf-8")
     for attempt in range(5):
-      _chromium(binary, [f"--window-size={window[0]},{window[1]}", f"--screenshot={png}", html_file.as_uri()])
+      settle = [f"--virtual-time-budget={settle_ms}"] if settle_ms else []
+      _chromium(binary, [f"--window-size={window[0]},{window[1]}", *settle, f"--screenshot={png}",
+                         html_file.as_uri()])
       try:
         w, h, right = crop_to_content(png, theme.background)
         break
@@ -358,29 +367,105 @@ def build_objects() -> dict[str, object]:
     wrong_table = js.dependency_table(old.fn, old.params, old.obs, old.spec)
 
   tx = optax.adam(1e-3)
-  _, state_report = js.remap_state(surgery, tx.init(old.init(0)), tx.init(new.init(1)), return_report=True)
+  old_state = {"params": old.init(0), "opt_state": tx.init(old.init(0)), "step": 1000}
+  new_state, state_report = js.remap_state(
+      surgery, old_state, {"params": new.init(1), "opt_state": tx.init(new.init(1)), "step": 0}, return_report=True)
+  check = js.cross_check(old_table, probe)
+  EXTRAS.update(surgery=surgery, lossy_surgery=lossy_surgery, old_table=old_table, probe=probe, check=check,
+                new_state=new_state, state_report=state_report)
   return {"feature-table": new_table, "surgery-report": surgery.report,
-          "surgery-report-lossy": lossy_surgery.report, "cross-check": js.cross_check(old_table, probe),
+          "surgery-report-lossy": lossy_surgery.report, "cross-check": check,
           "cross-check-failed": js.cross_check(wrong_table, probe), "state-report": state_report}
 
 
-def html_of(obj) -> str | None:
-  """The object's HTML display, as a notebook would ask for it; None if its class has none."""
+#: What :func:`build_objects` made besides the displayed objects (the surgery, tables, new state).
+EXTRAS: dict[str, object] = {}
+
+_DISPLAY_FUNCTIONS = {"CrossCheck": "cross_check_html", "StateReport": "state_report_html"}
+
+
+def html_of(obj, fallback: bool = False) -> str | None:
+  """The object's HTML display, as a notebook would ask for it; None if its class has none.
+
+  With ``fallback``, a class without ``_repr_html_`` is rendered by the ``jaxsurgery.display``
+  function meant to back it (until the class's method is wired).
+  """
   method = getattr(type(obj), "_repr_html_", None)
-  return None if method is None else method(obj)
+  if method is not None:
+    return method(obj)
+  name = _DISPLAY_FUNCTIONS.get(type(obj).__name__)
+  if fallback and name:
+    import jaxsurgery.display as jsd
+    return getattr(jsd, name)(obj)
+  return None
+
+
+# -- treescope and pictures -----------------------------------------------------------------------
+
+def treescope_pages() -> dict[str, str]:
+  """The treescope view (HTML with scripts) of a training state with its surgery and state report."""
+  import treescope
+
+  import jaxsurgery.display as jsd
+  jsd.register_treescope()
+  state = {"params": EXTRAS["new_state"]["params"], "surgery": EXTRAS["surgery"],
+           "state_report": EXTRAS["state_report"]}
+  return {"treescope-state": treescope.render_to_html(state, compressed=False)}
+
+
+def write_pictures(out: Path, five: bool = False) -> list[Path]:
+  """The matplotlib pictures of the screenshot plan (and, with ``five``, of a Five-scale plan)."""
+  import jaxsurgery.display as jsd
+  surgery, check = EXTRAS["surgery"], EXTRAS["check"]
+  pictures = {
+      "picture-overview": jsd.show_surgery(surgery),
+      "picture-leaf": jsd.show_surgery(surgery, "unit_encoder/per_unit_feature_projection/kernel"),
+      "picture-gates": jsd.show_surgery(surgery, "lstm/dense_h/kernel"),
+      "picture-lossy-leaf": jsd.show_surgery(EXTRAS["lossy_surgery"],
+                                             "unit_encoder/per_unit_feature_projection/kernel"),
+      "picture-table-check": jsd.show_table(EXTRAS["old_table"], "unit_encoder/per_unit_feature_projection/bias",
+                                            probe=EXTRAS["probe"], check=check),
+  }
+  if five:
+    pictures["picture-five-overview"] = jsd.show_surgery(five_surgery())
+  out.mkdir(parents=True, exist_ok=True)
+  paths = []
+  for stem, picture in pictures.items():
+    path = out / f"{stem}.png"
+    path.write_bytes(picture.png())
+    paths.append(path)
+    print(f"{path}: {picture.info.get('title', stem)}")
+  return paths
+
+
+def five_surgery():
+  """benchmarks/models.py's ``five()`` (152M parameters) gaining a unit feature and a wider LSTM (4096 -> 4352)."""
+  import jaxsurgery as js
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+  import models
+  old, new = models.five(), models.five(models.FiveConfig(unit_features=44, lstm=4352))
+  start = time.perf_counter()
+  surgery = js.plan(js.dependency_table(old.fn, old.params, old.inputs, old.features),
+                    js.dependency_table(new.fn, new.params, new.inputs, new.features))
+  print(f"planned five() -> five(unit_features=44, lstm=4352) in {time.perf_counter() - start:.1f} s")
+  return surgery
 
 
 # -- index ----------------------------------------------------------------------------------------
 
-def write_index(out: Path, shots: dict, missing: dict, width: int, version: str) -> Path:
-  lines = ["# Screenshots of the HTML displays", "",
+def write_index(out: Path, shots: dict, missing: dict, width: int, version: str, *, via_function=(),
+                treescope_shots=None, pictures=()) -> Path:
+  lines = ["# Screenshots of the displays", "",
            "Generated by `python scripts/screenshots.py --out docs/screenshots` (do not edit by hand):",
            f"each object's `_repr_html_()` in a page that imitates a notebook output area {width} px wide",
            f"(JupyterLab 4 and VS Code, light and dark), rendered by headless Chromium ({version})",
-           "and cropped to content.", ""]
+           "and cropped to content; then the treescope view and the matplotlib pictures.", ""]
   for stem, per_theme in shots.items():
     lines.append(f"## {stem}")
     lines.append("")
+    if stem in via_function:
+      lines += [f"(Rendered by `jaxsurgery.display.{via_function[stem]}`: its class's `_repr_html_` is not wired "
+                "yet, so a notebook still shows its text `repr()`.)", ""]
     for theme, shot in per_theme.items():
       note = (f"; {shot.content_width} px wide, {shot.overflow} px more than the output area, so a "
               "notebook scrolls it sideways") if shot.overflow else ""
@@ -390,6 +475,16 @@ def write_index(out: Path, shots: dict, missing: dict, width: int, version: str)
               "A notebook shows these as their plain-text `repr()`:", ""]
     lines += [f"- {stem}: `{name}` has no `_repr_html_`" for stem, name in missing.items()]
     lines.append("")
+  if treescope_shots:
+    lines += ["## treescope", "", "`jaxsurgery.display.register_treescope()`, then `treescope.render_to_html` of a "
+              "training state with its surgery and state report, each folded to its summary line (a click opens it: "
+              "its HTML view, under treescope's \"Rich HTML representation\" fold, then its attributes).", ""]
+    for stem, shot in treescope_shots.items():
+      lines += [f"{stem} ({shot.size[0]}×{shot.size[1]}):", "", f"![{stem}]({shot.png.name})", ""]
+  if pictures:
+    lines += ["## Pictures (matplotlib)", "", "`jaxsurgery.display.show_surgery` / `show_table` of the same plan "
+              "(`Picture.png()`).", ""]
+    lines += [f"![{p.stem}]({p.name})\n" for p in pictures]
   index = out / "README.md"
   index.write_text("\n".join(lines), encoding="utf-8")
   return index
@@ -399,18 +494,14 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", type=Path, default=Path("docs/screenshots"), help="output folder")
   parser.add_argument("--themes", default=",".join(THEMES), help="comma-separated: " + ", ".join(THEMES))
-  parser.add_argument("--only", default="", help="comma-separated object names (default: all)")
+  parser.add_argument("--only", default="", help="comma-separated object names (default: all, with pictures)")
   parser.add_argument("--width", type=int, default=960, help="the output area's width in px")
+  parser.add_argument("--five", action="store_true", help="add the overview picture of a Five-scale plan")
   args = parser.parse_args(argv)
   bad = sorted({t for t in args.themes.split(",") if t} - set(THEMES))
   if bad:
     parser.error(f"unknown `--themes` {bad}; choose from {list(THEMES)}")
   themes = [THEMES[t] for t in args.themes.split(",") if t]
-  try:
-    binary = chromium_binary()
-  except ChromiumMissing as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
   start = time.perf_counter()
   objects = build_objects()
   print(f"built {len(objects)} objects in {time.perf_counter() - start:.1f} s with the public API")
@@ -418,20 +509,37 @@ def main(argv=None) -> int:
   unknown = sorted(set(wanted) - set(objects))
   if unknown:
     parser.error(f"unknown `--only` names {unknown}; choose from {list(objects)}")
-  shots, missing = {}, {}
+  pictures = [] if args.only else write_pictures(args.out, five=args.five)
+  try:
+    binary = chromium_binary()
+  except ChromiumMissing as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  shots, missing, via_function = {}, {}, {}
   for stem in wanted:
-    body = html_of(objects[stem])
+    obj = objects[stem]
+    body = html_of(obj, fallback=True)
     if body is None:
-      missing[stem] = type(objects[stem]).__name__
-      print(f"{stem}: {type(objects[stem]).__name__} has no _repr_html_; skipped")
+      missing[stem] = type(obj).__name__
+      print(f"{stem}: {type(obj).__name__} has no _repr_html_; skipped")
       continue
+    if html_of(obj) is None:
+      via_function[stem] = _DISPLAY_FUNCTIONS[type(obj).__name__]
     for theme in themes:
       shot = render(body, theme, args.out / f"{stem}-{theme.name}.png", width=args.width, binary=binary)
       shots.setdefault(stem, {})[theme.name] = shot
       over = f", {shot.overflow} px wider than the output area" if shot.overflow else ""
       print(f"{shot.png}: {shot.size[0]}x{shot.size[1]}{over}")
+  treescope_shots = {}
   if not args.only:
-    print(f"index: {write_index(args.out, shots, missing, args.width, chromium_version(binary))}")
+    for stem, body in treescope_pages().items():
+      shot = render(body, THEMES["jupyterlab-light"], args.out / f"{stem}.png", width=args.width, binary=binary,
+                    window=(1200, 1400), settle_ms=3000)
+      treescope_shots[stem] = shot
+      print(f"{shot.png}: {shot.size[0]}x{shot.size[1]}")
+    index = write_index(args.out, shots, missing, args.width, chromium_version(binary), via_function=via_function,
+                        treescope_shots=treescope_shots, pictures=pictures)
+    print(f"index: {index}")
   print(f"done in {time.perf_counter() - start:.1f} s")
   return 0
 

@@ -802,13 +802,14 @@ def test_treescope_renders_a_training_state_with_its_surgery():
   registered = jsd.register_treescope()
   assert {js.FeatureTable, js.Report, js.Surgery, js.CrossCheck, js.StateReport, js.LeafPlan} <= set(registered)
   view = {"params": mlp_params(KEY, 3, 5), "surgery": surgery, "state_report": state_report}
-  text = treescope.render_to_text(view)
-  assert "Surgery(  # function preserved · " in text or "Surgery(function preserved · " in text
-  assert "StateReport(" in text and "left behind" in text
-  with treescope.using_expansion_strategy(max_height=10_000):
-    expanded = treescope.render_to_text(view)
+  text = treescope.render_to_text(view)     # inside a tree, each object folds to its summary line
+  assert "'surgery': Surgery(function preserved · " in text
+  assert "'state_report': StateReport(" in text and "left behind" in text
   leaf = surgery.leaf_plans["l1/w"]
-  assert f"LeafPlan(  # {display.fmt_shape(leaf.shape)} ← {display.fmt_shape(leaf.old_shape)}" in expanded
+  alone = treescope.render_to_text(surgery)                    # at the root it opens: its attributes
+  assert alone.startswith("Surgery(  # function preserved") and "report=Report(function preserved" in alone
+  assert treescope.render_to_text(leaf).startswith(
+      f"LeafPlan(  # {display.fmt_shape(leaf.shape)} ← {display.fmt_shape(leaf.old_shape)}: ")
   html = treescope.render_to_html(view, compressed=False)
   assert "Surgery report" in html and "StateReport" in html      # the HTML views, embedded
   assert jsd.treescope_repr(object(), None, None) is NotImplemented

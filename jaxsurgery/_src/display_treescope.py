@@ -142,7 +142,8 @@ def treescope_repr(obj: Any, path: str | None, subtree_renderer: Any) -> Any:
       ")")
   return parts.build_custom_foldable_tree_node(
       contents=contents, path=path, label=parts.siblings(parts.maybe_qualified_type_name(type(obj)), "("),
-      expand_state=parts.ExpandState.WEAKLY_COLLAPSED)
+      # Inside a larger tree a node starts folded to its summary line (click to open it); alone, treescope decides.
+      expand_state=parts.ExpandState.COLLAPSED if path else parts.ExpandState.WEAKLY_COLLAPSED)
 
 
 def _handler(obj: Any, path: str | None, subtree_renderer: Any) -> Any:

@@ -145,8 +145,14 @@ def axis_names(leaf: Any, table: Any, axis: int) -> list[str | None] | None:
   return None
 
 
+def _short(name: str, limit: int = 28) -> str:
+  """A long name cut in the middle (``enemy_distance…_diagonal``), so that a tick label stays short."""
+  return name if len(name) <= limit else name[:limit // 2 - 1] + "…" + name[-(limit // 2 - 1):]
+
+
 def _tick_label(i: int, run: S.Run, names) -> str:
-  label = names[i] if names is not None and names[i] is not None else str(i)
+  name = None if names is None else names[i]
+  label = str(i) if name is None else _short(name)
   if run.old_start >= 0 and run.state in (S._MOVED, S._CLONE):
     label += f" ←{run.old_start + (i - run.start)}"
   return label
@@ -222,7 +228,7 @@ def _axis_title(leaf: Any, axis: int, bins: np.ndarray | None) -> str:
   old = "" if leaf.old_shape is None else f" (was {leaf.old_shape[axis]})"
   step = int(bins[1] - bins[0]) if bins is not None and len(bins) > 1 else 1
   cells = f"\n{step} indices per cell" if step > 1 else ""
-  return f"axis {axis}: {leaf.shape[axis]}{old}{' · ' + how if how else ''}{cells}"
+  return f"axis {axis}: {leaf.shape[axis]}{old}" + (f"\n{_wrap(how, 30)}" if how else "") + cells
 
 
 def show_surgery(surgery: Any, path: str | None = None, *, axes: Sequence[int] | None = None, ax: Any = None,
@@ -728,7 +734,7 @@ def _draw_table(ax, grid, starts, n_rows, features, marks, compared) -> None:
   from matplotlib.patches import Patch
   ax.imshow(grid, cmap=ListedColormap(TABLE_COLORS), vmin=-0.5, vmax=3.5, interpolation="nearest",
             aspect="auto", extent=(-0.5, len(features) - 0.5, n_rows - 0.5, -0.5))
-  labels = list(features)
+  labels = [_short(f) for f in features]
   step = max(1, -(-len(labels) // 60))
   ax.set_xticks(range(0, len(labels), step), labels[::step], rotation=90, fontsize=7 if len(labels) > 16 else 8)
   ax.set_xlabel("features", fontsize=8)
@@ -743,7 +749,8 @@ def _draw_table(ax, grid, starts, n_rows, features, marks, compared) -> None:
     handles += [Patch(facecolor=TABLE_COLORS[_TABLE_ONLY], label="table only (over-approximation)"),
                 Patch(facecolor=TABLE_COLORS[_PROBE_ONLY], label="probe only")]
   for kind, style in (("missed", dict(marker="x", color="#d62728", s=28, linewidths=1.4)),
-                      ("legitimate", dict(marker="o", facecolors="none", edgecolors="#ff7f0e", s=22))):
+                      ("legitimate", dict(marker="o", facecolors="none", edgecolors="#111111", s=22,
+                                          linewidths=0.9))):
     pts = marks.get(kind, [])
     if pts:
       r, c = np.array(pts).T
@@ -761,7 +768,7 @@ def _row_labels(ax, table, path, shape, axis, n_rows, max_labels, what) -> None:
     return
   names = S.axis_feature_names(table, path, axis) if what == "parameter" else None
   idx = range(n_rows) if n_rows <= max_labels else np.linspace(0, n_rows - 1, max_labels // 2).astype(int)
-  labels = [names[i] if names is not None and names[i] is not None else str(i) for i in idx]
+  labels = [_short(n) if (n := None if names is None else names[i]) is not None else str(i) for i in idx]
   ax.set_yticks(list(idx), labels, fontsize=7 if len(labels) > 12 else 8)
   ax.set_ylabel(f"axis {axis} ({shape[axis]})", fontsize=8)
 
