@@ -441,6 +441,7 @@ def test_state_report_html():
     row = subtrees[s.prefix]
     assert row["leaves"] == str(s.size) and row["remapped"] == str(s.counts["remapped"])
     assert row["elements kept"] == f"{s.elements['copied'] + s.elements['moved']:,}"
+    assert row.get("role") == getattr(s, "role", None)       # a column once subtrees have roles
   left = rows_by_name(table_with_header(parsed, "old leaf"))
   assert set(left) == {p for p, *_ in report.left_behind} and "<odd>" in left      # escaped, shown literally
   assert "&lt;odd&gt;" in display.state_report_html(report)
@@ -475,23 +476,29 @@ def plan_gated(old_names, new_names, old_h=4, new_h=6):
 
 
 def observed_sources(surgery, old_params, new_init):
-  """The class of every element, read off the remapped arrays: old values are distinct positive numbers
-  (their flat index + 1), the init distinct negative ones, so each value says where it came from."""
-  number = lambda tree, sign: jax.tree.map(lambda x: sign * (1.0 + np.arange(x.size, dtype=np.float32)).reshape(
-      x.shape), tree)
-  old, init = number(old_params, 1), number(new_init, -1)
-  out = surgery(old, init)
-  flat = {"/".join(str(k.key) for k in p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(out)[0]}
+  """The class of every element, read off what the remap does to marked arrays (an oracle independent of
+  the plan's fields): old values are distinct positive numbers (flat index + 1), the init distinct negative
+  ones, and a second run doubles the old values. Zero in both runs: zeroed; the same nonzero value in both
+  (whatever the old values): fresh; an old value, doubled in the second run: copied (same index) or moved;
+  anything else depends on the old values without being one of them: a recipe."""
+  mark = lambda tree, scale: jax.tree.map(
+      lambda x: scale * (1.0 + np.arange(x.size, dtype=np.float32)).reshape(x.shape), tree)
+  flat = lambda tree: {"/".join(str(k.key) for k in p): np.asarray(x)
+                       for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  first = flat(surgery(mark(old_params, 1), mark(new_init, -1)))
+  second = flat(surgery(mark(old_params, 2), mark(new_init, -1)))
   result = {}
   for path, leaf in surgery.leaf_plans.items():
-    v = flat[path]
-    cls = np.full(v.shape, S.FRESH, np.int8)
-    cls[v == 0] = S.ZEROED
-    carried = v > 0
-    if leaf.old_path is not None and carried.any():
-      src = np.stack(np.unravel_index(v[carried].astype(np.int64) - 1, leaf.old_shape), -1)
-      same = (src == np.argwhere(carried)).all(-1)
-      cls[carried] = np.where(same, S.COPIED, S.MOVED)
+    a, b = first[path], second[path]
+    cls = np.full(a.shape, S.RECIPE, np.int8)
+    cls[(a == b) & (a != 0)] = S.FRESH
+    cls[(a == 0) & (b == 0)] = S.ZEROED
+    if leaf.old_path is not None:
+      size = int(np.prod(leaf.old_shape))
+      plain = (a > 0) & (b == 2 * a) & (a == np.round(a)) & (a <= size)
+      src = np.stack(np.unravel_index(a[plain].astype(np.int64) - 1, leaf.old_shape), -1)
+      same = (src == np.argwhere(plain)).all(-1)
+      cls[plain] = np.where(same, S.COPIED, S.MOVED)
     result[path] = cls
   return result
 
@@ -522,6 +529,47 @@ def test_element_sources_are_what_the_remap_does(case):
   assert {"copied", "moved"} <= kinds or case == "gated-narrow"
   if case in ("widen+insert", "gated"):
     assert {"fresh", "zeroed"} <= kinds
+
+
+def ln_mlp(p, x):
+  h = x @ p["w"] + p["b"]
+  mu = h.mean(-1, keepdims=True)
+  h = (h - mu) / jnp.sqrt(((h - mu) ** 2).mean(-1, keepdims=True) + 1e-5) * p["g"] + p["beta"]
+  return jnp.tanh(h) @ p["v"]
+
+
+def ln_params(n, hidden):
+  return {"w": jnp.ones((n, hidden)), "b": jnp.ones((hidden,)), "g": jnp.ones((hidden,)),
+          "beta": jnp.ones((hidden,)), "v": jnp.ones((hidden, 2))}
+
+
+def _plan_has(*names):
+  import inspect
+  return set(names) <= set(inspect.signature(js.plan).parameters)
+
+
+@pytest.mark.skipif(not _plan_has("widen", "constants"), reason="the planner has no recipes yet")
+@pytest.mark.parametrize("case", ["layernorm-auto", "clone", "fold"])
+def test_recipe_elements_are_what_the_remap_does(case):
+  spec = js.Features(["a", "b"])
+  if case == "layernorm-auto":   # average expansion: mean-filled kernel columns, rescaled gains
+    old_p, init = ln_params(2, 4), ln_params(2, 6)
+    surgery = js.plan(js.dependency_table(ln_mlp, old_p, jnp.ones((1, 2)), spec),
+                      js.dependency_table(ln_mlp, init, jnp.ones((1, 2)), spec))
+  elif case == "clone":          # clones: fan-in halved, zero-sum noise between the copies
+    old_p, init = mlp_params(KEY, 2, 4), mlp_params(KEY, 2, 8)
+    surgery = js.plan(js.dependency_table(mlp, old_p, jnp.ones((1, 2)), spec),
+                      js.dependency_table(mlp, init, jnp.ones((1, 2)), spec), widen="clone")
+  else:                          # a removed constant feature folded into the bias
+    old_p, init = mlp_params(KEY, 2, 4), mlp_params(KEY, 1, 4)
+    surgery = js.plan(js.dependency_table(mlp, old_p, jnp.ones((1, 2)), spec),
+                      js.dependency_table(mlp, init, jnp.ones((1, 1)), js.Features(["a"])), constants={"b": 0.5})
+  observed = observed_sources(surgery, old_p, init)
+  recipes = 0
+  for path, leaf in surgery.leaf_plans.items():
+    np.testing.assert_array_equal(S.element_sources(leaf), observed[path], err_msg=path)
+    recipes += S.source_counts(leaf)["recipe"]
+  assert recipes > 0
 
 
 class FakeLeaf:

@@ -463,17 +463,21 @@ def state_report_html(report, max_rows: int = 25) -> str:
            f"{_n(t['fresh'], 'info')} fresh params · {_n(t['copied'])} copied · "
            f"{_n(from_init, 'info')} from the new init</div>"]
   if report.subtrees:
+    roles = any(getattr(s, "role", None) for s in report.subtrees)   # what a subtree holds (params, moments...)
     rows = []
     for s in report.subtrees:
       c, e = s.counts, s.elements
       old = "" if s.old_prefix == s.prefix else _colored(_path(s.old_prefix), "info")
-      rows.append([_path(s.prefix), _n(s.size), _n(c.get("remapped", 0)), _n(c.get("fresh", 0), "info"),
-                   _n(c.get("missing", 0), "warn"), _n(e.get("copied", 0) + e.get("moved", 0)),
-                   f"{_n(e.get('fresh', 0), 'info')} ({_n(e.get('zeroed', 0), 'warn')})",
-                   _path(s.root) if s.root else f'<span style="{_MUTED}">–</span>', old])
+      rows.append([_path(s.prefix)] + ([_e(getattr(s, "role", "") or "")] if roles else [])
+                  + [_n(s.size), _n(c.get("remapped", 0)), _n(c.get("fresh", 0), "info"),
+                     _n(c.get("missing", 0), "warn"), _n(e.get("copied", 0) + e.get("moved", 0)),
+                     f"{_n(e.get('fresh', 0), 'info')} ({_n(e.get('zeroed', 0), 'warn')})",
+                     _path(s.root) if s.root else f'<span style="{_MUTED}">–</span>', old])
+    header = ["prefix"] + (["role"] if roles else []) + ["leaves", "remapped", "fresh", "missing", "elements kept",
+                                                        "fresh (zeroed)", "root", "old prefix"]
+    first = 2 if roles else 1
     parts.append(_section("param-shaped subtrees (remapped with the plan)"))
-    parts.append(_html_table(["prefix", "leaves", "remapped", "fresh", "missing", "elements kept", "fresh (zeroed)",
-                              "root", "old prefix"], rows, numeric=(1, 2, 3, 4, 5, 6), max_rows=max_rows,
+    parts.append(_html_table(header, rows, numeric=tuple(range(first, first + 6)), max_rows=max_rows,
                              what="subtrees"))
   copied = [l for l in report.leaves if l.kind == "copied"]
   if copied:
