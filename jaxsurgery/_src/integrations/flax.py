@@ -312,7 +312,7 @@ def _update(node, state, what: str):
 
 
 def remap_nnx(surgery: Surgery, old, new, *, rename: Mapping[str, str] | None = None, prefixes=None,
-              strict: bool = False, return_report: bool = False):
+              roles: Mapping[str, str] | None = None, strict: bool = False, return_report: bool = False):
   """The new state of NNX models / optimizers, remapped from old ones (pure: nothing is mutated).
 
   Args:
@@ -324,6 +324,8 @@ def remap_nnx(surgery: Surgery, old, new, *, rename: Mapping[str, str] | None = 
       or its state, in the same arrangement as ``old``.
     rename: ``{old state prefix: new state prefix}``; see :func:`~jaxsurgery.remap_state`.
     prefixes: the state prefixes that hold param-shaped subtrees; see :func:`~jaxsurgery.remap_state`.
+    roles: ``{new state prefix: role}`` for statistics whose name does not say it; see
+      :func:`~jaxsurgery.remap_state`.
     strict: raise if anything is left behind or missing; see :func:`~jaxsurgery.remap_state`.
     return_report: also return the :class:`~jaxsurgery.StateReport`.
 
@@ -344,19 +346,21 @@ def remap_nnx(surgery: Surgery, old, new, *, rename: Mapping[str, str] | None = 
     >>> nnx.update(new_model, state)
   """
   return remap_state(surgery, _states(old, "old"), _states(new, "new"), rename=rename, prefixes=prefixes,
-                     strict=strict, return_report=return_report)
+                     roles=roles, strict=strict, return_report=return_report)
 
 
 def transplant(surgery: Surgery, old, new, *, rename: Mapping[str, str] | None = None, prefixes=None,
-               strict: bool = False) -> StateReport:
+               roles: Mapping[str, str] | None = None, strict: bool = False) -> StateReport:
   """Transplants trained NNX state into new models / optimizers, in place (``nnx.update``).
 
   Params (and every ``wrt`` variable of the plan) go through the plan;
-  optimizer moments of ``nnx.Optimizer`` (``opt_state/.../mu``, ``nu``...) are
-  remapped the same way (fresh entries keep the new optimizer's zeros); the
-  optimizer ``step``, optax counts and rng streams are copied when their shape
-  is unchanged. Pass the model and its optimizer together so that one report
-  covers both.
+  optimizer moments of ``nnx.Optimizer`` (``opt_state/.../mu``, ``nu``...)
+  follow their elements with the moments' operator (fresh entries keep the new
+  optimizer's zeros; see :func:`~jaxsurgery.remap_state`); per-element counts
+  of :func:`jaxsurgery.optim.adam` are filled from the old optax count (fresh
+  elements 0); the optimizer ``step``, optax counts and rng streams are copied
+  when their shape is unchanged. Pass the model and its optimizer together so
+  that one report covers both.
 
   Args:
     surgery: planned over the models' params (e.g. :func:`plan_nnx`).
@@ -366,6 +370,8 @@ def transplant(surgery: Surgery, old, new, *, rename: Mapping[str, str] | None =
       in the same arrangement as ``old``.
     rename: ``{old state prefix: new state prefix}``; see :func:`~jaxsurgery.remap_state`.
     prefixes: the state prefixes that hold param-shaped subtrees; see :func:`~jaxsurgery.remap_state`.
+    roles: ``{new state prefix: role}`` for statistics whose name does not say it; see
+      :func:`~jaxsurgery.remap_state`.
     strict: raise if anything is left behind or missing; see :func:`~jaxsurgery.remap_state`.
 
   Returns:
@@ -385,7 +391,7 @@ def transplant(surgery: Surgery, old, new, *, rename: Mapping[str, str] | None =
     ...
   """
   _check_updatable(new)
-  state, report = remap_nnx(surgery, old, new, rename=rename, prefixes=prefixes, strict=strict,
+  state, report = remap_nnx(surgery, old, new, rename=rename, prefixes=prefixes, roles=roles, strict=strict,
                             return_report=True)
   _update(new, state, "new")
   return report
@@ -394,8 +400,8 @@ def transplant(surgery: Surgery, old, new, *, rename: Mapping[str, str] | None =
 # -- Linen ------------------------------------------------------------------------------
 
 def remap_train_state(surgery: Surgery, old_state, new_state: train_state_lib.TrainState, *,
-                      rename: Mapping[str, str] | None = None, prefixes=None, strict: bool = False,
-                      return_report: bool = False):
+                      rename: Mapping[str, str] | None = None, prefixes=None,
+                      roles: Mapping[str, str] | None = None, strict: bool = False, return_report: bool = False):
   """A new Linen ``TrainState`` remapped from an old one: params, optimizer moments, step.
 
   Args:
@@ -408,6 +414,8 @@ def remap_train_state(surgery: Surgery, old_state, new_state: train_state_lib.Tr
       ``apply_fn``, ``tx`` and other static fields are kept.
     rename: ``{old state prefix: new state prefix}``; see :func:`~jaxsurgery.remap_state`.
     prefixes: the state prefixes that hold param-shaped subtrees; see :func:`~jaxsurgery.remap_state`.
+    roles: ``{new state prefix: role}`` for statistics whose name does not say it; see
+      :func:`~jaxsurgery.remap_state`.
     strict: raise if anything is left behind or missing; see :func:`~jaxsurgery.remap_state`.
     return_report: also return the :class:`~jaxsurgery.StateReport`.
 
@@ -431,7 +439,7 @@ def remap_train_state(surgery: Surgery, old_state, new_state: train_state_lib.Tr
   if not hasattr(new_state, "params") or not hasattr(new_state, "opt_state"):
     raise TypeError(f"new_state should be a flax.training.train_state.TrainState; got {type(new_state).__name__}. "
                     f"For other pytrees use jaxsurgery.remap_state.")
-  return remap_state(surgery, old_state, new_state, rename=rename, prefixes=prefixes, strict=strict,
+  return remap_state(surgery, old_state, new_state, rename=rename, prefixes=prefixes, roles=roles, strict=strict,
                      return_report=return_report)
 
 

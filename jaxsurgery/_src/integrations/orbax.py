@@ -10,13 +10,15 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from typing import Any
 
 import jax
+import numpy as np
 
 from jaxsurgery._src.core import features as feats
 from jaxsurgery._src.core.errors import SurgeryError, UnknownNameError
 from jaxsurgery._src.surgery.remap import Surgery
-from jaxsurgery._src.surgery.state import PathRenamer, remap_state
+from jaxsurgery._src.surgery.state import PathRenamer, StatePlan, assemble, plan_state, run_state_plan, step_reads
 
 
 def _ocp():
@@ -99,11 +101,21 @@ class _Source:
     raise UnknownNameError(f"{where} holds the items {items}; pass `item=` to choose one.")
 
   def metadata(self):
-    md = _ocp().StandardCheckpointer().metadata(self.path)
+    with _ocp().StandardCheckpointer() as ckpt:
+      md = ckpt.metadata(self.path)
     return getattr(md, "item_metadata", md)
 
-  def restore(self, abstract):
-    return _ocp().StandardCheckpointer().restore(self.path, abstract)
+  def restore_leaves(self, abstract_leaves, treedef, wanted) -> list:
+    """The leaves at the ``wanted`` indices (the others are not read: orbax's PLACEHOLDER), as a list."""
+    ocp = _ocp()
+    target = [x if i in wanted else ocp.PLACEHOLDER for i, x in enumerate(abstract_leaves)]
+    args = [ocp.PLACEHOLDER if x is ocp.PLACEHOLDER else
+            ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype) for x in target]
+    with ocp.PyTreeCheckpointer() as ckpt:
+      restored = ckpt.restore(self.path, args=ocp.args.PyTreeRestore(
+          item=jax.tree_util.tree_unflatten(treedef, target), restore_args=jax.tree_util.tree_unflatten(treedef, args)))
+    leaves = jax.tree_util.tree_leaves(restored, is_leaf=lambda x: x is ocp.PLACEHOLDER)
+    return [x if i in wanted else None for i, x in enumerate(leaves)]
 
 
 # -- abstract trees --------------------------------------------------------------------------
@@ -170,17 +182,55 @@ def _old_shardings(abstract, new_state_init, rename):
   return jax.tree_util.tree_map_with_path(pick, abstract)
 
 
+def _nbytes(x) -> int:
+  try:
+    itemsize = jax.numpy.dtype(x.dtype).itemsize
+  except TypeError:  # typed keys
+    itemsize = 8
+  return int(np.prod(x.shape, dtype=np.int64)) * itemsize
+
+
+def _chunks(splan: StatePlan, chunk_bytes: int | None) -> list[list]:
+  """The plan's steps in checkpoint order, cut where the old bytes they read pass ``chunk_bytes``.
+
+  Default: the larger of the largest old leaf read and 1/8 of all the old bytes read.
+  """
+  steps = sorted(splan.steps, key=lambda s: min(step_reads(s), default=-1))
+  sizes = {j: _nbytes(splan.old_leaves[j]) for s in steps for j in step_reads(s)}
+  if chunk_bytes is None:
+    chunk_bytes = max(max(sizes.values(), default=0), sum(sizes.values()) // 8)
+  chunks: list[list] = [[]]
+  used, seen = 0, set()
+  for s in steps:
+    new = [j for j in step_reads(s) if j not in seen]
+    size = sum(sizes[j] for j in new)
+    if chunks[-1] and new and used + size > chunk_bytes:
+      chunks.append([])
+      used = 0
+    chunks[-1].append(s)
+    used += size
+    seen.update(new)
+  return chunks
+
+
 def restore(surgery: Surgery, source, new_state_init, *, step: int | None = None, item: str | None = None,
             old_state_abstract=None, rename: Mapping[str, str] | None = None, prefixes=None,
-            strict: bool = False, return_report: bool = False):
+            roles: Mapping[str, str] | None = None, strict: bool = False, return_report: bool = False,
+            chunk_bytes: int | None = None):
   """Restores an old checkpoint and returns the new state, remapped by the surgery.
 
   The old tree is read from the checkpoint metadata unless
-  ``old_state_abstract`` is given, so the old model never has to be built.
-  Old leaves whose path and shape are unchanged are restored directly with the
-  new target's sharding; the others on a replicated sharding of the new mesh
-  (pass ``old_state_abstract`` with shardings to control this). The result has
-  ``new_state_init``'s structure and shardings.
+  ``old_state_abstract`` is given, so the old model never has to be built, and
+  the state remap is planned (and checked against the old model) before any
+  array is read. The old leaves are then read a chunk at a time (about
+  ``chunk_bytes``) and each chunk is remapped and released before the next is
+  read, so the memory needed beyond the new state is about one chunk. Old
+  leaves whose path and shape are unchanged are restored directly with the
+  new target's sharding and, when the plan leaves them as they are, become
+  the new state's leaves without a copy; the others are restored on a
+  replicated sharding of the new mesh (pass ``old_state_abstract`` with
+  shardings to control this). The result has ``new_state_init``'s structure
+  and shardings.
 
   Args:
     surgery: the plan from the old model to the new one.
@@ -195,15 +245,19 @@ def restore(surgery: Surgery, source, new_state_init, *, step: int | None = None
       leaves, optionally with shardings); default: from the metadata.
     rename: ``{old state prefix: new state prefix}``; see :func:`~jaxsurgery.remap_state`.
     prefixes: the state prefixes that hold param-shaped subtrees; see :func:`~jaxsurgery.remap_state`.
+    roles: ``{new state prefix: role}``; see :func:`~jaxsurgery.remap_state`.
     strict: raise if anything is left behind or missing; see :func:`~jaxsurgery.remap_state`.
     return_report: also return the :class:`~jaxsurgery.StateReport`.
+    chunk_bytes: how many bytes of old leaves to read at a time (default: the
+      larger of the largest leaf and 1/8 of the checkpoint).
 
   Returns:
     The new state, or ``(new_state, report)``.
 
   Raises:
     SurgeryError: the checkpoint does not fit the old model (e.g. another
-      model's checkpoint); the message names the paths and shapes.
+      model's checkpoint; the message names the paths and shapes), or cannot
+      be read (a corrupt or partial checkpoint; the message names its path).
     FileNotFoundError: no checkpoint at ``source`` / ``step``.
 
   Example:
@@ -225,18 +279,45 @@ def restore(surgery: Surgery, source, new_state_init, *, step: int | None = None
   src = _Source(source, step, item)
   given = old_state_abstract is not None
   if not given:
-    old_state_abstract = jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), jax.dtypes.canonicalize_dtype(m.dtype)),
-        _tree(src.metadata()), is_leaf=_is_meta)
+    old_state_abstract = _abstract_from(src)
   abstract = _old_shardings(old_state_abstract, new_state_init, rename)
+  splan = plan_state(surgery, abstract, new_state_init, rename=rename, prefixes=prefixes, roles=roles)
+  problems = splan.strict_problems() if strict else []
+  if problems:
+    raise SurgeryError(f"strict=True: the state remap of {src.path!r} is incomplete:\n" + "\n".join(problems[:30]))
+  leaves, treedef = jax.tree_util.tree_flatten(abstract)
+  computed: dict[int, Any] = {}
+  for chunk in _chunks(splan, chunk_bytes):
+    wanted = {j for s in chunk for j in step_reads(s)}
+    old_leaves = _read(src, leaves, treedef, wanted, given) if wanted else [None] * len(leaves)
+    computed.update(run_state_plan(splan, old_leaves, chunk, alias=True))
+    del old_leaves   # this chunk's old buffers go before the next chunk is read
+  new_state = assemble(splan, computed)
+  return (new_state, splan.report) if return_report else new_state
+
+
+def _abstract_from(src: _Source):
   try:
-    old_state = src.restore(abstract)
-  except (ValueError, KeyError, TypeError) as e:
+    md = _tree(src.metadata())
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise SurgeryError(f"Could not read the checkpoint metadata of {src.path!r}: {type(e).__name__}: {e}\n"
+                       f"  Is it a complete orbax checkpoint (an interrupted save leaves a partial one)?") from e
+  abstract = jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), jax.dtypes.canonicalize_dtype(m.dtype)), md, is_leaf=_is_meta)
+  if not jax.tree_util.tree_leaves(abstract):
+    raise SurgeryError(f"Could not read the checkpoint at {src.path!r}: its metadata lists no arrays. A corrupt "
+                       f"or partially written checkpoint? Restore it from a copy, or leave this step out.")
+  return abstract
+
+
+def _read(src: _Source, leaves, treedef, wanted, given: bool) -> list:
+  try:
+    return src.restore_leaves(leaves, treedef, wanted)
+  except Exception as e:  # orbax / tensorstore raise many types for unreadable data
     hint = ("Leave old_state_abstract=None to read the old tree from the checkpoint metadata." if given else
-            "Was the item written with StandardCheckpointer / PyTreeCheckpointer (StandardSave / PyTreeSave)?")
-    raise SurgeryError(f"Could not restore {src.path!r}: {e}\n  {hint}") from e
-  return remap_state(surgery, old_state, new_state_init, rename=rename, prefixes=prefixes, strict=strict,
-                     return_report=return_report)
+            "Was the item written with StandardCheckpointer / PyTreeCheckpointer (StandardSave / PyTreeSave)? "
+            "A corrupt or partially written checkpoint cannot be read: restore it from a copy or skip this step.")
+    raise SurgeryError(f"Could not restore {src.path!r}: {type(e).__name__}: {e}\n  {hint}") from e
 
 
 __all__ = ["restore", "old_abstract"]
