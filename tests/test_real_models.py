@@ -120,12 +120,7 @@ def test_haiku_lstm(surgery_name):
   check_exact(surgery, old_fn, new_fn, old_p, new_p, old_x, new_x)
 
 
-GRU_BUG = pytest.mark.xfail(strict=True, reason="issue 15.3: hk.GRU's [2H | H] then halves gate split is aligned as "
-                                                "a prefix; old columns land in the wrong gates")
-
-
-@pytest.mark.parametrize("surgery_name", ["feature", pytest.param("widen", marks=GRU_BUG),
-                                          pytest.param("both", marks=GRU_BUG)])
+@pytest.mark.parametrize("surgery_name", ["feature", "widen", "both"])  # hk.GRU splits [2H | H], then halves
 def test_haiku_gru(surgery_name):
   surgery, old_fn, new_fn, old_p, new_p, old_x, new_x, fmap, hidden = haiku_case("gru", surgery_name)
   gates = gate_map(hidden, 3)
@@ -228,12 +223,7 @@ def random_variables(module, x, seed):
   return out
 
 
-@pytest.mark.parametrize("surgery_name", [
-    "feature",
-    pytest.param("widen", marks=pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-        "issue 15.2: widening a conv's output channels without a new input channel crashes in plan "
-        "(novelty pass, at the bias sum: operands could not be broadcast)"))),
-    "both"])
+@pytest.mark.parametrize("surgery_name", ["feature", "widen", "both"])
 def test_linen_cnn_with_batchnorm(surgery_name):
   names, channels = SURGERIES[surgery_name]
   old_m, new_m = linen_cnn(H_OLD), linen_cnn(channels)

@@ -1,7 +1,7 @@
 """Regressions for issue 15: one test per item, each on a model of the same kind as the issue's
 example but not the same one, and every failure the surgery fuzzer found (tests/fuzz_models.py).
 
-Tests of behaviour that is wrong today are ``xfail(strict=True)`` with the item and what is
+Tests of behaviour still wrong are ``xfail(strict=True)`` with the item and what is
 wrong: when a fix lands, the mark fails and must be removed.
 """
 
@@ -90,8 +90,6 @@ def norm_then_linear(nin, nout, seed):
   return nnx.merge(graphdef, fill(state, seed))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15.0: features reordered in front of a LayerNorm keep their place "
-                                        "(identity alignment) while the report says preserved")
 def test_0_reordered_features_in_front_of_nnx_layernorm_move_with_their_names():
   from flax import nnx
   old_names, new_names = ["hp", "mana", "x", "y", "armor"], ["y", "hp", "armor", "mana", "x"]
@@ -118,8 +116,6 @@ def ln_params(key, nf, h=3):
   return {"gain": 1 + rand(r, (nf,)), "bias": rand(r, (nf,)), "w": rand(r, (nf, h)), "b": rand(r, (h,))}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15.0: a feature inserted in front of a LayerNorm does not shift the "
-                                        "norm's gain/bias and the kernel rows (identity alignment)")
 def test_0_feature_inserted_in_front_of_a_sequence_layernorm_shifts_its_rows():
   old_names, new_names = ["a", "b", "c", "d"], ["a", "b", "new", "c", "d"]
   old_p, new_init = ln_params(0, 4), ln_params(1, 5)
@@ -153,8 +149,6 @@ def check_residual_placement(old_p, new_p, src):
   assert_rows_follow(new_p["head"], old_p["head"], src)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15.0: behind a residual over the features, reordered features leave the "
-                                        "block's output columns, bias and the head's rows in place; reported preserved")
 def test_0_residual_over_features_reordered():
   old_names, new_names = ["a", "b", "c", "d"], ["c", "a", "d", "b"]
   old_p, new_init = res_params(0, 4), res_params(1, 4)
@@ -166,8 +160,6 @@ def test_0_residual_over_features_reordered():
                      must_preserve=True)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15.0: a feature inserted behind a residual over the features does not "
-                                        "shift the block's output columns, bias and the head's rows")
 def test_0_residual_over_features_with_an_inserted_feature():
   old_names, new_names = ["a", "b", "c"], ["a", "new", "b", "c"]
   old_p, new_init = res_params(0, 3), res_params(1, 4)
@@ -192,8 +184,6 @@ def pos_params(key, vocab, rows=10, d=4):
           "head": rand(r, (d, 2))}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15.1: positional rows beyond the traced length are re-initialised "
-                                        "(and reported as dropped) while the report says preserved")
 def test_1_positional_rows_beyond_the_traced_length_are_kept():
   old_p, new_init = pos_params(0, 7), pos_params(1, 9)  # the vocabulary grows 7 -> 9
   ids = jax.ShapeDtypeStruct((2, 6), jnp.int32)  # traced with 6 of 10 positions
@@ -221,8 +211,6 @@ def type_params(key, hidden, d=3):
           "head": rand(r, (hidden, 2))}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15.1: token-type rows 1 and 2, unreached by the default type ids 0, are "
-                                        "re-initialised while the report says preserved")
 def test_1_token_type_rows_unreached_by_the_default_ids_are_kept():
   old_p, new_init = type_params(0, 4), type_params(1, 6)  # the hidden layer widens 4 -> 6
   ids = jax.ShapeDtypeStruct((2, 5), jnp.int32)
@@ -282,9 +270,6 @@ CONV_CASES = [  # layout, groups, stride, dilation, cin, cout old -> new
 ]
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="issue 15.2: widening a conv's output channels alone crashes in plan "
-                          "(novelty pass, at the bias sum: operands could not be broadcast)")
 @pytest.mark.parametrize("layout,groups,stride,dilation,cin,c_old,c_new", CONV_CASES,
                          ids=[f"{c[0]}-g{c[1]}-s{c[2]}-d{c[3]}" for c in CONV_CASES])
 def test_2_widening_a_conv_alone(layout, groups, stride, dilation, cin, c_old, c_new):
@@ -313,11 +298,7 @@ def conv_flatten_dense(layout):
   return fn
 
 
-@pytest.mark.parametrize("layout", [
-    pytest.param("NHWC", marks=pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-        "issue 15.2: widening the last conv before a flatten crashes in plan (novelty pass, reshape mask rule)"))),
-    pytest.param("NCHW", marks=pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-        "issue 15.2: widening the last conv before a flatten crashes in plan (novelty pass, reshape mask rule)")))])
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
 def test_2_last_conv_before_a_flatten_into_dense(layout):
   """The dense rows interleave pixels and channels: NHWC rows are (pixel, channel), NCHW (channel, pixel)."""
   fn, cin, pix = conv_flatten_dense(layout), 2, 9  # 6x6 input, stride 2: 3x3 pixels
@@ -365,8 +346,6 @@ def gate_map(h_old, h_new, gates=3):
   return np.array([g * h_old + j if j < h_old else -1 for g in range(gates) for j in range(h_new)])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15.3: a fused axis cut [H | 2H] and then in halves is aligned as a "
-                                        "prefix: old columns land in the wrong gates")
 def test_3_plain_jax_gru_with_nested_uneven_splits():
   old_p, new_init = gru_params(0, 2, 2), gru_params(1, 3, 3)
   old_x, new_x = jnp.ones((2, 4, 2)), jnp.ones((2, 4, 3))
@@ -390,8 +369,6 @@ def haiku_gru(hidden):
   return hk.without_apply_rng(hk.transform(f))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15.3: hk.GRU's [2H | H] then halves gate split is aligned as a prefix; "
-                                        "old columns land in the wrong gates")
 def test_3_haiku_gru_widened_keeps_each_gate():
   old_m, new_m = haiku_gru(3), haiku_gru(4)
   x = jnp.ones((2, 3, 2))
@@ -424,7 +401,6 @@ def stack_params(key, blocks=2, d=3):
                 for i in range(blocks)], "head": rand(r, (d, 2))}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15.4: rename= entries that match no path or feature are silently ignored")
 def test_4_rename_entries_that_match_nothing_raise_naming_the_closest_path():
   p = stack_params(0)
   x = jnp.ones((2, 3))
@@ -438,8 +414,6 @@ def test_4_rename_entries_that_match_nothing_raise_naming_the_closest_path():
     assert unknown in str(error.value) and closest in str(error.value), error.value
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15.4: prefix renames ({'h/0/': 'h/1/'}) are ignored; each leaf needs "
-                                        "its own entry")
 def test_4_prefix_renames_move_whole_blocks():
   old_p, new_init = stack_params(0), stack_params(1)
   x = jnp.ones((2, 3))
@@ -469,8 +443,6 @@ def step_params(key, hidden, nin=3):
           "pi": rand(r, (hidden, 2))}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15.6: verify draws a featureless input that changes shape (an RNN carry) "
-                                        "independently on each side, and reports a difference that is not there")
 def test_6_verify_builds_a_grown_carry_from_the_old_draw():
   old_p, new_init = step_params(0, 4), step_params(1, 6)
   old_x = {"obs": jnp.ones((2, 3)), "carry": jnp.zeros((2, 4))}
@@ -490,8 +462,6 @@ def test_6_verify_builds_a_grown_carry_from_the_old_draw():
   assert check.ok, check
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15.6: a grown output without names fails verify without pointing to "
-                                        "`outputs=`")
 def test_6_grown_output_without_names_points_to_outputs():
   def fn(p, x):
     return jnp.tanh(x @ p["w"]) @ p["head"]
@@ -558,8 +528,8 @@ def test_8_equinox_internal_primitives_have_rules():
 
 # -- failures the surgery fuzzer found (scripts/fuzz.py, shrunk; tests/fuzz_models.py FOUND) ----------
 
-@pytest.mark.parametrize("found", [pytest.param(f, id=f.id, marks=pytest.mark.xfail(strict=True, reason=f.reason))
-                                   for f in fm.FOUND])
+@pytest.mark.parametrize("found", [pytest.param(f, id=f.id, marks=[] if f.fixed else pytest.mark.xfail(
+    strict=True, reason=f.reason)) for f in fm.FOUND])
 def test_fuzzer_finding(found):
   """Exact placement, drops exactly what the edit removed, and ``preserved`` only where verify agrees."""
   failures = fm.check_pair(found.spec, found.edits)

@@ -226,13 +226,14 @@ def test_widen_attention_heads_per_head():
   old_p, new_init = params(KEY, 2, 2), params(jax.random.key(1), 3, 3)
   x = jnp.ones((1, 4, 3))
   spec = js.Features(["a", "b", "c"])
-  surgery, new_p = surgery_and_check(attention_fn(2, 2), attention_fn(3, 3), old_p, new_init, x, x, spec, spec,
-                                     expect_preserved=False)
+  # The attention scale is a constant (1/2) here, so zeroing one side of q.k is exact.
+  surgery, new_p = surgery_and_check(attention_fn(2, 2), attention_fn(3, 3), old_p, new_init, x, x, spec, spec)
   # head h, dim d -> column h*hd + d
   qn, qo = np.asarray(new_p["q"]), np.asarray(old_p["q"])
   np.testing.assert_array_equal(qn[:, [0, 1, 3, 4]], qo)
-  # New q and k dimensions of the old heads meet in q.k: the report names that product.
-  assert any("`dot_general` in bthd,bshd->bhts" in r for r in surgery.report.reasons), surgery.report
+  kn = np.asarray(new_p["k"])
+  np.testing.assert_array_equal(kn[:, [2, 5]], 0)  # new k dims of the old heads: zero
+  np.testing.assert_array_equal(qn[:, [2, 5]], np.asarray(new_init["q"])[:, [2, 5]])  # q keeps its init
   assert any("blockwise" in h for h in {l.path: l for l in surgery.report.leaves}["q"].how)
 
 
@@ -268,21 +269,58 @@ def test_insert_residual_block_is_exact():
   np.testing.assert_array_equal(np.asarray(new_p["block1"]["b1"]), np.asarray(new_init["block1"]["b1"]))
 
 
-def ln_mlp(p, x):
+def ln_mlp(p, x, eps=1e-5):
   h = x @ p["l1"]["w"] + p["l1"]["b"]
   mu = h.mean(-1, keepdims=True)
-  h = (h - mu) / jnp.sqrt(((h - mu) ** 2).mean(-1, keepdims=True) + 1e-5)
+  h = (h - mu) / jnp.sqrt(((h - mu) ** 2).mean(-1, keepdims=True) + eps) * p["ln"]["g"] + p["ln"]["b"]
   return jnp.tanh(h) @ p["l2"]["w"] + p["l2"]["b"]
 
 
-def test_layernorm_over_widened_axis_is_reported_with_its_operation():
-  old_p, new_init = mlp_params(KEY, 3, 4, 2), mlp_params(jax.random.key(1), 3, 6, 2)
+def ln_params(key, nin, nh, nout):
+  p = mlp_params(key, nin, nh, nout)
+  k = jax.random.split(key, 7)
+  return p | {"ln": {"g": 1 + rand(k[5], (nh,)), "b": rand(k[6], (nh,))}}
+
+
+def test_layernorm_over_widened_axis_by_average_expansion():
+  """The new units hold the mean of the old ones (LEMON): the mean is unchanged, the variance
+  scales by 4/6, which an epsilon scaled the same way keeps exact."""
+  old_p, new_init = ln_params(KEY, 3, 4, 2), ln_params(jax.random.key(1), 3, 6, 2)
   spec = js.Features(["a", "b", "c"])
-  surgery, _ = surgery_and_check(ln_mlp, ln_mlp, old_p, new_init, jnp.ones((2, 3)), jnp.ones((2, 3)),
-                                 spec, spec, expect_preserved=False)
+  new_fn = lambda p, x: ln_mlp(p, x, eps=1e-5 * 4 / 6)
+  surgery, new_p = surgery_and_check(ln_mlp, new_fn, old_p, new_init, jnp.ones((2, 3)), jnp.ones((2, 3)),
+                                     spec, spec)
+  w = np.asarray(new_p["l1"]["w"])
+  np.testing.assert_allclose(w[:, 4:], np.repeat(w[:, :4].mean(1, keepdims=True), 2, 1), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(new_p["ln"]["g"])[:4], np.asarray(old_p["ln"]["g"]) * np.sqrt(4 / 6),
+                             rtol=1e-6)  # the gain absorbs the variance's 4/6
+  np.testing.assert_array_equal(np.asarray(new_p["ln"]["b"])[4:], 0)  # new outputs of the norm: zero
+  np.testing.assert_array_equal(np.asarray(new_p["l2"]["w"])[4:], np.asarray(new_init["l2"]["w"])[4:])
+
+
+def test_layernorm_over_widened_axis_with_the_same_epsilon_names_the_bound():
+  old_p, new_init = ln_params(KEY, 3, 4, 2), ln_params(jax.random.key(1), 3, 6, 2)
+  spec = js.Features(["a", "b", "c"])
+  old_t = js.dependency_table(ln_mlp, old_p, jnp.ones((2, 3)), spec)
+  new_t = js.dependency_table(ln_mlp, new_init, jnp.ones((2, 3)), spec)
+  surgery = js.plan(old_t, new_t)
+  assert surgery.report.preserved is None
   note = " ".join(surgery.report.reasons)
-  assert "`reduce_sum`" in note and "ln_mlp" in note, note
+  assert "exact only if the new constant is 6.66667e-06" in note and "ln_mlp" in note, note
+
+
+def test_layernorm_over_widened_axis_with_zero_padding_is_reported_with_its_operation():
+  old_p, new_init = ln_params(KEY, 3, 4, 2), ln_params(jax.random.key(1), 3, 6, 2)
+  spec = js.Features(["a", "b", "c"])
+  old_t = js.dependency_table(ln_mlp, old_p, jnp.ones((2, 3)), spec)
+  new_t = js.dependency_table(ln_mlp, new_init, jnp.ones((2, 3)), spec)
+  surgery = js.plan(old_t, new_t, widen="zero")
+  note = " ".join(surgery.report.reasons)
+  assert "`div`" in note and "ln_mlp" in note, note  # the mean divides by the new width
   assert "function not proven" in repr(surgery.report)
+  new_p = surgery(old_p, new_init)
+  check = js.verify(surgery, ln_mlp, ln_mlp, old_p, new_p, jnp.ones((2, 3)), jnp.ones((2, 3)), key=KEY)
+  assert not check.ok
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Surgery: match leaves, align axes, decide novelty, plan, remap (params and training states), verify.
+"""Surgery: match leaves, relate the new program to the old one, plan, remap (params and states), verify.
 
-match -> align (with axes) -> novelty -> plan -> remap -> state, verify.
+match -> relations (align's touch signatures for axes the dataflow leaves open) -> plan -> remap -> state, verify.
 """

@@ -8,6 +8,7 @@ per tree structure and sharding (:func:`sharded_call`, shared with
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ import numpy as np
 from jaxsurgery._src.core import features as feats
 from jaxsurgery._src.core.errors import SurgeryError
 from jaxsurgery._src.core.table import FeatureTable
+from jaxsurgery._src.surgery.relations import fold
 
 if TYPE_CHECKING:  # plan builds Surgery objects, so it imports this module
   from jaxsurgery._src.surgery.plan import LeafPlan, Report
@@ -45,25 +47,88 @@ def leaves_by_path(tree: Any, table: FeatureTable, what: str) -> dict[str, Any]:
   return got
 
 
-def apply_leaf(leaf: LeafPlan, old: Any, init: Any) -> Any:
-  """One new leaf: ``old`` taken through the leaf's index maps, ``init`` where fresh, zeros where planned."""
+def apply_leaf(leaf: LeafPlan, old: Any, init: Any, old_leaves: Sequence[Any] | None = None) -> Any:
+  """One new leaf from its plan (see :class:`~jaxsurgery._src.surgery.plan.LeafPlan` for the order).
+
+  Args:
+    leaf: the leaf's plan.
+    old: the old leaf (``None`` for a new leaf).
+    init: the new model's init of the leaf (fresh positions take it, and its dtype).
+    old_leaves: every old leaf, in the old table's order (needed to fold removed constant
+      features, which read the old kernel they fed).
+
+  Returns:
+    The new leaf.
+  """
   if leaf.old_path is None:
     out = init
   else:
     x = jnp.asarray(old)
-    valid = None
-    for a, m in enumerate(leaf.maps):
-      if m is None:
-        continue
-      x = jnp.take(x, np.maximum(m, 0), axis=a)
-      if (m < 0).any():
-        v = (m >= 0).reshape((1,) * a + (-1,) + (1,) * (len(leaf.shape) - a - 1))
-        valid = v if valid is None else (valid & v)
+    for term in getattr(leaf, "fold", ()):
+      if old_leaves is None:
+        raise SurgeryError(f"{leaf.path!r} folds a removed constant feature, which reads other old leaves: "
+                           f"apply the plan to the whole tree (Surgery.apply), not leaf by leaf.")
+      x = x + fold.contribution(term, old_leaves, leaf.old_shape).astype(x.dtype)
+    x, valid = _gather(x, leaf.maps, len(leaf.shape))
     x = x.astype(init.dtype)
     out = x if valid is None else jnp.where(valid, x, init)
-  if leaf.zero is not None:
+    for a in getattr(leaf, "mean_axes", ()):
+      out = _mean_fill(out, leaf.maps[a], a)
+    if getattr(leaf, "scale", 1.0) != 1.0:
+      out = out * jnp.asarray(leaf.scale, out.dtype)
+    for a in getattr(leaf, "noise_axes", ()):
+      out = out + _paired_noise(leaf, a, out)
+  if getattr(leaf, "zero_all", False):
+    return jnp.zeros_like(out)
+  for a in getattr(leaf, "zero_axes", ()):
+    m = leaf.maps[a] if leaf.maps else None
+    if m is not None and (m < 0).any():
+      out = jnp.where(_column(m < 0, a, len(leaf.shape)), jnp.zeros((), out.dtype), out)
+  if not getattr(leaf, "zero_axes", ()) and leaf.zero is not None:
     out = jnp.where(leaf.zero, jnp.zeros((), init.dtype), out)
   return out
+
+
+def _column(m: np.ndarray, a: int, rank: int) -> np.ndarray:
+  return m.reshape((1,) * a + (-1,) + (1,) * (rank - a - 1))
+
+
+def _gather(x, maps, rank: int):
+  """``x`` taken through the per-axis maps, and where the result holds old values (None: everywhere)."""
+  valid = None
+  for a, m in enumerate(maps):
+    if m is None:
+      continue
+    x = jnp.take(x, np.maximum(m, 0), axis=a)
+    if (m < 0).any():
+      v = _column(m >= 0, a, rank)
+      valid = v if valid is None else (valid & v)
+  return x, valid
+
+
+def _mean_fill(out, m: np.ndarray, a: int):
+  """New positions along ``a`` := the mean of the old positions (average expansion)."""
+  keep = np.nonzero(m >= 0)[0]
+  mean = jnp.mean(jnp.take(out, keep, axis=a), axis=a, keepdims=True)
+  return jnp.where(_column(m < 0, a, out.ndim), mean, out)
+
+
+def _paired_noise(leaf: LeafPlan, a: int, x):
+  """Noise that sums to zero over the copies of each old position along ``a``.
+
+  Noise that sums to zero over the copies of each old position along ``a``: the copies see the same inputs, so what
+  they feed is unchanged, yet their gradients differ (HyperCloning).
+  """
+  m = leaf.maps[a]
+  if m is None or not leaf.noise:
+    return jnp.zeros_like(x)
+  key = jax.random.fold_in(jax.random.key(0), zlib.crc32(f"{leaf.path}/{a}".encode()) & 0x7FFFFFFF)
+  z = jnp.moveaxis(jax.random.normal(key, x.shape, jnp.float32), a, -1)
+  onehot = (m[:, None] == np.arange(leaf.old_shape[a])[None, :]).astype(np.float32)  # (new, old)
+  mean = (z @ onehot) / np.maximum(onehot.sum(0), 1)
+  z = jnp.moveaxis(z - mean @ onehot.T, -1, a)
+  rms = jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))) + 1e-30)
+  return (z * (leaf.noise * rms)).astype(x.dtype)
 
 
 def sharded_call(cache: dict, key: Any, fn: Callable, args: tuple, targets: Sequence[Any],
@@ -148,10 +213,11 @@ class Surgery:
     old = leaves_by_path(old_params, self.old_table, "old_params")
     init_leaves, treedef = jax.tree_util.tree_flatten_with_path(new_params_init)
     leaves_by_path(new_params_init, self.new_table, "new_params_init")
+    old_list = [old[p] for p in self.old_table.paths]
     out = []
     for path, x in init_leaves:
       leaf = self.leaf_plans[feats.keystr(path)]
-      out.append(apply_leaf(leaf, None if leaf.old_path is None else old.get(leaf.old_path), x))
+      out.append(apply_leaf(leaf, None if leaf.old_path is None else old.get(leaf.old_path), x, old_list))
     return jax.tree_util.tree_unflatten(treedef, out)
 
   def remap_state(self, old_state: Any, new_state_init: Any, **kwargs: Any) -> Any:
@@ -184,6 +250,37 @@ class Surgery:
     init_leaves, treedef = jax.tree_util.tree_flatten(new_params_init)
     return sharded_call(self._compiled, treedef, self.apply, (old_params, new_params_init), init_leaves,
                         lambda shardings: jax.tree_util.tree_unflatten(treedef, shardings))
+
+  def show(self, path: str | None = None, **kwargs: Any):
+    """A picture of new leaf ``path``, each element coloured by where its value comes from.
+
+    ``path=None`` draws every leaf at once (:func:`jaxsurgery.display.show_overview`). Needs
+    the ``viz`` extra (matplotlib).
+
+    Args:
+      path: a new leaf path, or None for the overview.
+      **kwargs: passed to :func:`jaxsurgery.display.show_surgery`.
+
+    Returns:
+      A :class:`jaxsurgery.display.Picture`.
+    """
+    from jaxsurgery._src.display_viz import show_surgery
+    return show_surgery(self, path, **kwargs)
+
+  def save(self, path: str, *, overwrite: bool = False) -> str:
+    """Writes this plan to directory ``path`` (JSON and ``.npz``, versioned; no pickle).
+
+    :func:`jaxsurgery.load_surgery` reads it back, in any process, and applies it identically.
+
+    Args:
+      path: the directory to create.
+      overwrite: replace a plan already at ``path``.
+
+    Returns:
+      The plan's id (a fingerprint of what it does).
+    """
+    from jaxsurgery._src.surgery import persist
+    return persist.save(self, path, overwrite=overwrite)
 
   def __repr__(self) -> str:
     return "Surgery(\n" + repr(self.report) + "\n)"

@@ -115,13 +115,61 @@ def matched_inputs(key, old_spec, new_spec, old_inputs, new_inputs, feature_rena
             xo = xo.at[..., np.asarray(old_pos)].set(src.astype(leaf.dtype))
         x = jnp.moveaxis(xo, -1, leaf.axis)
     else:
-      same = [i for i, l in enumerate(new_spec.leaves) if l.path == leaf.path and l.shape == leaf.shape]
+      same = [i for i, l in enumerate(new_spec.leaves) if l.path == leaf.path]
       if same:
-        x = new_leaves[same[0]]
+        new_leaves[same[0]], x = _share_unnamed(new_spec.leaves[same[0]], new_leaves[same[0]], leaf, x)
     old_leaves.append(x)
   old_tree = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(old_inputs), old_leaves)
   new_tree = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(new_inputs), new_leaves)
   return old_tree, new_tree
+
+
+def _share_unnamed(new_leaf, new_x, old_leaf, old_x):
+  """An input leaf without feature names in both models (an RNN carry passed in).
+
+  An input leaf without feature names in both models (an RNN carry passed in): the new one is built from the old draw,
+  old positions first along every axis (as the plan aligns them) and zeros in the new positions.
+  """
+  if new_leaf.shape == old_leaf.shape:
+    return new_x, new_x
+  if len(new_leaf.shape) != len(old_leaf.shape) or any(n < o for n, o in zip(new_leaf.shape, old_leaf.shape)):
+    raise ValueError(
+        f"Input {old_leaf.path or '<root>'!r} has no feature names and changes shape from {old_leaf.shape} to "
+        f"{new_leaf.shape}: verify can only grow such a leaf (old positions first, zeros after). Name its "
+        f"positions with Features(...) in both specs, or give verify inputs of the same shape.")
+  grown = jnp.zeros(new_leaf.shape, new_x.dtype)
+  return grown.at[tuple(slice(0, o) for o in old_leaf.shape)].set(old_x.astype(new_x.dtype)), old_x
+
+
+def _output_pairs(surgery, yo, yn):
+  """``(path, old array, new array)`` to compare: named output axes by name, others as they are."""
+  old_spec = getattr(surgery.old_table, "output_spec", None)
+  new_spec = getattr(surgery.new_table, "output_spec", None)
+  rename = dict(getattr(surgery.report, "renamed_outputs", {}) or {})
+  named = {}
+  if old_spec is not None and new_spec is not None:
+    o_leaves = {l.path: l for l in old_spec.leaves}
+    for l in new_spec.leaves:
+      if l.axis is not None and l.path in o_leaves and o_leaves[l.path].axis == l.axis:
+        named[l.path] = (o_leaves[l.path], l)
+  out = []
+  for (p, a), (_, b) in zip(yo, yn):
+    name = feats.keystr(p)
+    if name in named:
+      ol, nl = named[name]
+      old_names = [rename.get(old_spec.names[k], old_spec.names[k]) for k in ol.feature_ids]
+      new_pos = {new_spec.names[k]: i for i, k in enumerate(nl.feature_ids)}
+      keep = [(i, new_pos[n]) for i, n in enumerate(old_names) if n in new_pos]
+      a = jnp.take(a, np.asarray([i for i, _ in keep], np.int64), axis=ol.axis)
+      b = jnp.take(b, np.asarray([j for _, j in keep], np.int64), axis=nl.axis)
+    if np.shape(a) != np.shape(b):
+      raise ValueError(
+          f"Output {name or '<root>'!r} has shape {np.shape(a)} in the old model and {np.shape(b)} in the new "
+          f"one. verify compares outputs position by position only where they are named: give the grown "
+          f"axis names with `outputs=` in both dependency_tables (e.g. the actions or classes), or compare "
+          f"a slice of the new output.")
+    out.append((name, a, b))
+  return out
 
 
 def verify(surgery, old_fn: Callable, new_fn: Callable, old_params: Any, new_params: Any,
@@ -130,7 +178,11 @@ def verify(surgery, old_fn: Callable, new_fn: Callable, old_params: Any, new_par
   """Checks numerically that the new model computes what the old one did.
 
   Draws random inputs for the new model (new features random), builds old
-  inputs that agree on every shared feature, and compares every output leaf.
+  inputs that agree on every shared feature, and compares every output leaf:
+  named output positions (``outputs=`` of :func:`dependency_table`) by name,
+  other outputs position by position. An input leaf without feature names
+  that grew (a recurrent state passed in) is built from the old draw, with
+  zeros in its new positions.
 
   Args:
     surgery: the plan (its tables give the feature layouts and renames).
@@ -152,7 +204,8 @@ def verify(surgery, old_fn: Callable, new_fn: Callable, old_params: Any, new_par
     A :class:`Verification` with ``ok`` and the worst difference per output.
 
   Raises:
-    ValueError: the two models' outputs differ in number or shape.
+    ValueError: the two models' outputs differ in number, or in shape along an
+      axis without names; an unnamed input leaf that shrank.
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxsurgery as js
@@ -180,11 +233,7 @@ def verify(surgery, old_fn: Callable, new_fn: Callable, old_params: Any, new_par
     if len(yo) != len(yn):
       raise ValueError(f"The old model has {len(yo)} output leaves and the new one {len(yn)}; "
                        "verify compares outputs leaf by leaf.")
-    for (p, a), (_, b) in zip(yo, yn):
-      name = feats.keystr(p)
-      if np.shape(a) != np.shape(b):
-        raise ValueError(f"Output {name!r} has shape {np.shape(a)} in the old model and {np.shape(b)} "
-                         f"in the new one; verify compares outputs of equal shape.")
+    for name, a, b in _output_pairs(surgery, yo, yn):
       worst[name] = max(worst.get(name, 0.0), _max_diff(a, b))
   return Verification(all(d <= atol for d in worst.values()), worst, atol, samples)
 

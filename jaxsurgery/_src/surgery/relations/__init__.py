@@ -1,0 +1,1 @@
+"""The relation pass: the new program interpreted against the old one (see engine.py)."""
