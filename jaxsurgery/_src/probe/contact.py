@@ -49,18 +49,25 @@ class ContactSum:
 
   def __init__(self, seed):
     self.seed = jnp.asarray(seed, jnp.uint32)
-    self.count = 0
+    self.count_ = 0  # outputs weighed so far (each gets its own weights)
     self.simple = jnp.zeros((), jnp.float32)
     self.compound = jnp.zeros((), jnp.float32)
     self.placed = jnp.zeros((), jnp.float32)
 
+  def _weighs(self, dtype, shape) -> bool:
+    return bool(jnp.issubdtype(dtype, jnp.inexact)) and int(np.prod(shape, dtype=np.int64)) > 0
+
+  def count(self, avals) -> None:
+    """Advances the weights' seed past outputs that are not summed (as :meth:`add` would)."""
+    self.count_ += sum(self._weighs(a.dtype, a.shape) for a in avals)
+
   def add(self, outs, compound: bool, placed: bool = False):
     for o in outs:
       o = jnp.asarray(o)
-      if not jnp.issubdtype(o.dtype, jnp.inexact) or o.size == 0:
+      if not self._weighs(o.dtype, o.shape):
         continue
-      w = _hash_weights(o.shape, self.seed ^ np.uint32(((self.count + 1) * 0x9E3779B9) & 0xFFFFFFFF))
-      self.count += 1
+      w = _hash_weights(o.shape, self.seed ^ np.uint32(((self.count_ + 1) * 0x9E3779B9) & 0xFFFFFFFF))
+      self.count_ += 1
       term = jnp.sum(w * jnp.real(o).astype(jnp.float32))
       if compound:
         self.compound = self.compound + term

@@ -219,6 +219,7 @@ class _Problem:
   float_idx: list[int]              # float parameter leaves (differentiated)
   other_idx: list[int]
   in_flags: list[tuple[bool, bool]]  # (parameter-derived, feature-dependent) per jaxpr argument
+  layout: C.Layout                   # groups of float leaves, factored leaves, contact-reached leaves
 
   @property
   def shapes(self) -> list[tuple[int, ...]]:
@@ -271,7 +272,8 @@ def _setup(fn: Callable, params: Any, inputs: Any, features: Any, base: Any, kee
   float_idx = [i for i, l in enumerate(pleaves) if jnp.issubdtype(l.dtype, jnp.inexact)]
   other_idx = [i for i in range(len(pleaves)) if i not in float_idx]
   in_flags = [(True, False)] * len(pleaves) + [(False, bool(l.feature_ids)) for l in spec.leaves]
-  return _Problem(spec, traced, concrete, kept, base_np, idef, sites, n_ids, float_idx, other_idx, in_flags)
+  lay = C.layout(traced.closed, len(pleaves), float_idx, in_flags)
+  return _Problem(spec, traced, concrete, kept, base_np, idef, sites, n_ids, float_idx, other_idx, in_flags, lay)
 
 
 # ---------------------------------------------------------------------------
@@ -303,14 +305,17 @@ def _plan_columns(pb: _Problem, n_runs: int, max_ids: int, chunk_size: int | Non
     else:
       columns.append((k, None))
   C_ = max(len(columns), 1)
-  n_float = sum(_size(pb.shapes[i]) for i in pb.float_idx)
+  sizes = [_size(pb.shapes[i]) for i in pb.float_idx]
+  n_float = sum(sizes)
   n_in = sum(_size(l.shape) for l in pb.spec.leaves)
   n_out = sum(_size(s) for s in pb.outputs[1].values())
   work = walk.work(pb.traced.closed.jaxpr)
-  # Bytes per column: the gradients (params), the intermediates kept for the backward pass, the
-  # input column and the outputs. Measured on five_L1024 (10M params, 7.7M intermediates): 49 MB
-  # per column (peak RSS at chunk 12 minus chunk 4, / 8); this estimate: 71 MB.
-  per_column = 4 * (n_float + work + n_in + 2 * n_out)
+  lay = pb.layout
+  # Bytes per column: the gradients (projection: leaves not factored; contact-local: the leaves
+  # it reaches), the intermediates kept for the backward pass, the input column and the outputs.
+  grads = sum(n for t, n in enumerate(sizes) if t not in lay.factored)
+  grads += sum(sizes[t] for t in lay.reached)
+  per_column = 4 * (grads + work + n_in + 2 * n_out)
   chunk = C.chunking(C_, chunk_size, memory_budget, per_column)
   n_chunks = -(-C_ // chunk)
   # Small problems: XLA's compile time dominates the run time, so compile without optimisation.
@@ -323,10 +328,12 @@ def _compiled(fn: Callable, pb: _Problem, fast: bool) -> C.Fns:
   _, pleaves, pdef = pb.traced.params
   avals = lambda leaves: tuple((tuple(l.shape), np.dtype(l.dtype).str) for l in leaves)
   x64 = bool(getattr(jax.config, "jax_enable_x64", False))
-  signature = (pdef, avals(pleaves), pb.idef, avals(pb.spec.leaves), tuple(pb.in_flags), fast, x64)
+  signature = (pdef, avals(pleaves), pb.idef, avals(pb.spec.leaves), tuple(pb.in_flags), fast, x64,
+               C.FACTOR_MIN, C.TILE_BYTES)
   return C.COMPILED.get_or_build(
       fn, (signature,),
-      lambda: C.build(pb.traced.closed, len(pleaves), pb.float_idx, pb.in_flags, pb.out_float, fast))
+      lambda: C.build(pb.traced.closed, len(pleaves), pb.float_idx, pb.in_flags, pb.out_float, fast,
+                      pb.layout))
 
 
 # ---------------------------------------------------------------------------
@@ -358,7 +365,7 @@ def _accumulators(pb: _Problem, W: int) -> _Acc:
   # numpy -> device_put: no compiles
   zeros = lambda shape: jax.device_put(np.zeros(shape + (W,), np.uint32))
   sizes = [_size(pb.shapes[i]) for i in pb.float_idx]
-  gsizes = [sum(sizes[t] for t in g) for g in C.groups(sizes)]
+  gsizes = [sum(sizes[t] for t in g) for g in pb.layout.groups]
   u, a, c = ([zeros((n,)) for n in gsizes] for _ in range(3))
   nf = [jax.device_put(np.zeros(n, bool)) for n in gsizes]
   opaths, oshapes = pb.outputs
