@@ -30,7 +30,7 @@ Example:
 
 from importlib import metadata as _metadata
 
-from jaxsurgery import rules
+from jaxsurgery import optim, rules
 from jaxsurgery._src.core.errors import (
   FeatureSpecError,
   RuleError,
@@ -43,9 +43,12 @@ from jaxsurgery._src.core.errors import (
 from jaxsurgery._src.core.features import Features
 from jaxsurgery._src.core.table import FeatureTable, dependency_table
 from jaxsurgery._src.core.values import Val
+from jaxsurgery._src.optim.freeze import freeze_fresh
 from jaxsurgery._src.probe.cross_check import CrossCheck, Difference, LeafAgreement, Miss, cross_check
 from jaxsurgery._src.probe.evidence import ProbeEvidence
 from jaxsurgery._src.probe.gradient_table import gradient_table
+from jaxsurgery._src.surgery.persist import PlanFormatError
+from jaxsurgery._src.surgery.persist import load as load_surgery
 from jaxsurgery._src.surgery.plan import LeafPlan, Report, plan
 from jaxsurgery._src.surgery.remap import Surgery
 from jaxsurgery._src.surgery.state import StateReport, remap_state
@@ -64,6 +67,8 @@ __all__ = [
     "gradient_table", "ProbeEvidence", "cross_check", "CrossCheck", "Miss", "Difference", "LeafAgreement",
     # surgery
     "plan", "Surgery", "Report", "LeafPlan", "remap_state", "StateReport", "verify", "Verification",
+    # training on: plans on disk, optimizer state
+    "load_surgery", "PlanFormatError", "optim", "freeze_fresh",
     # rules (see jaxsurgery.rules)
     "rules", "Val", "register_rule", "override_rule",
     # errors and warnings

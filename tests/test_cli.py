@@ -43,9 +43,9 @@ def mlp(p, x):
 
 
 def mlp_params(seed, nin, nh):
-  k = jax.random.split(jax.random.key(seed), 4)
-  return {"l1": {"w": jax.random.normal(k[0], (nin, nh)), "b": jax.random.normal(k[1], (nh,))},
-          "l2": {"w": jax.random.normal(k[2], (nh, 2)), "b": jax.random.normal(k[3], (2,))}}
+  r = np.random.default_rng(seed)   # numpy draws: no compile per shape
+  normal = lambda *shape: jnp.asarray(r.standard_normal(shape, np.float32))
+  return {"l1": {"w": normal(nin, nh), "b": normal(nh)}, "l2": {"w": normal(nh, 2), "b": normal(2)}}
 
 
 def train_state(params):
@@ -55,7 +55,8 @@ def train_state(params):
 def save_pool(root, seed=1, nh=4):
   """A CheckpointManager directory whose steps are a short training run of the old model."""
   state = train_state(mlp_params(seed, 3, nh))
-  x, y = jax.random.normal(jax.random.key(5), (8, 3)), jax.random.normal(jax.random.key(6), (8, 2))
+  r = np.random.default_rng(5)
+  x, y = jnp.asarray(r.standard_normal((8, 3), np.float32)), jnp.asarray(r.standard_normal((8, 2), np.float32))
 
   @jax.jit
   def step(s):

@@ -38,28 +38,30 @@ def mlp(p, x):
   return jnp.tanh(x @ p["l1"]["w"] + p["l1"]["b"]) @ p["l2"]["w"] + p["l2"]["b"]
 
 
-def mlp_params(key, nin, nh):
-  k = jax.random.split(key, 4)
-  return {"l1": {"w": jax.random.normal(k[0], (nin, nh)), "b": jax.random.normal(k[1], (nh,))},
-          "l2": {"w": jax.random.normal(k[2], (nh, OUT)), "b": jax.random.normal(k[3], (OUT,))}}
+def normal(rng, *shape):
+  return jnp.asarray(rng.standard_normal(shape, np.float32))   # numpy draws: no compile per shape
+
+
+def mlp_params(seed, nin, nh):
+  r = np.random.default_rng(seed)
+  return {"l1": {"w": normal(r, nin, nh), "b": normal(r, nh)}, "l2": {"w": normal(r, nh, OUT), "b": normal(r, OUT)}}
 
 
 def loss(p, x, y):
   return jnp.mean((mlp(p, x) - y) ** 2)
 
 
-def batch(key, names):
+def batch(seed, names):
   """A batch over OLD's features; NEW's batch holds the same values (armor: arbitrary values)."""
-  kx, ky, ka = jax.random.split(key, 3)
-  x = jax.random.normal(kx, (16, len(OLD)))
-  y = jax.random.normal(ky, (16, OUT))
-  cols = {f: x[:, OLD.index(f)] if f in OLD else jax.random.normal(ka, (16,)) for f in names}
+  r = np.random.default_rng(seed)
+  x, y, armor = normal(r, 16, len(OLD)), normal(r, 16, OUT), normal(r, 16)
+  cols = {f: x[:, OLD.index(f)] if f in OLD else armor for f in names}
   return jnp.stack([cols[f] for f in names], 1), y
 
 
 @pytest.fixture(scope="module")
 def surgery():
-  table = lambda nin, nh, names: js.dependency_table(mlp, mlp_params(jax.random.key(0), nin, nh),
+  table = lambda nin, nh, names: js.dependency_table(mlp, mlp_params(0, nin, nh),
                                                      jax.ShapeDtypeStruct((16, nin), jnp.float32), js.Features(names))
   return js.plan(table(3, H_OLD, OLD), table(4, H_NEW, NEW))
 
@@ -68,7 +70,7 @@ def train(tx, params, steps=STEPS, names=OLD):
   state = tx.init(params)
   step = jax.jit(lambda p, s, x, y: _step(tx, p, s, x, y))
   for i in range(steps):
-    params, state, _ = step(params, state, *batch(jax.random.key(100 + i), names))
+    params, state, _ = step(params, state, *batch(100 + i, names))
   return params, state
 
 
@@ -89,7 +91,7 @@ def aged(opt_state, count=LONG):
 
 def first_update(tx, params, state, names):
   """The update of the step after surgery (step STEPS + 1), on the batch the old run would see."""
-  x, y = batch(jax.random.key(100 + STEPS), names)
+  x, y = batch(100 + STEPS, names)
   return jax.jit(lambda p, s: _step(tx, p, s, x, y)[2])(params, state)
 
 
@@ -120,12 +122,12 @@ OPTS = {   # old run (optax) -> new run (per-element counts); the chain clips pe
 @pytest.mark.parametrize("name", list(OPTS))
 def test_first_update_after_surgery_is_exact_for_old_and_fresh_sized_for_new_elements(surgery, name):
   make_old, make_new = OPTS[name]
-  old_params, old_opt = train(make_old(), mlp_params(jax.random.key(1), 3, H_OLD))
+  old_params, old_opt = train(make_old(), mlp_params(1, 3, H_OLD))
   old_opt = aged(old_opt)
   u_old = first_update(make_old(), old_params, old_opt, OLD)    # what the old run does next
 
   new_tx = make_new()
-  init_params = mlp_params(jax.random.key(2), 4, H_NEW)
+  init_params = mlp_params(2, 4, H_NEW)
   new, report = remap_state(surgery, {"params": old_params, "opt": old_opt},
                             {"params": init_params, "opt": new_tx.init(init_params)}, return_report=True)
   counts = [l for l in report.leaves if "/counts/" in l.path]
@@ -143,7 +145,7 @@ def test_first_update_after_surgery_is_exact_for_old_and_fresh_sized_for_new_ele
   plain = remap_state(surgery, {"params": old_params, "opt": old_opt},
                       {"params": init_params, "opt": make_old().init(init_params)})
   u_plain = flat(first_update(make_old(), plain["params"], plain["opt"], NEW))
-  x, y = batch(jax.random.key(100 + STEPS), NEW)
+  x, y = batch(100 + STEPS, NEW)
   grads = flat(jax.grad(loss)(new["params"], x, y))
   moved = 0
   for p, u in u_new.items():
@@ -180,7 +182,7 @@ def test_nnx_optimizer_transplant_with_per_element_counts(surgery):
     opt.update(model, grads)
     return jax.tree.map(lambda a, b: a - b, nnx.state(model, nnx.Param), before)
   for i in range(STEPS):
-    step(old_model, old_opt, *batch(jax.random.key(100 + i), OLD))
+    step(old_model, old_opt, *batch(100 + i, OLD))
   new_model = Net(4, H_NEW, nnx.Rngs(2))
   new_opt = nnx.Optimizer(new_model, adam(LR), wrt=nnx.Param)
   report = jsf.transplant(nnx_surgery, (old_model, old_opt), (new_model, new_opt))
@@ -188,8 +190,8 @@ def test_nnx_optimizer_transplant_with_per_element_counts(surgery):
   counts = flat(nnx.state(new_opt))["opt_state/0/counts/l1/kernel/value"]
   assert int(counts[NEW.index("hp"), 0]) == STEPS and int(counts[NEW.index("armor"), 0]) == 0
 
-  u_old = flat(step(old_model, old_opt, *batch(jax.random.key(100 + STEPS), OLD)))
-  u_new = flat(step(new_model, new_opt, *batch(jax.random.key(100 + STEPS), NEW)))
+  u_old = flat(step(old_model, old_opt, *batch(100 + STEPS, OLD)))
+  u_new = flat(step(new_model, new_opt, *batch(100 + STEPS, NEW)))
   w_old, w_new = np.asarray(u_old["l1/kernel/value"]), np.asarray(u_new["l1/kernel/value"])
   assert np.abs(w_old).max() > 0.5 * LR   # a real update to compare
   for f in OLD:   # old rows, old units: the old run's update
@@ -201,16 +203,20 @@ def test_nnx_optimizer_transplant_with_per_element_counts(surgery):
 # -- (c) copied elements under linear recipes: clones and scales ---------------------------------------
 
 def clone_surgery(widen_to: int):
-  table = lambda nh: js.dependency_table(mlp, mlp_params(jax.random.key(0), 3, nh),
+  table = lambda nh: js.dependency_table(mlp, mlp_params(0, 3, nh),
                                          jax.ShapeDtypeStruct((16, 3), jnp.float32), js.Features(OLD))
   return js.plan(table(H_OLD), table(widen_to), widen="clone", clone_noise=0.0)
 
 
-def grads_and_step(tx, params, opt_state, names=OLD):
-  x, y = batch(jax.random.key(100 + STEPS), names)
-  g = jax.grad(loss)(params, x, y)
-  _, opt_state, _ = _step(tx, params, opt_state, x, y)
-  return g, opt_state
+def grads_and_step(tx, params, opt_state, names=OLD, loss=loss):
+  """The gradients on the next batch, and the optimizer state after the step."""
+  x, y = batch(100 + STEPS, names)
+
+  @jax.jit
+  def run(params, opt_state):
+    g = jax.grad(loss)(params, x, y)
+    return g, tx.update(g, opt_state, params)[1]
+  return run(params, opt_state)
 
 
 def test_cloned_units_get_the_moments_of_the_grown_models_gradients():
@@ -221,11 +227,11 @@ def test_cloned_units_get_the_moments_of_the_grown_models_gradients():
   surgery = clone_surgery(n * H_OLD)
   leaves = surgery.leaf_plans
   assert leaves["l2/w"].scale == 1 / n and leaves["l1/w"].maps[1].tolist() == [0, 1, 2, 3] * n
-  old_params, old_opt = train(optax.adam(LR), mlp_params(jax.random.key(1), 3, H_OLD))
-  init = mlp_params(jax.random.key(2), 3, n * H_OLD)
+  old_params, old_opt = train(optax.adam(LR), mlp_params(1, 3, H_OLD))
+  init = mlp_params(2, 3, n * H_OLD)
   grown = remap_state(surgery, {"params": old_params, "opt": old_opt},
                       {"params": init, "opt": adam(LR).init(init)})
-  x = batch(jax.random.key(7), OLD)[0]
+  x = batch(7, OLD)[0]
   np.testing.assert_allclose(mlp(grown["params"], x), mlp(old_params, x), rtol=1e-5, atol=1e-6)
 
   g_old, old_after = grads_and_step(optax.adam(LR), old_params, old_opt)
@@ -259,27 +265,26 @@ def test_rescaled_and_mean_filled_leaves():
 
   def scaled_mlp(p, x):   # the new model divides its first layer by s: W1' = s W1 keeps the function
     return jnp.tanh(x @ p["l1"]["w"] / s + p["l1"]["b"]) @ p["l2"]["w"] + p["l2"]["b"]
-  base = js.plan(*(js.dependency_table(mlp, mlp_params(jax.random.key(0), 3, nh),
+  base = js.plan(*(js.dependency_table(mlp, mlp_params(0, 3, nh),
                                        jax.ShapeDtypeStruct((16, 3), jnp.float32), js.Features(OLD))
                    for nh in (H_OLD, H_NEW)))
   leaves = dict(base.leaf_plans)
   leaves["l1/w"] = scaled(leaves["l1/w"], scale=s, mean_axes=(1,))
   surgery = js.Surgery(base.old_table, base.new_table, dataclasses.replace(base.report, leaves=tuple(
       leaves[l.path] for l in base.report.leaves)))
-  old_params, old_opt = train(optax.adam(LR), mlp_params(jax.random.key(1), 3, H_OLD))
-  init = mlp_params(jax.random.key(2), 3, H_NEW)
+  old_params, old_opt = train(optax.adam(LR), mlp_params(1, 3, H_OLD))
+  init = mlp_params(2, 3, H_NEW)
   grown = remap_state(surgery, {"params": old_params, "opt": old_opt}, {"params": init, "opt": adam(LR).init(init)})
   w = np.asarray(grown["params"]["l1"]["w"])
   np.testing.assert_allclose(w[:, :H_OLD], s * np.asarray(old_params["l1"]["w"]), rtol=1e-6)
   np.testing.assert_allclose(w[:, H_OLD:], s * np.asarray(old_params["l1"]["w"]).mean(1, keepdims=True)
                              .repeat(H_NEW - H_OLD, 1), rtol=1e-5)
 
-  x, y = batch(jax.random.key(100 + STEPS), OLD)
-  new_loss = lambda p: jnp.mean((scaled_mlp(p, x) - y) ** 2)
-  np.testing.assert_allclose(new_loss(grown["params"]), loss(old_params, x, y), rtol=1e-5)
+  x, y = batch(100 + STEPS, OLD)
+  new_loss = lambda p, x, y: jnp.mean((scaled_mlp(p, x) - y) ** 2)
+  np.testing.assert_allclose(new_loss(grown["params"], x, y), loss(old_params, x, y), rtol=1e-5)
   g_old, old_after = grads_and_step(optax.adam(LR), old_params, old_opt)
-  g_new = jax.grad(new_loss)(grown["params"])
-  _, new_after = adam(LR).update(g_new, grown["opt"], grown["params"])
+  g_new, new_after = grads_and_step(adam(LR), grown["params"], grown["opt"], loss=new_loss)
   np.testing.assert_allclose(g_new["l1"]["w"][:, :H_OLD], g_old["l1"]["w"] / s, rtol=2e-5, atol=1e-9)
   np.testing.assert_array_equal(g_new["l1"]["w"][:, H_OLD:], 0.0)
   np.testing.assert_allclose(new_after[0].mu["l1"]["w"][:, :H_OLD], old_after[0].mu["l1"]["w"] / s, rtol=2e-5,
@@ -295,9 +300,9 @@ def test_rescaled_and_mean_filled_leaves():
 
 def test_freeze_fresh_holds_new_elements_while_old_ones_train(surgery):
   k = 3
-  old_params, old_opt = train(optax.adam(LR), mlp_params(jax.random.key(1), 3, H_OLD))
+  old_params, old_opt = train(optax.adam(LR), mlp_params(1, 3, H_OLD))
   tx = optax.chain(adam(LR), freeze_fresh(k))
-  init = mlp_params(jax.random.key(2), 4, H_NEW)
+  init = mlp_params(2, 4, H_NEW)
   state = remap_state(surgery, {"params": old_params, "opt": (old_opt,)},   # optax adam -> chain(adam, freeze)
                       {"params": init, "opt": tx.init(init)}, strict=True)
   ages = flat(state["opt"][1].ages)
@@ -318,7 +323,7 @@ def test_freeze_fresh_holds_new_elements_while_old_ones_train(surgery):
     return optax.apply_updates(params, updates), opt, updates, grads
   seen = []
   for i in range(k + 1):
-    params, opt, updates, grads = step(params, opt, *batch(jax.random.key(100 + STEPS + i), NEW))
+    params, opt, updates, grads = step(params, opt, *batch(100 + STEPS + i, NEW))
     u, _ = flat(updates), seen.append(grads)
     for p, f in fresh.items():
       if i == 0:   # old elements: the old run's next update, as without the freeze
@@ -342,11 +347,11 @@ def test_freeze_fresh_holds_new_elements_while_old_ones_train(surgery):
 # -- bad input, and the remap's programs ------------------------------------------------------------------
 
 def test_an_optimizer_state_that_does_not_fit_names_the_path(surgery):
-  old_params, old_opt = train(adam(LR), mlp_params(jax.random.key(1), 3, H_OLD))
-  init = mlp_params(jax.random.key(2), 4, H_NEW)
+  old_params, old_opt = train(adam(LR), mlp_params(1, 3, H_OLD))
+  init = mlp_params(2, 4, H_NEW)
   new_init = {"params": init, "opt": adam(LR).init(init)}
   # another model's moments (5 hidden units) under the same paths
-  _, wrong = train(adam(LR), mlp_params(jax.random.key(1), 3, 5))
+  _, wrong = train(adam(LR), mlp_params(1, 3, 5))
   with pytest.raises(SurgeryError, match=r"'opt/0/mu/l1/w' is \(3, 5\) float32"):
     remap_state(surgery, {"params": old_params, "opt": wrong}, new_init)
   # per-element counts that are not the old params' shape
@@ -354,7 +359,7 @@ def test_an_optimizer_state_that_does_not_fit_names_the_path(surgery):
   with pytest.raises(SurgeryError, match=r"'opt/0/counts/l1/w' is \(3, 1\) int32, but it should be per-element"):
     remap_state(surgery, {"params": old_params, "opt": (bad, old_opt[1])}, new_init)
   # another optimizer (sgd momentum): nothing is invented; strict names what is missing
-  _, sgd = train(optax.sgd(LR, momentum=0.9), mlp_params(jax.random.key(1), 3, H_OLD))
+  _, sgd = train(optax.sgd(LR, momentum=0.9), mlp_params(1, 3, H_OLD))
   _, report = remap_state(surgery, {"params": old_params, "opt": sgd}, new_init, return_report=True)
   assert {l.prefix for l in report.of_kind("missing")} == {"opt/0/mu/", "opt/0/nu/", "opt/0/counts/"}
   assert {p for p, *_ in report.left_behind} >= {"opt/0/trace/l1/w"}
@@ -365,8 +370,8 @@ def test_an_optimizer_state_that_does_not_fit_names_the_path(surgery):
 
 
 def test_large_remaps_run_as_programs_of_about_one_leaf(surgery, monkeypatch):
-  old_params, old_opt = train(adam(LR), mlp_params(jax.random.key(1), 3, H_OLD))
-  init = mlp_params(jax.random.key(2), 4, H_NEW)
+  old_params, old_opt = train(adam(LR), mlp_params(1, 3, H_OLD))
+  init = mlp_params(2, 4, H_NEW)
   old, new_init = {"params": old_params, "opt": old_opt}, {"params": init, "opt": adam(LR).init(init)}
   one = remap_state(surgery, old, new_init)
   splan = state_lib.plan_state(surgery, old, new_init)

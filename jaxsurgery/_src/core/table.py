@@ -204,6 +204,22 @@ class FeatureTable:
   def _repr_html_(self) -> str:
     return display.table_html(self)
 
+  def show(self, path: str, **kwargs: Any):
+    """A heatmap of which features touch leaf ``path`` (and its ``reach`` once outputs have names).
+
+    :func:`jaxsurgery.display.show_table` (``probe=``, ``check=``, ``axis=``...); needs the
+    ``viz`` extra (matplotlib, imported here and nowhere in the core).
+
+    Args:
+      path: a leaf path of this table.
+      **kwargs: passed to :func:`jaxsurgery.display.show_table`.
+
+    Returns:
+      A :class:`jaxsurgery.display.Picture`.
+    """
+    from jaxsurgery._src.display_viz import show_table
+    return show_table(self, path, **kwargs)
+
 
 def _abstract(tree, what: str):
   leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
