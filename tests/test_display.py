@@ -821,6 +821,12 @@ def test_show_table_draws_reach_once_outputs_have_names(mpl):
   info = jsd.show_table(named, "l2/w", axis=1).info
   assert info["reach"] == ("left", "right")
   assert jsd.show_table(table, "l2/w").info["reach"] is None
+  # an axis aligned by output name is labelled with the output each index alone reaches
+  import types
+  leaf = FakeLeaf((4, 2), (None, np.array([0, 1])))
+  leaf.path, leaf.how = "l2/w", ("identity", "outputs")
+  surgery = types.SimpleNamespace(report=fake_report(leaves=(leaf,), matching=()), old_table=None, new_table=named)
+  assert jsd.show_surgery(surgery, "l2/w").info["col_labels"] == ["left", "1"]
 
 
 def test_missing_matplotlib_names_the_extra(monkeypatch):

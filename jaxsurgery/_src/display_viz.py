@@ -112,19 +112,31 @@ def _kind(how: Any) -> str:
 
 # -- axis labels --------------------------------------------------------------------------------
 
-def _output_names(table: Any, path: str, axis: int) -> list[str | None] | None:
-  """Per index, the one named output it reaches alone (``table.reach``, once outputs have names)."""
+def _reach(table: Any, path: str) -> tuple[np.ndarray, tuple[str, ...]] | None:
+  """``(bool param.shape + (outputs,), output names)`` from ``table.reach`` once outputs have names, else None.
+
+  Guarded: a table without ``reach`` / ``output_features``, or with another layout, gives None (the
+  picture is drawn without output labels) rather than an error.
+  """
   reach, names = getattr(table, "reach", None), getattr(table, "output_features", None)
-  if not callable(reach) or not names:
+  if not callable(reach) or not names or path not in table.shapes:
     return None
   try:
     r = np.asarray(reach(path), bool)
-  except Exception:  # noqa: BLE001  (an older or different reach API: no labels rather than no picture)
+  except Exception:  # noqa: BLE001  (no reach for this leaf, or another API)
     return None
-  shape = table.shapes[path]
-  if r.ndim != len(shape) + 1 or r.shape[-1] != len(names):
+  if r.ndim != len(table.shapes[path]) + 1 or r.shape[-1] != len(names):
     return None
-  other = tuple(b for b in range(len(shape)) if b != axis)
+  return r, tuple(names)
+
+
+def _output_names(table: Any, path: str, axis: int) -> list[str | None] | None:
+  """Per index, the one named output it reaches alone (``table.reach``, once outputs have names)."""
+  found = _reach(table, path)
+  if found is None:
+    return None
+  r, names = found
+  other = tuple(b for b in range(r.ndim - 1) if b != axis)
   sig = r.any(axis=other) if other else r
   single = sig.sum(-1) == 1
   which = np.where(single, sig.argmax(-1), -1)
@@ -774,22 +786,15 @@ def _row_labels(ax, table, path, shape, axis, n_rows, max_labels, what) -> None:
 
 
 def _reach_rows(table, path, shape, axis):
-  """(rows x outputs bool, output names) from ``table.reach`` (helper API once outputs have names), or None."""
-  reach, names = getattr(table, "reach", None), getattr(table, "output_features", None)
-  if not callable(reach) or not names:
+  """(rows x outputs bool, output names) for the reach panel, or None."""
+  found = _reach(table, path)
+  if found is None:
     return None
-  try:
-    r = np.asarray(reach(path), bool)
-  except Exception:  # noqa: BLE001  (no reach for this leaf, or another API: draw the table alone)
-    return None
-  if r.ndim != len(shape) + 1 or r.shape[-1] != len(names):
-    return None
+  r, names = found
   if axis is None:
-    rows = r.reshape(-1, r.shape[-1])
-  else:
-    other = tuple(b for b in range(len(shape)) if b != axis)
-    rows = np.asarray(r.any(axis=other)) if other else r
-  return rows, tuple(names)
+    return r.reshape(-1, r.shape[-1]), names
+  other = tuple(b for b in range(len(shape)) if b != axis)
+  return (np.asarray(r.any(axis=other)) if other else r), names
 
 
 def _draw_reach(ax, rows, names, n_rows, starts) -> None:
