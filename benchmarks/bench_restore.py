@@ -265,9 +265,12 @@ def main():
       "summary": summary, "runs": runs, "total_s": time.perf_counter() - start}
   common.save("restore", result)
   s = summary
-  print(f"old state {s['old_state_mib']:.0f} MiB ({saved['parameters']:,} params), new state {s['new_state_mib']:.0f} MiB")
-  print(f"plain orbax restore: +{s['plain_increment_mib']:.0f} MiB peak RSS ({s['plain_increment_over_new_state']:.2f}x)")
-  print(f"jso.restore:         +{s['jaxsurgery_increment_mib']:.0f} MiB peak RSS ({s['jaxsurgery_increment_over_new_state']:.2f}x "
+  print(f"old state {s['old_state_mib']:.0f} MiB ({saved['parameters']:,} params), "
+        f"new state {s['new_state_mib']:.0f} MiB")
+  print(f"plain orbax restore: +{s['plain_increment_mib']:.0f} MiB peak RSS "
+        f"({s['plain_increment_over_new_state']:.2f}x)")
+  print(f"jso.restore:         +{s['jaxsurgery_increment_mib']:.0f} MiB peak RSS "
+        f"({s['jaxsurgery_increment_over_new_state']:.2f}x "
         f"the new state; {s['jaxsurgery_over_plain']:.2f}x plain) -> target < {TARGET}x: "
         f"{'pass' if s['target_met'] else 'FAIL'}")
   print(f"  its phases: orbax restore of the old tree +{s['phase_orbax_restore_increment_mib']:.0f} MiB, "

@@ -83,8 +83,8 @@ def measure(scale: int) -> list[dict]:
 
 def _run(scale: int) -> list[dict]:
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  p = subprocess.run([sys.executable, os.path.abspath(__file__), "measure", str(scale)], check=False, capture_output=True,
-                     text=True, timeout=900, env=env)
+  p = subprocess.run([sys.executable, os.path.abspath(__file__), "measure", str(scale)], check=False,
+                     capture_output=True, text=True, timeout=900, env=env)
   if p.returncode:
     raise RuntimeError(f"scale {scale} failed:\n{p.stderr[-3000:]}")
   return json.loads(p.stdout.strip().splitlines()[-1])
@@ -115,7 +115,8 @@ def main():
   rows = [row for scale in SCALES for row in _run(scale)]
   verdicts = {f"{r['layout']}/{what}/scale {r['scale']}": r[what]["temp_over_largest_shard"] <= TARGET
               for r in rows for what in ("params", "adam_state")}
-  common.save("sharded", {"command": COMMAND, "machine": {**mach, "load_end": os.getloadavg()}, "devices": 8, "mesh": "2x4 (data, model)",
+  common.save("sharded", {"command": COMMAND, "machine": {**mach, "load_end": os.getloadavg()}, "devices": 8,
+                          "mesh": "2x4 (data, model)",
                           "target": f"temp_size_in_bytes <= {TARGET}x the largest leaf's per-device shard",
                           "rows": rows, "target_met": verdicts, "total_s": time.perf_counter() - start})
   for scale in SCALES:
@@ -124,8 +125,8 @@ def main():
       for what in ("params", "adam_state"):
         print(_line(r, what))
       ref = r["l2_w_alone"]
-      print(f"  {'':<10} l2/w alone: take {ref['take']['temp_over_shard']:.2f}x, pad {ref['pad']['temp_over_shard']:.2f}x "
-            f"its shard")
+      print(f"  {'':<10} l2/w alone: take {ref['take']['temp_over_shard']:.2f}x, "
+            f"pad {ref['pad']['temp_over_shard']:.2f}x its shard")
 
 
 if __name__ == "__main__":

@@ -117,7 +117,8 @@ _PROPAGATION_BUG = (
 
 
 @pytest.mark.parametrize("old_layout, new_layout", [
-    *PAIRS[:3], pytest.param(*PAIRS[3], marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=_PROPAGATION_BUG))],
+    *PAIRS[:3],
+    pytest.param(*PAIRS[3], marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=_PROPAGATION_BUG))],
     ids=PAIR_IDS)
 def test_outer_jit_without_out_shardings_keeps_target_shardings(shared, old_layout, new_layout):
   """Inside a user's ``jax.jit`` that gives no ``out_shardings``, the result still has new_init's layout."""
