@@ -146,24 +146,31 @@ def _short(x: Any) -> str:
   return r if len(r) <= 60 else r[:57] + "..."
 
 
-def resolve(features: Any, inputs: Any) -> ResolvedSpec:
-  """Checks ``features`` against ``inputs`` and assigns global feature indices."""
+def resolve(features: Any, inputs: Any, side: str = "inputs") -> ResolvedSpec:
+  """Checks ``features`` against ``inputs`` and assigns global feature indices.
+
+  ``side="outputs"``: the same for an outputs spec over ``fn``'s output tree (output names are a
+  namespace of their own, and the errors say "output").
+  """
+  leaf_word, spec_word, name_word = (("output", "outputs spec", "output name") if side == "outputs"
+                                     else ("input", "feature spec", "feature name"))
   input_leaves, input_def = jax.tree_util.tree_flatten_with_path(inputs)
   spec_leaves, spec_def = jax.tree_util.tree_flatten_with_path(features, is_leaf=is_spec_leaf)
   for key_path, s in spec_leaves:
     if not is_spec_leaf(s):
       raise FeatureSpecError(
-          f"Feature spec leaf at {keystr(key_path) or '<root>'!r} is {s!r}; expected "
-          f"jaxsurgery.Features(...), a feature name (str) or None.")
+          f"{spec_word.capitalize()} leaf at {keystr(key_path) or '<root>'!r} is {s!r}; expected "
+          f"jaxsurgery.Features(...), a{'n' if side == 'outputs' else ''} {name_word} (str) or None.")
   try:
     per_input = spec_def.flatten_up_to(inputs)  # type: ignore[attr-defined]  # missing from jax's stub
   except (ValueError, TypeError) as e:
     spec_paths = [keystr(p) or "<root>" for p, _ in spec_leaves]
     input_paths = [keystr(p) or "<root>" for p, _ in input_leaves]
     raise FeatureSpecError(
-        "The feature spec does not match the structure of the inputs. It must be a pytree "
-        "with the same structure as `inputs` (or a prefix of it).\n"
-        f"  spec leaves:  {spec_paths}\n  input leaves: {input_paths}\n"
+        f"The {spec_word} does not match the structure of the {side}. It must be a pytree "
+        f"with the same structure as `{'fn(params, inputs)' if side == 'outputs' else 'inputs'}` "
+        f"(or a prefix of it).\n"
+        f"  spec leaves:  {spec_paths}\n  {leaf_word} leaves: {input_paths}\n"
         f"  jax says: {e}") from None
 
   names: list[str] = []
@@ -173,8 +180,8 @@ def resolve(features: Any, inputs: Any) -> ResolvedSpec:
   def add_name(name: str, where: str) -> int:
     if name in seen:
       raise FeatureSpecError(
-          f"Duplicate feature name {name!r}: it names a feature of {seen[name]!r} and of "
-          f"{where!r}. Feature names must be unique across the whole spec; rename one of them.")
+          f"Duplicate {name_word} {name!r}: it names a position of {seen[name]!r} and of "
+          f"{where!r}. {name_word.capitalize()}s must be unique across the whole spec; rename one of them.")
     seen[name] = where
     names.append(name)
     return len(names) - 1
@@ -184,7 +191,7 @@ def resolve(features: Any, inputs: Any) -> ResolvedSpec:
     shared_ids: tuple[int, ...] | None = None  # a spec leaf covering a subtree names each feature once
     for sub_path, x in sub_leaves:
       path = keystr(tuple(spec_path) + tuple(sub_path))
-      shape, dtype = leaf_shape_dtype(x, "input", path)
+      shape, dtype = leaf_shape_dtype(x, leaf_word, path)
       where = path or "<root>"
       if spec_leaf is None:
         leaves.append(InputLeaf(path, shape, dtype, None, ()))
@@ -197,12 +204,12 @@ def resolve(features: Any, inputs: Any) -> ResolvedSpec:
       ndim = len(shape)
       if not -ndim <= spec_leaf.axis < ndim:
         raise FeatureSpecError(
-            f"Features(axis={spec_leaf.axis}) is out of range for input leaf {where!r} of shape "
+            f"Features(axis={spec_leaf.axis}) is out of range for {leaf_word} leaf {where!r} of shape "
             f"{shape} ({ndim} axes). Use an axis in [{-ndim}, {ndim - 1}].")
       axis = spec_leaf.axis % ndim
       if len(spec_leaf.names) != shape[axis]:
         raise FeatureSpecError(
-            f"Input leaf {where!r} has shape {shape}: axis {spec_leaf.axis} has size {shape[axis]}, "
+            f"{leaf_word.capitalize()} leaf {where!r} has shape {shape}: axis {spec_leaf.axis} has size {shape[axis]}, "
             f"but its Features lists {len(spec_leaf.names)} names. Give exactly one name per "
             f"position along the feature axis (or pick the right `axis`).")
       if shared_ids is None:

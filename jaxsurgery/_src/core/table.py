@@ -46,6 +46,8 @@ class FeatureTable:
     jaxpr: the traced program (``None`` once dropped, e.g. for pickling).
     param_treedef: the params' treedef.
     evidence: the probe's :class:`ProbeEvidence` (gradient tables only).
+    output_spec: the resolved outputs spec (``outputs=`` of :func:`dependency_table`),
+      or ``None`` when outputs have no names.
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxsurgery as js
@@ -73,6 +75,31 @@ class FeatureTable:
   jaxpr: Any = None
   param_treedef: Any = None
   evidence: Any = None  # gradient probe: what cross_check needs besides the masks (ProbeEvidence)
+  output_spec: feats.ResolvedSpec | None = None
+
+  @property
+  def output_features(self) -> tuple[str, ...]:
+    """The output names, in outputs-spec order (``()`` when outputs have no names)."""
+    return () if self.output_spec is None else self.output_spec.names
+
+  def reach(self, path: str) -> np.ndarray:
+    """Which named output positions each element of leaf ``path`` can influence.
+
+    A sound over-approximation of the Jacobian sparsity of the named outputs with
+    respect to the parameter, from a backward pass of masks over the output names.
+
+    Args:
+      path: a parameter leaf path.
+
+    Returns:
+      A dense bool array of shape ``shapes[path] + (len(output_features),)``.
+
+    Raises:
+      ValueError: the outputs have no names (pass ``outputs=`` to
+        :func:`dependency_table`), or the traced program was dropped.
+    """
+    from jaxsurgery._src.core.reach import reach
+    return reach(self, self._check_path(path))
 
   @property
   def num_features(self) -> int:
@@ -326,7 +353,7 @@ def assemble(spec: feats.ResolvedSpec, traced: Traced, packed: Mapping[str, np.n
       spec=spec, method=method, jaxpr=traced.closed, param_treedef=pdef, **extra)
 
 
-def dependency_table(fn: Callable, params: Any, inputs: Any, features: Any, *,
+def dependency_table(fn: Callable, params: Any, inputs: Any, features: Any, *, outputs: Any = None,
                      strict: bool = False) -> FeatureTable:
   """Builds the feature→parameter table by interpreting ``fn``'s jaxpr with dependency masks.
 
@@ -340,6 +367,11 @@ def dependency_table(fn: Callable, params: Any, inputs: Any, features: Any, *,
     inputs: a pytree of arrays or ``jax.ShapeDtypeStruct``.
     features: a feature spec matching ``inputs`` (or a prefix): leaves are
       :class:`Features`, a ``str`` or ``None``.
+    outputs: an outputs spec over ``fn``'s output tree (or a prefix), with the
+      same leaf types: ``Features(names, axis)`` names the positions along an
+      output axis (actions, classes, tokens), a ``str`` names a whole leaf. Output
+      names are a namespace of their own. The planner then aligns output axes by
+      name (see docs/surgery.md) and :meth:`FeatureTable.reach` is available.
     strict: raise on primitives without a rule instead of warning and using the
       conservative dense rule.
 
@@ -347,7 +379,8 @@ def dependency_table(fn: Callable, params: Any, inputs: Any, features: Any, *,
     A :class:`FeatureTable`.
 
   Raises:
-    FeatureSpecError: ``features`` does not fit ``inputs``.
+    FeatureSpecError: ``features`` does not fit ``inputs``, or ``outputs`` does not
+      fit the output tree (wrong structure, axis or count, duplicate names).
     TraceError: ``fn`` fails to trace with these shapes.
     UnknownPrimitiveError: with ``strict=True``, a primitive without a rule.
 
@@ -363,6 +396,7 @@ def dependency_table(fn: Callable, params: Any, inputs: Any, features: Any, *,
   spec = feats.resolve(features, inputs)
   traced = trace(fn, params, inputs)
   closed, out_shape, (ppaths, pleaves, _) = traced
+  output_spec = None if outputs is None else feats.resolve(outputs, out_shape, side="outputs")
   shapes = [tuple(l.shape) for l in pleaves]
   ctx = Context(spec.num_features, shapes, strict)
   args = [Val(s, l.dtype, pull=ctx.param_pull(i)) for i, (s, l) in enumerate(zip(shapes, pleaves))]
@@ -372,4 +406,5 @@ def dependency_table(fn: Callable, params: Any, inputs: Any, features: Any, *,
   opacked = [None if M.is_empty(v.mask) else M.compress(M.lift(v.mask, len(oshapes[p])))
              for p, v in zip(opaths, outs)]
   return assemble(spec, traced, {p: None if M.is_empty(t) else t for p, t in zip(ppaths, ctx.param_touch)},
-                  opacked, method="boolean", unknown_primitives=tuple(sorted(ctx.unknown)))
+                  opacked, method="boolean", unknown_primitives=tuple(sorted(ctx.unknown)),
+                  output_spec=output_spec)

@@ -4,9 +4,10 @@
   eval_jaxpr: interpret the callee with the caller's values (masks, provenance
   and constants flow through unchanged).
 * cond: ``out`` depends on the branch that runs and on the index. Union over the
-  branches that can run, plus the index's mask on every output; the operands
-  are touched by the index's mask (selection). A statically known index runs
-  only its branch (and keeps constants foldable).
+  branches that can run, plus the index's mask on every output. Like
+  ``select_n``, the index touches nothing: parameters first met inside a branch
+  keep their own rows' touch sets. A statically known index runs only its
+  branch (and keeps constants foldable).
 * while / scan: the fixed point of the carry masks over *levels*. Level 0 is
   the exact initial carry (constants included, so first contacts at step 0 are
   recorded exactly); level ``k + 1`` is level ``k`` joined with the body's
@@ -72,8 +73,8 @@ def cond(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
     i = int(np.clip(int(np.asarray(known)), 0, len(branches) - 1))
     branches = branches[i:i + 1]
   words = M.reduce_all(index.mask)
-  for v in ops:
-    ctx.touch(v, M.uniform(words, v.ndim))
+  # Like select_n, the index selects and touches nothing: a kernel first met inside a branch keeps
+  # the touch sets of its own rows (the outputs still carry the index's mask).
   results = [ctx.run(b.jaxpr, const_vals(b.consts), ops) for b in branches]
   outs = []
   for k, o in enumerate(eqn.outvars):

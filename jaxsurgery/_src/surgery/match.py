@@ -269,9 +269,25 @@ def name_changes(old_names: Sequence[str], new_names: Sequence[str], rename: Map
           tuple(o for o, n in zip(old_names, renamed) if n not in new_names))
 
 
+def _renamed(old_names: Sequence[str], rename: Mapping[str, str], what: str) -> list[str]:
+  """The old names after ``rename``; two old names may not become one."""
+  out = [rename.get(n, n) for n in old_names]
+  if len(set(out)) != len(out):
+    seen: dict[str, str] = {}
+    for o, n in zip(old_names, out):
+      if n in seen:
+        a, b = (seen[n], o) if seen[n] in rename else (o, seen[n])
+        raise SurgeryError(
+            f"rename maps old {what} {a!r} to {n!r}, but the old model already has {what} {b!r} "
+            f"{'named' if b == n else 'renamed to'} {n!r}: two old {what}s would become one. Rename "
+            f"{b!r} as well, or remove the entry for {a!r}.")
+      seen[n] = o
+  return out
+
+
 def _leaf_maps(old_spec, new_spec, rename, constants, what: str) -> list[LeafMap]:
   old_by_path = {l.path: k for k, l in enumerate(old_spec.leaves)}
-  old_names = [rename.get(n, n) for n in old_spec.names]
+  old_names = _renamed(old_spec.names, rename, "output" if what == "outputs" else "feature")
   where = {}
   for k, leaf in enumerate(old_spec.leaves):
     if leaf.axis is not None:
