@@ -23,6 +23,7 @@ from jaxsurgery._src.surgery.relations import fold
 
 if TYPE_CHECKING:  # plan builds Surgery objects, so it imports this module
   from jaxsurgery._src.surgery.plan import LeafPlan, Report
+  from jaxsurgery._src.surgery.relations.driver import Relation
 
 
 def leaves_by_path(tree: Any, table: FeatureTable, what: str) -> dict[str, Any]:
@@ -122,6 +123,7 @@ def _paired_noise(leaf: LeafPlan, a: int, x):
   m = leaf.maps[a]
   if m is None or not leaf.noise:
     return jnp.zeros_like(x)
+  assert leaf.old_shape is not None  # a map to old positions: the leaf has an old counterpart
   key = jax.random.fold_in(jax.random.key(0), zlib.crc32(f"{leaf.path}/{a}".encode()) & 0x7FFFFFFF)
   z = jnp.moveaxis(jax.random.normal(key, x.shape, jnp.float32), a, -1)
   onehot = (m[:, None] == np.arange(leaf.old_shape[a])[None, :]).astype(np.float32)  # (new, old)
@@ -185,6 +187,7 @@ class Surgery:
     self.old_table, self.new_table, self.report = old_table, new_table, report
     self.leaf_plans: dict[str, LeafPlan] = {l.path: l for l in report.leaves}  # by new path
     self._compiled: dict = {}
+    self.relation: Relation | None = None  # the relation pass's result (set by plan)
 
   def apply(self, old_params: Any, new_params_init: Any) -> Any:
     """The new params, computed leaf by leaf (traced as is: use it inside your own ``jit``).

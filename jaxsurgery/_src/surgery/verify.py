@@ -157,6 +157,7 @@ def _output_pairs(surgery, yo, yn):
     name = feats.keystr(p)
     if name in named:
       ol, nl = named[name]
+      assert old_spec is not None and new_spec is not None  # `named` is filled only when both are
       old_names = [rename.get(old_spec.names[k], old_spec.names[k]) for k in ol.feature_ids]
       new_pos = {new_spec.names[k]: i for i, k in enumerate(nl.feature_ids)}
       keep = [(i, new_pos[n]) for i, n in enumerate(old_names) if n in new_pos]

@@ -210,6 +210,8 @@ def conv(S: Scope, eqn, ins: list[Rel]) -> list[Rel]:
   old = S.pair(eqn, ins)
   p = eqn.params
   why = None
+  lhs: Rel | None
+  rhs: Rel | None
   lhs, rhs = ins
   if old is not None:
     lhs, rhs = [as_related(S, r, old.invars[k]) for k, r in enumerate(ins)]
@@ -226,6 +228,7 @@ def conv(S: Scope, eqn, ins: list[Rel]) -> list[Rel]:
     return [Rel(shape, dtype, ref=None if old is None else old.outvars[0], whole=NOVEL if old is None else None,
                 maps=tuple(A.identity(n) for n in shape) if old is not None else (), broken=s,
                 slab=tuple(NOVEL for _ in shape) if old is not None else ())]
+  assert lhs is not None and rhs is not None  # else `why` is set above
   dn = p["dimension_numbers"]
   lspec, rspec, ospec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
   broken = lhs.broken or rhs.broken
@@ -242,7 +245,7 @@ def conv(S: Scope, eqn, ins: list[Rel]) -> list[Rel]:
   fmap, omap, why = _grouped(S, eqn, lhs, rhs, lspec[1], rspec[1], rspec[0], G, Go, old)
   if why:
     broken = broken or S.site(eqn, why)
-  maps = [None] * len(shape)
+  maps: list[A.AxisMap | None] = [None] * len(shape)
   slab = [ZERO] * len(shape)
   maps[ospec[0]], slab[ospec[0]] = lhs.maps[lspec[0]], lhs.slab[lspec[0]]
   maps[ospec[1]], slab[ospec[1]] = omap, combine("mul", [rhs.slab[rspec[0]], BCAST])

@@ -279,7 +279,7 @@ def cond(S: Scope, eqn, ins: list[Rel]) -> list[Rel]:
   if not (index.is_const or (index.related and index.broken is None)):
     S.site(eqn, "the branch index differs from the old program's")
     return [none(tuple(o.aval.shape), o.aval.dtype, NOVEL) for o in eqn.outvars]
-  chosen = range(len(branches))
+  chosen: range | list[int] = range(len(branches))
   if index.is_const and index.value() is not None:
     chosen = [int(np.clip(index.value(), 0, len(branches) - 1))]
   result, scopes = None, []
@@ -293,4 +293,5 @@ def cond(S: Scope, eqn, ins: list[Rel]) -> list[Rel]:
     result = outs if result is None else [join(x, y, S, eqn) for x, y in zip(result, outs)]
   S.bodies = getattr(S, "bodies", {})
   S.bodies[id(eqn)] = scopes
+  assert result is not None  # a cond has at least one branch
   return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
+from typing import cast
 
 import numpy as np
 
@@ -277,7 +278,8 @@ def _param_maps(P: Pass, new_table, pairs):
   maps, how = {}, {}
   for i in pairs:
     shape = new_table.shapes[new_table.paths[i]]
-    ms, hs = [], []
+    ms: list[np.ndarray | None] = []
+    hs: list[str] = []
     for a in range(len(shape)):
       f = P.frees.get((i, a))
       if f is None:
@@ -341,7 +343,7 @@ def _param_uses(jaxpr, n_params: int) -> dict[int, int]:
 
   def walk(j):
     for eqn in j.eqns:
-      srcs = {view_of.get(id(v)) for v in eqn.invars if not isinstance(v, compat.Literal)} - {None}
+      srcs = cast("set[int]", {view_of.get(id(v)) for v in eqn.invars if not isinstance(v, compat.Literal)} - {None})
       if not srcs:
         continue
       if eqn.primitive.name in _VIEW_PRIMS and len(srcs) == 1:

@@ -242,7 +242,7 @@ def _is_identity_bound(prim: str, r: Rel) -> bool:
 
 
 def _unify_maps(S: Scope, eqn, ins, shape):
-  maps = [None] * len(shape)
+  maps: list[A.AxisMap | None] = [None] * len(shape)
   for r in ins:
     if not r.related:
       continue
@@ -313,6 +313,7 @@ def _related(S: Scope, eqn, ins, shape, dtype) -> Rel:
   if why is not None:
     broken = broken or S.site(eqn, why)
     coef = 1.0
+  assert coef is not None  # a missing coefficient always comes with a reason (above)
   return Rel(shape, dtype, ref=old.outvars[0], maps=maps, coef=coef, broken=broken, slab=slab,
              origin=_origin(ins, shape, prim), scaled_at=scaled_at if coef is not None else "",
              approx=approx, term=_term(prim, eqn.params, ins, S, old),
@@ -584,7 +585,7 @@ def _neutral(prim, r: Rel) -> bool:
   return v is not None and v.size > 0 and bool(np.all(v == (-np.inf if prim == "max" else np.inf)))
 
 
-def _slab(prim, params, ins, maps, shape, a) -> int:
+def _slab(prim, params, ins, maps, shape, a) -> int | None:
   kinds = []
   ins = [r for r in ins if not _neutral(prim, r)] or ins
   for r in ins:

@@ -89,6 +89,8 @@ class Pass:
     self.scale_demands: list[tuple] = []
     self.assumptions: set[str] = set()
     self.frees: dict[tuple[int, int], A.Free] = {}
+    self.pull_seen: set | None = None  # (scope, var, region) keys visited by a pull-back
+    self.presets: dict = {}  # (param, axis) -> map an output name decided (for the next run)
 
   def site(self, s: Site) -> Site:
     key = (s.primitive, id(s._eqn) if s._eqn is not None else s.where, s.reason)
@@ -185,6 +187,7 @@ class Scope:
     self.env: dict[Any, Rel] = {}
     self.producer: dict[int, Any] = {}
     self.parent = parent  # (outer scope, outer eqn, kind) for pull-back across bodies
+    self.bodies: dict[int, list[Scope]] = {}  # id(eqn) -> the scopes of its bodies
 
   # -- reading ------------------------------------------------------------
   def read(self, atom) -> Rel:
@@ -209,7 +212,7 @@ class Scope:
     if all(r.is_const for r in ins) and not eqn.effects and eqn.primitive.name not in _NO_FOLD:
       return _fold(eqn, ins)
     fn = RULES.get(eqn.primitive.name, congruence)
-    self.pending_now = []
+    self.pending_now: list[tuple] = []
     outs = fn(self, eqn, ins)
     if any(r.missing or r.deficit for r in ins if r.related) and eqn.primitive.name not in _FOLD_OK:
       s = self.site(eqn, "a removed feature declared constant reaches an op whose contribution "
@@ -351,7 +354,7 @@ def congruence(S: Scope, eqn, ins: list[Rel]) -> list[Rel]:
   """
   name = eqn.primitive.name
   if any(not r.related and not r.is_const for r in ins):
-    kind = NOVEL
+    kind: int | None = NOVEL
     if name in _ZERO_PRESERVING_UNARY and len(ins) == 1:
       kind = ins[0].whole
     return [none(out_shape(eqn, j), o.aval.dtype, kind) for j, o in enumerate(eqn.outvars)]

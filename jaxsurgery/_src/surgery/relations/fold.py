@@ -12,10 +12,12 @@ elementwise primitives.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
-OPS = {
+OPS: dict[str, Any] = {  # "integer_pow" is evaluated inline (None here)
     "add": jnp.add, "sub": jnp.subtract, "mul": jnp.multiply, "div": jnp.divide,
     "max": jnp.maximum, "min": jnp.minimum, "neg": jnp.negative, "abs": jnp.abs,
     "sqrt": jnp.sqrt, "rsqrt": jax.lax.rsqrt, "exp": jnp.exp, "log": jnp.log, "tanh": jnp.tanh,

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from . import maps as A
@@ -64,7 +66,7 @@ def gather(S: Scope, eqn, ins: list[Rel]) -> list[Rel]:
   elif not _ids_unchanged(idx):
     why = "the ids differ from the old program's"
   if why is None:
-    ids = idx.value() if idx.is_const else None
+    ids: Any = idx.value() if idx.is_const else None
     if idx.is_const and not np.array_equal(ids, S.old_const(old.invars[1])):
       why = "the constant ids differ from the old program's"
     for a in dn.start_index_map:
@@ -84,8 +86,9 @@ def _gather_rel(eqn, old, table: Rel, idx: Rel, shape, dtype) -> Rel:
   dn = eqn.params["dimension_numbers"]
   sizes = eqn.params["slice_sizes"]
   offset_src = [a for a in range(table.ndim) if a not in dn.collapsed_slice_dims]
-  maps, slab = [None] * len(shape), [ZERO] * len(shape)
-  axes = [None] * len(shape)
+  maps: list[A.AxisMap | None] = [None] * len(shape)
+  slab = [ZERO] * len(shape)
+  axes: list[int | None] = [None] * len(shape)
   for o, a in zip(dn.offset_dims, offset_src):
     full = sizes[a] == table.shape[a]
     maps[o] = table.maps[a] if full else A.identity(shape[o])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import numpy as np
 
@@ -50,7 +51,7 @@ class Fixed(AxisMap):
     self.src = np.asarray(src, np.int64)
     self.n_new, self.n_old, self.label = len(self.src), int(n_old), label
     self.leaf, self.foreign = leaf, foreign or {}
-    self.free = None  # the Free variable this map was the default of (to revisit that default)
+    self.free: Free | None = None  # the Free variable this map was the default of (to revisit that default)
 
   def __repr__(self):
     return f"Fixed({self.src.tolist() if self.n_new <= 12 else '...'}, old={self.n_old})"
@@ -152,12 +153,12 @@ def unify(a: AxisMap, b: AxisMap) -> AxisMap:
     a.default = a.default or b.default
     return a
   if isinstance(a, Free) or isinstance(b, Free):
-    free, other = (a, b) if isinstance(a, Free) else (b, a)
+    free, other = cast("tuple[Free, AxisMap]", (a, b) if isinstance(a, Free) else (b, a))
     free.bound = other
     _attach_members(other, free.members)
     return other
   if type(a) is type(b) and not isinstance(a, Fixed) and _same_grid(a, b):
-    for x, y in zip(a.parts, b.parts):
+    for x, y in zip(cast("Cat | Kron", a).parts, cast("Cat | Kron", b).parts):
       unify(x, y)
     return a
   if isinstance(a, Fixed) and not isinstance(b, Fixed):
@@ -201,6 +202,7 @@ def _bind_to_array(m: AxisMap, src: np.ndarray) -> None:
       _bind_to_array(p, np.where(piece < 0, -1, piece - old_start))
       new_start, old_start = new_start + p.n_new, old_start + p.n_old
     return
+  m = cast(Kron, m)
   parts = factor_array(src, [p.n_new for p in m.parts], [p.n_old for p in m.parts])
   if parts is None:
     raise MapConflict("a fixed map is not a grid of the reshape's factors")
@@ -228,6 +230,7 @@ def resolve(m: AxisMap) -> np.ndarray:
       out.append(np.where(s < 0, -1, s + old_start))
       old_start += p.n_old
     return np.concatenate(out) if out else np.zeros(0, np.int64)
+  m = cast(Kron, m)
   return kron_array([resolve(p) for p in m.parts], [p.n_old for p in m.parts])
 
 
@@ -262,14 +265,15 @@ def split(m: AxisMap, new_sizes: Sequence[int], old_sizes: Sequence[int]) -> lis
   """The maps of consecutive pieces of an axis (a ``split``)."""
   m = find(m)
   if isinstance(m, Free):
-    parts = [Free(n, o) for n, o in zip(new_sizes, old_sizes)]
+    parts: list[AxisMap] = [Free(n, o) for n, o in zip(new_sizes, old_sizes)]
     unify(m, Cat(parts))
     return parts
   if isinstance(m, Cat) and [p.n_new for p in m.parts] == list(new_sizes) and [
       p.n_old for p in m.parts] == list(old_sizes):
     return list(m.parts)
   src = resolve(m)
-  out, ns, os_ = [], 0, 0
+  out: list[AxisMap] = []
+  ns, os_ = 0, 0
   for n, o in zip(new_sizes, old_sizes):
     piece = src[ns:ns + n]
     inside = (piece >= os_) & (piece < os_ + o)
@@ -282,7 +286,7 @@ def factor(m: AxisMap, new_sizes: Sequence[int], old_sizes: Sequence[int]) -> li
   """The maps of the factors of an axis reshaped into a grid, or None if it is not a grid."""
   m = find(m)
   if isinstance(m, Free):
-    parts = [Free(n, o) for n, o in zip(new_sizes, old_sizes)]
+    parts: list[AxisMap] = [Free(n, o) for n, o in zip(new_sizes, old_sizes)]
     unify(m, Kron(parts))
     return parts
   if isinstance(m, Kron) and [p.n_new for p in m.parts] == list(new_sizes) and [
@@ -302,7 +306,7 @@ def is_identity(m: AxisMap) -> bool:
     return False
   if isinstance(m, (Cat, Kron)):
     return all(is_identity(p) for p in m.parts)
-  return bool(np.array_equal(m.src, np.arange(m.n_new)))
+  return bool(np.array_equal(cast(Fixed, m).src, np.arange(m.n_new)))
 
 
 def maybe_new(m: AxisMap) -> bool:
@@ -312,7 +316,7 @@ def maybe_new(m: AxisMap) -> bool:
     return m.n_new > m.n_old
   if isinstance(m, (Cat, Kron)):
     return any(maybe_new(p) for p in m.parts)
-  return bool((m.src < 0).any())
+  return bool((cast(Fixed, m).src < 0).any())
 
 
 class NotAMultiple(ValueError):
@@ -327,7 +331,7 @@ def prefix_policy(m: Free) -> np.ndarray:
   return prefix(m.n_new, m.n_old)
 
 
-def tile_policy(m: Free) -> np.ndarray:
+def tile_policy(m: Free) -> np.ndarray | tuple[np.ndarray, str]:
   """``widen="clone"``: the old positions repeated (HyperCloning's ``W.repeat``)."""
   if m.n_new == m.n_old:
     return np.arange(m.n_new)
@@ -336,7 +340,8 @@ def tile_policy(m: Free) -> np.ndarray:
   return np.arange(m.n_new) % m.n_old, "clone"
 
 
-POLICY = [prefix_policy]  # how a grown axis that nothing constrains is aligned (set per plan)
+# how a grown axis that nothing constrains is aligned (set per plan)
+POLICY: list[Callable[[Free], np.ndarray | tuple[np.ndarray, str]]] = [prefix_policy]
 
 
 def multiplicity(src: np.ndarray, n_old: int) -> int | None:

@@ -38,9 +38,13 @@ class DryRun:
   """Stands in for the pass during a trial pull-back: records decisions, applies none."""
 
   def __init__(self, P: Pass):
-    self.P, self.zeros, self.failures = P, [], []
+    self.P = P
+    self.zeros: list[tuple] = []
+    self.failures: list[str] = []
     self.param_fresh = P.param_fresh
     self.new_decisions = P.new_decisions
+    self.pull_seen: set | None = None  # set by trial()
+    self.multiplicative = False
 
   def decide_zero(self, origin, axis) -> bool:
     param, axes = origin
@@ -79,7 +83,7 @@ def _is_zero(r: Rel, region) -> bool:
   return r.slab[region[1]] == ZERO
 
 
-def _fail(P: Pass, S: Scope, eqn, site: Site, why: str) -> None:
+def _fail(P: Pass | DryRun, S: Scope, eqn, site: Site, why: str) -> None:
   if isinstance(P, DryRun):
     P.failures.append(why)
     return
@@ -88,7 +92,7 @@ def _fail(P: Pass, S: Scope, eqn, site: Site, why: str) -> None:
                                 f"{why} (needed because {site.describe()})", where)))
 
 
-def _pull(P: Pass, S: Scope, var, region, site: Site, depth: int) -> None:
+def _pull(P: Pass | DryRun, S: Scope, var, region, site: Site, depth: int) -> None:
   if isinstance(var, compat.Literal) or depth > _MAX_DEPTH:
     return
   seen = getattr(P, "pull_seen", None)

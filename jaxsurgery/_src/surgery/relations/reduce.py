@@ -49,7 +49,8 @@ def reduce(S: Scope, eqn, ins: list[Rel]) -> list[Rel]:
   elif prim in ("reduce_prod", "reduce_and", "reduce_or", "reduce_xor") and not np.isclose(x.coef, 1):
     broken = broken or S.site(eqn, f"`{prim}` of a rescaled value")
   keep = [a for a in range(x.ndim) if a not in axes]
-  term, extras = None, ()
+  term = None
+  extras: tuple = ()
   if prim == "reduce_sum" and len(axes) == 1:  # a symbolic name, also on broken values (for demands)
     a = axes[0]
     m = A.find(x.maps[a])

@@ -21,7 +21,7 @@ Every variable of the new program gets a :class:`Rel`:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -32,7 +32,11 @@ KIND_NAMES = {ZERO: "zero", CONST: "constant", NOVEL: "novel", NONFIN: "non-fini
               BCAST: "the old values (broadcast)"}
 
 
-def join(*kinds: int) -> int:
+@overload
+def join(*kinds: int) -> int: ...
+@overload
+def join(*kinds: int | None) -> int | None: ...
+def join(*kinds: int | None) -> int | None:
   """What new positions hold if they hold any one of ``kinds`` (loop iterations, branches)."""
   ks = set(kinds)
   if NONFIN in ks:
@@ -130,7 +134,7 @@ class Rel:
     return c.get() if isinstance(c, Lazy) else c
 
 
-def none(shape, dtype, kind: int, origin=None) -> Rel:
+def none(shape, dtype, kind: int | None, origin=None) -> Rel:
   """A value with no old counterpart."""
   return Rel(tuple(shape), dtype, whole=kind, origin=origin)
 

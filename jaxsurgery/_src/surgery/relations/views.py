@@ -26,7 +26,7 @@ def _moved(S: Scope, eqn, x: Rel, maps, slab, origin_axes=None, j: int = 0, old=
   if x.origin is not None and origin_axes is not None:
     origin = (x.origin[0], tuple(None if a is None else x.origin[1][a] for a in origin_axes))
   keep_term = eqn.primitive.name in ("reshape", "broadcast_in_dim", "squeeze")
-  missing = ()
+  missing: tuple = ()
   if x.missing and origin_axes is not None and eqn.primitive.name in ("broadcast_in_dim", "transpose", "squeeze"):
     missing = tuple((j, ent) for a, ent in x.missing for j, oa in enumerate(origin_axes) if oa == a)
   return Rel(shape, eqn.outvars[j].aval.dtype, ref=old.outvars[j], maps=tuple(maps), coef=x.coef,
@@ -95,7 +95,9 @@ def broadcast_in_dim(S, eqn, ins):
       old.params["broadcast_dimensions"]):
     return [_broken(S, eqn, old, "the broadcast differs from the old program's")]
   bd = list(eqn.params["broadcast_dimensions"])
-  maps, slab, axes = [], [], []
+  maps: list[A.AxisMap] = []
+  slab: list[int] = []
+  axes: list[int | None] = []
   for b in range(len(shape)):
     if b in bd and x.shape[bd.index(b)] == shape[b]:
       a = bd.index(b)
@@ -316,8 +318,9 @@ def concatenate(S, eqn, ins):
 
 
 def _concat_rel(S, eqn, ins, dim, shape, dtype, ref, old_ins, old_sizes) -> Rel:
-  pieces, kinds, coefs, broken = [], [], [], None
-  others = [None] * len(shape)
+  pieces: list[A.AxisMap] = []
+  kinds, coefs, broken = [], [], None
+  others: list = [None] * len(shape)  # AxisMap | None per axis
   for k, r in enumerate(ins):
     n = r.shape[dim]
     if k not in old_ins:
