@@ -289,10 +289,10 @@ def _leaf_maps(old_spec, new_spec, rename, constants, what: str) -> list[LeafMap
   old_by_path = {l.path: k for k, l in enumerate(old_spec.leaves)}
   old_names = _renamed(old_spec.names, rename, "output" if what == "outputs" else "feature")
   where = {}
-  for k, leaf in enumerate(old_spec.leaves):
+  for j, leaf in enumerate(old_spec.leaves):
     if leaf.axis is not None:
       for p, fid in enumerate(leaf.feature_ids):
-        where[old_names[fid]] = (k, p)
+        where[old_names[fid]] = (j, p)
   out = []
   for leaf in new_spec.leaves:
     k = old_by_path.get(leaf.path)
@@ -302,7 +302,8 @@ def _leaf_maps(old_spec, new_spec, rename, constants, what: str) -> list[LeafMap
         and old_names[ol.feature_ids[0]] != new_spec.names[leaf.feature_ids[0]]):
       out.append(LeafMap(None, (), (), ()))
       continue
-    maps, labels, zero, foreign, consts = [], [], [], [], []
+    maps: list[np.ndarray | None] = []
+    labels, zero, foreign, consts = [], [], [], []
     for a in range(len(leaf.shape)):
       if leaf.axis == a and ol.axis == a:
         pos = {old_names[fid]: p for p, fid in enumerate(ol.feature_ids)}
