@@ -354,14 +354,11 @@ def test_progress(capsys):
   fn = lambda p, x: jnp.tanh(x @ p["w"])
   params = {"w": jax.ShapeDtypeStruct((4, 2), jnp.float32)}
   x, spec = jax.ShapeDtypeStruct((1, 4), jnp.float32), js.Features(list("abcd"))
-  js.gradient_table(fn, params, x, spec, key=KEY, draws=1, chunk_size=2)
-  assert capsys.readouterr().err == ""  # 2 runs x 2 chunks: quiet by default
-  js.gradient_table(fn, params, x, spec, key=KEY, draws=2, chunk_size=2, progress=True)
-  err = capsys.readouterr().err
-  assert "gradient_table(4 columns x 3 runs)" in err and "chunk 6/6" in err and "(3/3)" in err
   js.gradient_table(fn, params, x, spec, key=KEY, draws=8, chunk_size=1, annihilate=False)
-  err = capsys.readouterr().err  # 32 chunks: progress by default
-  assert "chunk 32/32 (100%)" in err and "draw 7 (8/8)" in err
+  assert capsys.readouterr().err == ""  # a tqdm bar only when stderr is a terminal (not here)...
+  js.gradient_table(fn, params, x, spec, key=KEY, draws=2, chunk_size=2, progress=True)
+  err = capsys.readouterr().err  # ...or when asked
+  assert "gradient_table(4 columns x 3 runs)" in err and "6/6" in err and "(3/3)" in err and "chunk/s" in err
 
 
 def test_chunking_does_not_change_the_table():

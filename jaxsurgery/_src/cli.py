@@ -34,6 +34,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from jaxsurgery._src import progress
+
 REPORT = "jaxsurgery.json"     # written in every new step directory
 TMP = ".jaxsurgery-tmp"        # where steps are written before they are renamed into place
 _PARTIAL = re.compile(r".*\.orbax-checkpoint-tmp-\d+$")
@@ -261,11 +263,7 @@ def _done(dest: str, plan_id: str) -> bool:
 # -- commands ----------------------------------------------------------------------------------------
 
 def _progress(steps, enabled: bool):
-  try:
-    from tqdm import tqdm
-  except ImportError:   # tqdm is optional (jaxsurgery[viz])
-    return steps
-  return tqdm(steps, desc="steps", unit="step", disable=not enabled, file=sys.stderr)
+  return progress.bar(steps, desc="steps", unit="step", enabled=enabled)
 
 
 def apply(plan: str, old_dir: str, new_dir: str, init_spec: str, steps: str | None = None,

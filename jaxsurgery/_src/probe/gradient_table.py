@@ -32,8 +32,6 @@ The steps: :func:`_setup` (trace, check the arguments), :func:`_plan_columns`
 from __future__ import annotations
 
 import dataclasses
-import sys
-import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, cast
@@ -42,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsurgery._src import progress
 from jaxsurgery._src.core import features as feats
 from jaxsurgery._src.core import masks as M
 from jaxsurgery._src.core.errors import UnknownNameError
@@ -53,25 +52,18 @@ from jaxsurgery._src.probe.static import StaticWalk, static_walk
 
 
 class _Progress:
-  """Progress lines on stderr, at most one a second."""
+  """A tqdm bar over the probe's chunks (see :mod:`jaxsurgery._src.progress`)."""
 
   def __init__(self, total: int, enabled: bool | None, what: str):
-    self.total = total
-    self.enabled = total >= 16 if enabled is None else bool(enabled)
-    self.what = what
-    self.start = self.last = time.monotonic()
-    self.done = 0
+    self.bar = progress.bar(total=total, desc=f"jaxsurgery.gradient_table({what})", unit="chunk",
+                            enabled=enabled)
 
   def step(self, label: str):
-    self.done += 1
-    if not self.enabled:
-      return
-    now = time.monotonic()
-    if self.done == self.total or now - self.last >= 1.0 or self.done == 1:
-      self.last = now
-      pct = 100.0 * self.done / max(self.total, 1)
-      print(f"jaxsurgery.gradient_table({self.what}): {label}, chunk {self.done}/{self.total} "
-            f"({pct:.0f}%), {now - self.start:.1f}s", file=sys.stderr, flush=True)
+    self.bar.set_postfix_str(label)
+    self.bar.update(1)
+
+  def close(self):
+    self.bar.close()
 
 
 def _as_key(key):
@@ -660,8 +652,8 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
     chunk_size: columns vmapped together; default: from ``memory_budget``.
     memory_budget: bytes the columns of one chunk may use (estimated from the
       parameter, input, output and intermediate sizes of ``fn``); default 1 GiB.
-    progress: print progress lines to stderr; ``None`` prints them only when
-      there are 16 chunks or more.
+    progress: show a tqdm progress bar over the chunks on stderr; ``None``
+      (default) shows it only when stderr is a terminal (tqdm's convention).
     num_ids: number of valid ids of the categorical features (an int for all
       of them, or ``{feature name: n}``); inferred when omitted.
     max_ids: at most this many ids of one categorical feature per run.
@@ -709,4 +701,5 @@ def gradient_table(fn: Callable, params: Any, inputs: Any, features: Any, *, key
   if pending is not None:
     pending[0].block_until_ready()
     prog.step(pending[1])
+  prog.close()
   return _assemble(pb, acc, cols_plan, draws)
