@@ -63,3 +63,28 @@ def fmt_s(s: float) -> str:
   if s < 1:
     return f"{s * 1e3:.1f} ms"
   return f"{s:.2f} s"
+
+
+def machine() -> dict:
+  """The machine and library versions a result was measured with (and the load at the start)."""
+  import datetime
+  import importlib.metadata
+  import platform
+
+  import jax
+  import jaxlib
+  import numpy
+  cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
+             platform.processor())
+  mem = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal"))
+  versions = {}
+  for name in ("flax", "optax", "asdex", "orbax-checkpoint"):
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      versions[name] = None
+  return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "ram_gib": mem / 2**20,
+          "python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+          "numpy": numpy.__version__, **versions, "platform": platform.platform(),
+          "backend": jax.default_backend(), "load": os.getloadavg(),
+          "date": datetime.datetime.now().isoformat(timespec="seconds")}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -20,21 +19,7 @@ SCRIPTS = ["bench_table", "bench_asdex", "bench_probe", "bench_remap", "bench_sc
 COMMAND = "python benchmarks/run_all.py"
 
 
-def machine() -> dict:
-  import importlib.metadata
-
-  import flax
-  import jax
-  import jaxlib
-  import numpy
-  cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
-             platform.processor())
-  mem = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal"))
-  return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "ram_gib": mem / 2**20,
-          "python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-          "numpy": numpy.__version__, "flax": flax.__version__,
-          "asdex": importlib.metadata.version("asdex"), "platform": platform.platform(),
-          "load": os.getloadavg(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+machine = common.machine
 
 
 def run(name: str) -> tuple[float, str]:
