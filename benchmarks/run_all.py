@@ -15,7 +15,7 @@ import time
 
 import common
 
-SCRIPTS = ["bench_table", "bench_asdex", "bench_probe", "bench_remap", "bench_scaling"]
+SCRIPTS = ["bench_table", "bench_asdex", "bench_probe", "bench_remap", "bench_scaling", "bench_plan"]
 COMMAND = "python benchmarks/run_all.py"
 
 
@@ -235,10 +235,34 @@ def report(mach, logs) -> str:
       L += [f"| {name} | {p['x']} | {p['num_params']:,} | {f(p['table_s'])} | {f(p['jaxpr_s'])} |"
             for p in pts]
     L.append("")
+  L += _plan_section(common.load("plan"), f)
   L += ["## Raw output", ""]
   for name, out in logs.items():
     L += [f"<details><summary>{name}</summary>", "", "```", out.strip(), "```", "", "</details>", ""]
   return "\n".join(L)
+
+
+def _plan_section(plan, f) -> list[str]:
+  """Section 6: planning speed and memory (issue 13's targets), from results/plan.json."""
+  if not plan:
+    return []
+  five, stack, ok = plan["five"], plan["stack"], plan["target_met"]
+  mark = lambda k: "**pass**" if ok[k] else "**FAIL**"
+  L = ["## 6. Planning (`bench_plan.py`)", "",
+       "`js.plan` from abstract shapes (nothing allocated), each measure in a fresh process; "
+       "median of 3 after a first call.", "",
+       "| measure | target | measured | result |", "|---|---|---|---|",
+       f"| plan, widened Five (LSTM 4096→4352, hidden 128→160, +1 unit feature, +1 named action) | < 1 s "
+       f"| {f(five['plan_s'])} (first {f(five['plan_first_s'])}; tables {f(five['tables_s'])}); "
+       f"preserved={five['preserved']} | {mark('five_plan_s')} |",
+       f"| peak RSS of tables + plan above `import jax` | < 300 MB | +{five['rss_above_import_jax_mib']:.0f} MiB "
+       f"| {mark('five_plan_rss_mib')} |",
+       f"| plan, 1,000-layer stack (2,000 leaves) gaining a layer | < 1 s | {f(stack['plan_s'])} "
+       f"(first {f(stack['plan_first_s'])}); preserved={stack['preserved']} | {mark('stack_plan_s')} |", "",
+       "![plan time against parameters](plan_scaling.png)", "",
+       "| LSTM width | new parameters | plan |", "|---|---|---|"]
+  L += [f"| {r['arg']} | {r['params_new']:,} | {f(r['plan_s'])} |" for r in plan["sweep"]]
+  return L + [""]
 
 
 def main():

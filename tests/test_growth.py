@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from test_transformers import CHANGES, widened
 from transformers_zoo import Cfg, gpt, llama
 
 import jaxsurgery as js
@@ -120,22 +121,15 @@ def _check_no_dead_weights(surgery, new_p, fn, tokens, vocab):
   assert not twins, f"new units with identical updates: {twins}"
 
 
-GROWTHS = {
-    "one_more_layer": dict(layers=3),
-    "d_8_12": dict(d=12),
-    "heads_2_4": dict(heads=4),
-    "head_dim_4_6": dict(head_dim=6),
-    "mlp_16_24": dict(mlp=24),
-}
+GROWTHS = ["one_more_layer", "d_8_12", "heads_2_4", "head_dim_4_6", "mlp_16_24"]
 
 
-@pytest.mark.parametrize("change", list(GROWTHS))
+@pytest.mark.parametrize("change", GROWTHS)
 @pytest.mark.parametrize("family", ["gpt", "llama"])
 def test_growth_leaves_no_dead_weights(family, change):
   build = {"gpt": gpt, "llama": llama}[family]
   base = Cfg()
-  new_cfg = dataclasses.replace(base, **GROWTHS[change])
-  new_cfg = dataclasses.replace(new_cfg, eps=base.eps * base.d / new_cfg.d)
+  new_cfg = widened(base, **CHANGES[change])
   old_fn, old_init, tokens = build(base)
   new_fn, new_init_fn, _ = build(new_cfg)
   old_p, new_init = old_init(jax.random.key(0)), new_init_fn(jax.random.key(1))
