@@ -9,6 +9,7 @@ named positions by name (:func:`input_maps`, :func:`output_maps`).
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -81,7 +82,8 @@ def first_use_order(table: FeatureTable) -> list[str]:
 
 
 _SKIP = 1.5          # a leaf only in one model (inserted or removed)
-_RENAMED = 0.5       # matched leaves whose paths differ
+_RENAMED = 0.5       # matched leaves whose paths differ only in their numbers (Dense_1 -> Dense_2)
+_RENAMED_OTHER = 2.0  # ...or in their words (head -> B1): a named layer keeps its name
 _RESIZED = 1.0       # per axis whose size differs
 _OTHER_FEATURES = 1.0  # the features touching the two leaves differ
 
@@ -187,14 +189,24 @@ def _costs(old_shapes, new_shapes, old_paths, new_paths, old_sigs, new_sigs) -> 
   og, orank = grid(old_shapes)
   ng, nrank = grid(new_shapes)
   c = _RESIZED * (og[:, None, :] != ng[None, :, :]).sum(-1).astype(np.float64)
-  ids = {p: k for k, p in enumerate(dict.fromkeys(list(old_paths) + list(new_paths)))}
-  c += _RENAMED * (np.array([ids[p] for p in old_paths])[:, None] != np.array([ids[p] for p in new_paths])[None, :])
+  c += _rename_costs(old_paths, new_paths)
   if old_sigs is not None:
     sid = {s: k for k, s in enumerate(dict.fromkeys(list(old_sigs) + list(new_sigs)))}
     old_ids, new_ids = np.array([sid[s] for s in old_sigs]), np.array([sid[s] for s in new_sigs])
     c += _OTHER_FEATURES * (old_ids[:, None] != new_ids[None, :])
   c[orank[:, None] != nrank[None, :]] = np.inf
   return c
+
+
+def _rename_costs(old_paths, new_paths) -> np.ndarray:
+  """0 for the same path, ``_RENAMED`` if only the numbers differ, else ``_RENAMED_OTHER``."""
+  words = lambda ps: [re.sub(r"\d+", "#", p) for p in ps]
+  ids = {p: k for k, p in enumerate(dict.fromkeys(list(old_paths) + list(new_paths)))}
+  wid = {p: k for k, p in enumerate(dict.fromkeys(words(old_paths) + words(new_paths)))}
+  same = np.array([ids[p] for p in old_paths])[:, None] == np.array([ids[p] for p in new_paths])[None, :]
+  same_words = (np.array([wid[w] for w in words(old_paths)])[:, None]
+                == np.array([wid[w] for w in words(new_paths)])[None, :])
+  return np.where(same, 0.0, np.where(same_words, _RENAMED, _RENAMED_OTHER))
 
 
 def _align(cost: np.ndarray) -> list[tuple[int, int]]:
