@@ -507,9 +507,6 @@ def test_8_scan_cumulative_sum_is_causal():
   np.testing.assert_array_equal(scan_outputs_mask(discounted_returns, n), np.triu(np.ones((n, n), bool)))
 
 
-@pytest.mark.xfail(strict=True, raises=js.UnknownPrimitiveError,
-                   reason="issue 15.8: equinox's select_if_vmap, unvmap_any, unvmap_max and nonbatchable have no rule "
-                          "(unknown-primitive fallback)")
 def test_8_equinox_internal_primitives_have_rules():
   import equinox.internal as eqxi
 

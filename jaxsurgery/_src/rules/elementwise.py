@@ -111,13 +111,14 @@ PASSTHROUGH = ("device_put", "optimization_barrier", "pvary", "pbroadcast", "psu
                "pmin", "ppermute", "psum_invariant", "sharding_constraint", "mesh_cast", "reshard",
                "name", "layout_constraint", "with_memory_space_constraint", "shard_alike", "tie",
                "pin", "unpin", "multiple_of", "inspect_sharding", "debug_print", "check",
-               "unreduced_psum", "preduced", "vary_unreduced_cast_p", "reduced_vary_cast_p")
+               "unreduced_psum", "preduced", "vary_unreduced_cast_p", "reduced_vary_cast_p",
+               "nonbatchable")   # equinox.internal: an identity outside vmap
 
 NARY = (
     "add", "add_any", "and", "atan2", "clamp", "complex", "div", "eq", "ge", "gt", "igamma",
     "igammac", "igamma_grad_a", "le", "lt", "max", "min", "mul", "ne", "nextafter", "or",
     "polygamma", "pow", "random_gamma_grad", "regularized_incomplete_beta", "rem",
-    "select_n", "shift_left", "shift_right_arithmetic", "shift_right_logical", "sub", "xor",
+    "select_n", "select_if_vmap", "shift_left", "shift_right_arithmetic", "shift_right_logical", "sub", "xor",
     "zeta", "mulhi", "stochastic_round", "eq_to", "lt_to", "le_to",
     "random_fold_in", "threefry2x32", "threefry4x32", "philox2x32", "philox4x32", "random_gamma",
 )
@@ -136,5 +137,5 @@ add_traits(("stop_gradient", "floor", "ceil", "round", "sign", "is_finite", "not
             "shift_right_arithmetic", "shift_right_logical", "threefry2x32"), "zero_grad")
 add_traits("mul", "product")
 add_traits(("add", "sub", "add_any"), "sum", "additive")
-add_traits("select_n", "additive", "indexed")
+add_traits(("select_n", "select_if_vmap"), "additive", "indexed")   # equinox's select: the same operands
 add_traits(("max", "min", "clamp"), "selection")

@@ -1,7 +1,8 @@
 """Opaque primitives: random number generation, linear algebra, FFT, unknown ones.
 
 Structure:
-* dense (unknown primitives, stateful RNG, collectives that mix shards): every
+* dense (unknown primitives, stateful RNG, collectives that mix shards, equinox's
+  ``unvmap_*`` reductions to a scalar): every
   output element may depend on every input element. Every parameter operand is
   touched by everything that enters the op. Sound, never precise.
 * leading (random_bits, random_split): ``out[b, t]`` is a function of
@@ -164,6 +165,7 @@ CONSERVATIVE = ("select_and_gather_add", "select_and_scatter_add", "select_and_s
                 "cudnn_fusion", "custom_fusion", "pallas_call", "unreachable")
 
 register(RANDOM, dense)
+register(("unvmap_any", "unvmap_all", "unvmap_max"), dense)   # equinox.internal: one value from every element
 register(("random_bits", "random_split"), leading)
 register(("random_wrap", "random_unwrap", "to_edtype", "from_edtype"), representation)
 register(LINALG, blockwise(lambda eqn: 2))

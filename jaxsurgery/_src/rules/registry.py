@@ -68,6 +68,8 @@ LEGACY_NAMES: Mapping[str, str] = {
     "mesh_cast": _UNVERIFIED, "orgqr": _UNVERIFIED, "pgather": _UNVERIFIED, "psum_scatter": _UNVERIFIED,
     "ragged_dot": _UNVERIFIED, "random_gamma_grad": _UNVERIFIED, "random_key_data": _UNVERIFIED,
     "tsqr": _UNVERIFIED,
+    **{n: "equinox.internal's primitive (not jax's)" for n in
+       ("nonbatchable", "select_if_vmap", "unvmap_any", "unvmap_all", "unvmap_max")},
 }
 
 _RULES: dict[str, Rule] = {}
