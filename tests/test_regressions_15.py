@@ -477,8 +477,6 @@ def test_6_grown_output_without_names_points_to_outputs():
 
 # -- 8. peer-suite findings -------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="issue 15.8: a dot_general with an empty contraction crashes "
-                                                          "in the contraction rule (cannot reshape array of size 0)")
 def test_8_empty_contraction_has_an_empty_mask():
   def fn(p, x):
     return {"empty": x[:, :0] @ jnp.zeros((0, 3)), "full": x @ p["w"]}

@@ -70,6 +70,8 @@ def dot_general(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """
   lhs, rhs = invals[:2]
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  if any(lhs.shape[a] == 0 for a in lc):
+    return [out_val(eqn.outvars[0], None, None)]   # an empty sum: zeros that depend on nothing
   lf = [a for a in range(lhs.ndim) if a not in lc and a not in lb]
   rf = [a for a in range(rhs.ndim) if a not in rc and a not in rb]
   nb = len(lb)
