@@ -161,11 +161,8 @@ def test_compiled_temp_memory_within_twice_the_largest_shard(shared, layout, wha
   assert stats["temp_bytes"] <= 2 * stats["largest_shard_bytes"], stats
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "jax.make_mesh defaults to AxisType.Explicit (sharding in types); there the surgery's jnp.take "
-    "along a sharded axis raises ShardingTypeError ('Use .at[...].get(out_sharding=)'): the leaf apply "
-    "passes no out_sharding. Meshes built with Auto axes work (the other tests)."))
 def test_surgery_on_a_jax_make_mesh_default_mesh():
+  """``jax.make_mesh``'s default (Explicit axes, sharding in types): the gathers run under auto axes."""
   out = run_worker("explicit")
   assert out["axis_types"] == ["AxisType.Explicit"] * 2
   assert out["error"] is None, out["error"]

@@ -144,14 +144,25 @@ def sharded_call(cache: dict, key: Any, fn: Callable, args: tuple, targets: Sequ
   ``cache`` holds the jitted programs (one dict per caller object).
   """
   if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(args)):
+    typed = [getattr(jax.typeof(x), "sharding", None) for x in targets]
+    if _explicit(typed):   # sharding in types: gathers need their output sharding spelled out
+      return jax.sharding.auto_axes(fn, out_sharding=out_shardings_of(typed))(*args)
     return fn(*args)
   shardings = tuple(getattr(x, "sharding", None) for x in targets)
   full = (key, shardings if all(s is not None for s in shardings) else None)
   compiled = cache.get(full)
   if compiled is None:
     out = None if full[1] is None else out_shardings_of(list(full[1]))
-    compiled = cache[full] = jax.jit(fn, out_shardings=out)
+    body = jax.sharding.auto_axes(fn, out_sharding=out) if out is not None and _explicit(full[1]) else fn
+    compiled = cache[full] = jax.jit(body, out_shardings=out)
   return compiled(*args)
+
+
+def _explicit(shardings) -> bool:
+  """Whether a sharding lives on a mesh with Explicit axes (``jax.make_mesh``'s default)."""
+  explicit = getattr(jax.sharding.AxisType, "Explicit", None)
+  return explicit is not None and any(
+      explicit in tuple(getattr(getattr(s, "mesh", None), "axis_types", ()) or ()) for s in shardings if s is not None)
 
 
 class Surgery:
