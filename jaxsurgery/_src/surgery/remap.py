@@ -100,11 +100,25 @@ def _gather(x, maps, rank: int):
   for a, m in enumerate(maps):
     if m is None:
       continue
-    x = jnp.take(x, np.maximum(m, 0), axis=a)
+    x = _take(x, m, a)
     if (m < 0).any():
       v = _column(m >= 0, a, rank)
       valid = v if valid is None else (valid & v)
   return x, valid
+
+
+def _take(x, m: np.ndarray, a: int):
+  """``x`` along axis ``a`` through map ``m`` (``-1``: any value, masked later). An old prefix then
+  new positions is a slice and a pad, which a sharded axis does without gathering the leaf."""
+  n = int(np.argmax(m < 0)) if (m < 0).any() else len(m)
+  if np.array_equal(m[:n], np.arange(n)) and (m[n:] < 0).all():
+    if n == x.shape[a] and n == len(m):
+      return x
+    x = jax.lax.slice_in_dim(x, 0, n, axis=a) if n < x.shape[a] else x
+    pad = [(0, 0)] * x.ndim
+    pad[a] = (0, len(m) - n)
+    return jnp.pad(x, pad) if len(m) > n else x
+  return jnp.take(x, np.maximum(m, 0), axis=a)
 
 
 def _mean_fill(out, m: np.ndarray, a: int):
