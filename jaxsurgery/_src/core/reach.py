@@ -155,6 +155,7 @@ class Backward:
     self.indexed = registry.with_trait("indexed") - {"select_n"}  # select_n's predicate: elementwise
     self.unknown: dict[str, int] = {}
     self._literals: dict[int, tuple] = {}
+    self._sweeps: dict[tuple, tuple] = {}  # forward sweeps of (sub-)jaxprs, reused by loop iterations
     self._adapters: dict[int, tuple] = {}  # id(eqn) -> forward rule's output Vals and capture slots
 
   # -- the pass --------------------------------------------------------------
@@ -172,6 +173,18 @@ class Backward:
         return hit[1]
       return env[v]
 
+    key = (id(jaxpr), tuple(id(c) for c in consts), tuple((id(i.const), i.dep) for i in ins))
+    hit = self._sweeps.get(key)
+    if hit is not None and hit[0] is jaxpr:  # a loop body again: same constants, same Lazy values
+      env, walk = hit[2], hit[3]
+    else:
+      env, walk = self._sweep(jaxpr, consts, ins, read, env)
+      self._sweeps[key] = (jaxpr, (consts, ins), env, walk)  # the keys' objects kept alive
+    return self._walk_back(jaxpr, env, walk, out_masks)
+
+  def _sweep(self, jaxpr: Any, consts: Sequence[Any], ins: Sequence[Info], read: Callable,
+             env: dict[Any, Info]) -> tuple[dict[Any, Info], list[tuple[Any, list[Info]]]]:
+    """The forward sweep: which values derive from parameters, and the folded constants."""
     for var, c in zip(jaxpr.constvars, consts):
       env[var] = Info(tuple(var.aval.shape), var.aval.dtype, c, False)
     for var, info in zip(jaxpr.invars, ins):
@@ -190,7 +203,11 @@ class Backward:
       for k, o in enumerate(eqn.outvars):
         const = Lazy(eqn, [i.const for i in infos], k, cache) if foldable else None
         env[o] = Info(tuple(o.aval.shape), o.aval.dtype, const, False)
+    return env, walk
 
+  def _walk_back(self, jaxpr: Any, env: dict[Any, Info], walk: list[tuple[Any, list[Info]]],
+                 out_masks: Sequence[Mask]) -> list[Mask]:
+    """The reverse walk: outputs' masks to the invars', OR-accumulated per variable."""
     acc: dict[Any, np.ndarray] = {}
 
     def add(v, m: Mask, name: str) -> None:
