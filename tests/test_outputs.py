@@ -202,3 +202,23 @@ def test_a_rename_target_that_is_already_another_output_is_an_error():
     js.plan(ot, nt, rename={"move": "attack"})
   with pytest.raises(js.SurgeryError, match=r"two old features would become one"):
     js.plan(ot, nt, rename={"hp": "mana"})
+
+
+def test_an_axis_the_names_cannot_reach_is_aligned_by_position_with_a_warning_and_strict_raises():
+  from jax.extend.core import Primitive
+  from jax.interpreters import mlir
+
+  flip = Primitive("flip_without_a_rule")
+  flip.def_impl(lambda x: x[..., ::-1])
+  flip.def_abstract_eval(lambda x: jax.core.ShapedArray(x.shape, x.dtype))
+  mlir.register_lowering(flip, mlir.lower_fun(lambda x: x[..., ::-1], multiple_results=False))
+  fn = lambda p, x: flip.bind(x) @ p["w"]
+  xo, xn = jax.ShapeDtypeStruct((2, 3), jnp.float32), jax.ShapeDtypeStruct((2, 4), jnp.float32)
+  with pytest.warns(js.UnknownPrimitiveWarning, match="flip_without_a_rule"):
+    ot = js.dependency_table(fn, {"w": jnp.ones((3, 2))}, xo, js.Features(["a", "b", "c"]))
+    nt = js.dependency_table(fn, {"w": jnp.ones((4, 2))}, xn, js.Features(["a", "new", "b", "c"]))
+  report = js.plan(ot, nt).report
+  assert report.preserved is None
+  assert any("'w' axis 0 (3 -> 4) is aligned by position" in r for r in report.reasons), report.reasons
+  with pytest.raises(js.SurgeryError, match="aligned by position"):
+    js.plan(ot, nt, strict=True)

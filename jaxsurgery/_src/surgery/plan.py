@@ -575,14 +575,59 @@ def plan(old_table: FeatureTable, new_table: FeatureTable, *, rename: Mapping[st
                        f"shared features touch differently: check the leaf matching (pass `rename_params=`) "
                        f"or the feature names")
   out_added, out_removed, out_moved = _output_changes(old_table, new_table, output_rename)
+  positional = [] if preserved is True else _positional_named_axes(old_table, new_table, leaves, feature_rename,
+                                                                  output_rename)
+  reasons += positional
   report = Report(tuple(leaves), dropped_leaves, fmaps.added, fmaps.removed, fmaps.moved, feature_rename,
                   tuple(named), preserved, tuple(reasons), out_added, out_removed, out_moved, output_rename,
                   tuple(rel.assumptions), widen)
   if strict:
     _check_strict(old_table, leaves, fmaps.removed, dropped_leaves, inconsistent)
+    if positional:
+      raise SurgeryError("strict=True: axes aligned by position where names changed:\n  "
+                         + "\n  ".join(positional))
   surgery = Surgery(old_table, new_table, report)
   surgery.relation = rel
   return surgery
+
+
+def _positional_named_axes(old: FeatureTable, new: FeatureTable, leaves, feature_rename, output_rename) -> list[str]:
+  """Axes aligned by position whose sizes are those of a changed named axis (features or outputs).
+
+  The relation pass aligns an axis by name wherever it can follow the names to it; an axis it could
+  not follow (an operation without a fine rule in between) falls back to position. When that axis
+  has exactly the old and new counts of a spec leaf whose names changed, it most likely holds those
+  names: say so, per leaf and axis, instead of shifting rows silently.
+  """
+  counts = set()
+  for o_spec, n_spec, rename in ((old.spec, new.spec, feature_rename),
+                                 (getattr(old, "output_spec", None), getattr(new, "output_spec", None), output_rename)):
+    if o_spec is None or n_spec is None:
+      continue
+    o_leaves = {l.path: l for l in o_spec.leaves}
+    for nl in n_spec.leaves:
+      ol = o_leaves.get(nl.path)
+      if ol is None or ol.axis is None or nl.axis is None:
+        continue
+      o_names = [rename.get(o_spec.names[k], o_spec.names[k]) for k in ol.feature_ids]
+      n_names = [n_spec.names[k] for k in nl.feature_ids]
+      if o_names != n_names:
+        counts.add((len(o_names), len(n_names), nl.path or "<root>"))
+  out = []
+  for leaf in leaves:
+    if leaf.old_shape is None:
+      continue
+    for a, how in enumerate(leaf.how):
+      if str(how).split(" ")[0] not in ("prefix", "positional"):
+        continue
+      for n_old, n_new, where in sorted(counts):
+        if (leaf.old_shape[a], leaf.shape[a]) == (n_old, n_new):
+          out.append(f"{leaf.path!r} axis {a} ({n_old} -> {n_new}) is aligned by position ({how}), but its sizes "
+                     f"are those of the named axis of {where!r}, whose names changed: the planner could not "
+                     f"follow the names to it (see the notes above). Check its rows, give the operation in "
+                     f"between a rule (js.register_rule), or pair it explicitly.")
+          break
+  return out
 
 
 def _output_changes(old: FeatureTable, new: FeatureTable, rename: Mapping[str, str]):
