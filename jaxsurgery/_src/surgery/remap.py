@@ -108,8 +108,11 @@ def _gather(x, maps, rank: int):
 
 
 def _take(x, m: np.ndarray, a: int):
-  """``x`` along axis ``a`` through map ``m`` (``-1``: any value, masked later). An old prefix then
-  new positions is a slice and a pad, which a sharded axis does without gathering the leaf."""
+  """``x`` along axis ``a`` through map ``m`` (``-1``: any value, masked later).
+
+  An old prefix then new positions is a slice and a pad, which a sharded axis does without
+  gathering the leaf.
+  """
   n = int(np.argmax(m < 0)) if (m < 0).any() else len(m)
   if np.array_equal(m[:n], np.arange(n)) and (m[n:] < 0).all():
     if n == x.shape[a] and n == len(m):
