@@ -874,3 +874,15 @@ def test_missing_treescope_names_the_extra(monkeypatch):
   monkeypatch.setitem(sys.modules, "treescope", None)
   with pytest.raises(ImportError, match=r"jaxsurgery\[treescope\]"):
     jsd.register_treescope()
+
+
+def test_surgery_and_table_show_are_the_display_pictures(mpl):
+  old = js.dependency_table(mlp, mlp_params(KEY, 3, 4), jnp.ones((2, 3)), js.Features(["a", "b", "c"]))
+  new = js.dependency_table(mlp, mlp_params(KEY, 4, 4), jnp.ones((2, 4)), js.Features(["a", "x", "b", "c"]))
+  surgery = js.plan(old, new)
+  assert repr(surgery.show("l1/w").info) == repr(jsd.show_surgery(surgery, "l1/w").info)
+  assert surgery.show("l1/w").info["row_labels"][:2] == ["a", "x"]
+  assert surgery.show().info.keys() == jsd.show_overview(surgery).info.keys()
+  assert repr(new.show("l1/w").info) == repr(jsd.show_table(new, "l1/w").info)
+  with pytest.raises(js.UnknownNameError, match="Closest"):
+    surgery.show("l1/ww")
