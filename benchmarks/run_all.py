@@ -15,7 +15,7 @@ import time
 
 import common
 
-SCRIPTS = ["bench_table", "bench_asdex", "bench_probe", "bench_remap", "bench_scaling", "bench_plan"]
+SCRIPTS = ["bench_table", "bench_asdex", "bench_probe", "bench_remap", "bench_scaling", "bench_plan", "bench_reach"]
 COMMAND = "python benchmarks/run_all.py"
 
 
@@ -236,6 +236,7 @@ def report(mach, logs) -> str:
             for p in pts]
     L.append("")
   L += _plan_section(common.load("plan"), f)
+  L += _reach_section(common.load("reach"), f)
   L += ["## Raw output", ""]
   for name, out in logs.items():
     L += [f"<details><summary>{name}</summary>", "", "```", out.strip(), "```", "", "</details>", ""]
@@ -263,6 +264,22 @@ def _plan_section(plan, f) -> list[str]:
        "| LSTM width | new parameters | plan |", "|---|---|---|"]
   L += [f"| {r['arg']} | {r['params_new']:,} | {f(r['plan_s'])} |" for r in plan["sweep"]]
   return L + [""]
+
+
+def _reach_section(reach, f) -> list[str]:
+  """Section 7: the backward pass (FeatureTable.reach) at Five scale, from results/reach.json."""
+  if not reach:
+    return []
+  t, to, r = (reach[k]["median"] for k in ("table", "table_outputs", "reach_masks"))
+  return ["## 7. Output names and reach (`bench_reach.py`)", "",
+          f"{reach['model']} ({reach['num_params']:,} parameters), {reach['num_output_names']} output names. "
+          f"Median of 7, cached trace; measured {reach['machine']['date']} at load "
+          f"{reach['machine']['load'][0]:.1f}.", "",
+          "| measure | time |", "|---|---|",
+          f"| `dependency_table` without output names | {f(t)} |",
+          f"| with `outputs=` (reach is computed when asked) | {f(to)} ({to / t:.2f}x) |",
+          f"| the backward pass over every leaf (`reach` masks) | {f(r)} (first {f(reach['reach_masks']['first'])}) |",
+          f"| table + reach, against the table alone | {(to + r) / t:.2f}x (target: at most 2x) |", ""]
 
 
 def main():

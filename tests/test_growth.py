@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import models as bench_models  # noqa: E402  (benchmarks/models.py: the Five-style policy)
 
 
+@pytest.mark.slow
 def test_widened_five_model_is_exact_with_a_new_feature_and_a_new_action():
   old_cfg = bench_models.FiveConfig(units=3, unit_features=4, unit_types=5, items=2, item_types=4, globals=3,
                                     hidden=8, lstm=16, steps=3, action_types=4, move=5)
