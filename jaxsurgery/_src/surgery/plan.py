@@ -157,6 +157,8 @@ class Report:
     renamed_outputs: ``{old output name: new name}`` applied.
     assumptions: what the proof assumes about the inputs.
     widen: the recipe used for widened axes (``"auto"``, ``"zero"`` or ``"clone"``).
+    constants: ``{removed feature: value}`` declared constant and folded (``verify`` feeds
+      the old model these values).
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxsurgery as js
@@ -185,6 +187,7 @@ class Report:
   renamed_outputs: Mapping[str, str] = dataclasses.field(default_factory=dict)
   assumptions: tuple[str, ...] = ()
   widen: str = "auto"
+  constants: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
   def totals(self) -> dict[str, int]:
     """Element counts summed over the leaves (dropped leaves count as dropped)."""
@@ -580,7 +583,7 @@ def plan(old_table: FeatureTable, new_table: FeatureTable, *, rename: Mapping[st
   reasons += positional
   report = Report(tuple(leaves), dropped_leaves, fmaps.added, fmaps.removed, fmaps.moved, feature_rename,
                   tuple(named), preserved, tuple(reasons), out_added, out_removed, out_moved, output_rename,
-                  tuple(rel.assumptions), widen)
+                  tuple(rel.assumptions), widen, dict(constants))
   if strict:
     _check_strict(old_table, leaves, fmaps.removed, dropped_leaves, inconsistent)
     if positional:

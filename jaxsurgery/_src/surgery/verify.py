@@ -83,8 +83,12 @@ def id_bound(closed_jaxpr) -> int | None:
   return min(sizes) if sizes else None
 
 
-def matched_inputs(key, old_spec, new_spec, old_inputs, new_inputs, feature_rename, int_high=2):
-  """Random new inputs and old inputs that agree on every shared feature."""
+def matched_inputs(key, old_spec, new_spec, old_inputs, new_inputs, feature_rename, int_high=2, constants=None):
+  """Random new inputs and old inputs that agree on every shared feature.
+
+  Removed features declared constant (``constants``) hold their value in the old inputs.
+  """
+  constants = dict(constants or {})
   keys = jax.random.split(key, len(new_spec.leaves) + len(old_spec.leaves))
   new_leaves = [_random_leaf(k, l, int_high) for k, l in zip(keys, new_spec.leaves)]
   new_loc = {name: new_spec.locations[i] for i, name in enumerate(new_spec.names)}
@@ -113,7 +117,14 @@ def matched_inputs(key, old_spec, new_spec, old_inputs, new_inputs, feature_rena
           src = jnp.moveaxis(new_leaves[li], new_spec.leaves[li].axis, -1)[..., np.asarray(new_pos)]
           if src.shape[:-1] == xo.shape[:-1]:
             xo = xo.at[..., np.asarray(old_pos)].set(src.astype(leaf.dtype))
+        fixed = [(pos, constants[old_spec.names[k]]) for pos, k in enumerate(leaf.feature_ids)
+                 if old_spec.names[k] in constants]
+        if fixed:
+          xo = xo.at[..., np.asarray([p for p, _ in fixed])].set(
+              jnp.asarray([v for _, v in fixed], leaf.dtype))
         x = jnp.moveaxis(xo, -1, leaf.axis)
+      if leaf.axis is None and old_spec.names[leaf.feature_ids[0]] in constants:
+        x = jnp.full(leaf.shape, constants[old_spec.names[leaf.feature_ids[0]]], leaf.dtype)
     else:
       same = [i for i, l in enumerate(new_spec.leaves) if l.path == leaf.path]
       if same:
@@ -228,7 +239,8 @@ def verify(surgery, old_fn: Callable, new_fn: Callable, old_params: Any, new_par
   old_call = jax.jit(old_fn)
   new_call = jax.jit(new_fn)
   for k in jax.random.split(key, samples):
-    xo, xn = matched_inputs(k, old_t.spec, new_t.spec, old_inputs, new_inputs, rename, int_high)
+    xo, xn = matched_inputs(k, old_t.spec, new_t.spec, old_inputs, new_inputs, rename, int_high,
+                            getattr(surgery.report, "constants", None))
     yo = jax.tree_util.tree_flatten_with_path(old_call(old_params, xo))[0]
     yn = jax.tree_util.tree_flatten_with_path(new_call(new_params, xn))[0]
     if len(yo) != len(yn):
