@@ -137,6 +137,7 @@ def conv(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   if rhs.mask is not None:  # kernel masks: OR over input channels and taps, per output channel
     km = M.reduce_or(M.lift(rhs.mask, rhs.ndim), [rspec[1]] + list(rspec[2:]), keepdims=True)
     km = km.transpose(list(rspec) + [r])  # (O or 1, 1, 1...)
+    km = np.swapaxes(km, 0, 1)  # as (batch 1, channel O, spatial...): the output channel is the feature axis
     mask = M.orr(mask, km.transpose(argsort(ospec) + [r]))
   if rhs.pull is not None and lhs.mask is not None:
     # kernel[o, i, taps] touched by input channel i (i within o's group)
