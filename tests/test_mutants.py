@@ -80,7 +80,6 @@ KERNEL_CHANNELS_BUG = ("conv rule: the kernel's per-output-channel mask (O, 1, .
                        "broadcast error when O != N, silently wrong masks when O == N")
 
 
-@pytest.mark.xfail(strict=True, reason=KERNEL_CHANNELS_BUG)
 @pytest.mark.parametrize("case", ["nhwc_o4", "nchw_n2_o2"])
 def test_conv_with_feature_kernel_of_several_output_channels(case):
   if case == "nhwc_o4":  # output channel o reads exactly the kernel taps [:, :, :, o]
@@ -102,9 +101,11 @@ def test_conv_kernel_computed_from_features_touches_the_image_parameter():
 
 def test_conv_grouped_feature_kernel_and_param_kernel():
   # groups: output channels of group g read input channels of g only; a parameter kernel is touched per channel
-  f = lambda x: lax.conv_general_dilated(x[:32].reshape(1, 4, 4, 2), jnp.ones((2, 2, 1, 2)) * x[32], (1, 1),
-                                         "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=2)
-  assert_contains(forward_pattern(f, 33), jacobian_pattern(f, 33), "grouped conv")
+  # (O // G = 2 output channels per group: repeated, not tiled, over the groups)
+  k = jnp.asarray(R.normal(size=(2, 2, 1, 4)), jnp.float32)
+  f = lambda x: lax.conv_general_dilated(x.reshape(1, 4, 4, 2), k, (1, 1), "VALID",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=2)
+  assert_equal(forward_pattern(f, 32), jacobian_pattern(f, 32), "grouped conv")
   fn = lambda p, x: _conv(x.reshape(1, 3, 3, 2), p["k"])
   table = check_touches(fn, {"k": jnp.zeros((2, 2, 2, 3))}, 18, exact=False)
   channel = np.arange(18) % 2  # kernel[..., i, o] meets input channel i only
@@ -201,6 +202,37 @@ def test_plan_through_a_non_involutive_transpose_moves_feature_rows():
   np.testing.assert_array_equal(w_new[2], 0)
   check = js.verify(surgery, _transposed_fn, _transposed_fn, old_p, new_p, old_x, new_x, key=jax.random.key(5))
   assert check.ok, check
+
+
+@pytest.mark.parametrize("perm", [(1, 2, 0), (2, 0, 1)])
+def test_reshape_with_dimensions_pulls_touches_back_through_the_inverse(perm):
+  # lax.reshape(..., dimensions=perm) transposes first: its pullback must use the inverse permutation
+  shape = tuple(np.array([2, 3, 4])[np.argsort(perm)])
+  fn = lambda p, x: lax.reshape(p["w"], (24,), dimensions=perm) * x
+  check_touches(fn, {"w": jnp.zeros(shape)}, 24)
+
+
+def test_broadcast_of_a_size_one_axis_pulls_back_to_its_operand_shape():
+  # w[:, 1:2] is (3, 1), broadcast to (3, 4): the pullback ORs the broadcast axis before the slice sees it
+  fn = lambda p, x: jnp.broadcast_to(p["w"][:, 1:2], (3, 4)) * x.reshape(3, 4)
+  table = check_touches(fn, {"w": jnp.zeros((3, 2))}, 12)
+  assert not table.mask("w")[:, 0].any()
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cumsum_of_a_parameter_touch_direction(reverse):
+  # c = cumsum(w): w[j] meets x[i] for i >= j (i <= j reversed)
+  fn = lambda p, x: lax.cumsum(p["w"], reverse=reverse) * x
+  check_touches(fn, {"w": jnp.zeros(5)}, 5)
+
+
+def test_windows_over_padding_of_a_constant_axis_see_nothing():
+  # the mask is constant along axis 1 (a broadcast); windows that see only padding depend on nothing
+  f = lambda x: lax.reduce_window(jnp.broadcast_to(x[:, None], (3, 4)), 0.0, lax.add, (1, 2), (1, 1),
+                                  ((0, 0), (2, 2)))
+  fw = forward_pattern(f, 3)
+  assert_equal(fw, jacobian_pattern(f, 3), "reduce_window over padding")
+  assert not fw.reshape(3, 7, 3)[:, [0, 6]].any()
 
 
 # -- a fresh or widened parameter reshaped before a product ------------------------------------------------------------
@@ -360,3 +392,42 @@ def test_verify_reports_the_output_that_changed():
   assert len(bad) == 1 and "value" in str(bad[0]), check.max_abs_diff
   good = [path for path, d in check.max_abs_diff.items() if d <= check.atol]
   assert len(good) == 1 and "logits" in str(good[0]), check.max_abs_diff
+
+
+def test_verify_a_nan_on_one_side_is_a_difference():
+  k = jax.random.split(jax.random.key(6), 2)
+  p = {"w": jax.random.normal(k[0], (3, 4)), "v": jax.random.normal(k[1], (4, 2))}
+  x = jnp.ones((2, 3))
+  t = js.dependency_table(_two_out, p, x, js.Features(["a", "b", "c"]), strict=True)
+  surgery = js.plan(t, t)
+
+  def nan_value(p, x):
+    out = _two_out(p, x)
+    return {"logits": out["logits"], "value": out["value"] * jnp.nan}
+
+  check = js.verify(surgery, _two_out, nan_value, p, p, x, x, key=jax.random.key(0))
+  assert not check.ok and np.isinf(max(check.max_abs_diff.values())), check
+  both = js.verify(surgery, nan_value, nan_value, p, p, x, x, key=jax.random.key(0))
+  assert both.ok, both  # NaN on both sides is the same value
+
+
+def test_verify_takes_the_worst_sample_not_the_last():
+  from jaxsurgery._src.surgery.verify import matched_inputs
+  k = jax.random.split(jax.random.key(6), 2)
+  p = {"w": jax.random.normal(k[0], (3, 4)), "v": jax.random.normal(k[1], (4, 2))}
+  x = jnp.ones((2, 3))
+  spec = js.Features(["a", "b", "c"])
+  t = js.dependency_table(_two_out, p, x, spec, strict=True)
+  surgery = js.plan(t, t)
+  key, samples = jax.random.key(1), 4
+  firsts = [float(matched_inputs(kk, t.spec, t.spec, x, x, {})[1][0, 0]) for kk in jax.random.split(key, samples)]
+  top = int(np.argmax(firsts))
+  assert top != samples - 1  # the key is chosen so that the one differing draw is not the last
+  hi = firsts[top]
+
+  def differs_on_one_draw(p, x):
+    out = _two_out(p, x)
+    return {"logits": out["logits"], "value": out["value"] + (x[0, 0] >= hi)}
+
+  check = js.verify(surgery, _two_out, differs_on_one_draw, p, p, x, x, key=key, samples=samples)
+  assert not check.ok, check
