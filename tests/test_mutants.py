@@ -23,7 +23,8 @@ def touch_reference(fn, params, n, seeds=(0, 1, 2)):
   """Per parameter leaf, ``(leaf.shape + (n,))``: where ``d/dx_f dL/dp_e`` is nonzero at some random point.
 
   ``L = sum(fn(p, x) * c)`` with a random cotangent ``c``: a parameter element whose gradient moves with
-  feature ``f`` meets ``f`` (a product), so the table must mark it touched.
+  feature ``f`` meets ``f`` in a product. Touches are *first contacts* (docs/design.md section 5): the programs
+  checked here meet features first in that product, so the table must mark it touched.
   """
   out = None
   for s in seeds:
@@ -235,6 +236,55 @@ def test_windows_over_padding_of_a_constant_axis_see_nothing():
   assert not fw.reshape(3, 7, 3)[:, [0, 6]].any()
 
 
+def test_gather_by_a_parameter_index_pulls_touches_back_to_the_table():
+  # rows picked by an integer parameter (traced, feature-free): emb[r, c] meets column c of the features
+  fn = lambda p, x: p["emb"][p["idx"]] * x.reshape(2, 3)
+  table = table_of(fn, {"emb": jnp.zeros((4, 3)), "idx": jnp.zeros(2, jnp.int32)}, 6)
+  want = np.broadcast_to(np.tile(np.eye(3, dtype=bool), (1, 2)), (4, 3, 6))
+  assert (table.mask("emb") == want).all(), table.mask("emb").astype(int)
+
+
+def test_a_parameter_met_twice_by_disjoint_features_keeps_both_touches():
+  # the second touch shares no bit with the first: it is new, not "nothing new"
+  fn = lambda p, x: p["w"] * x[0] + jnp.tanh(p["w"]) * x[1] + p["w"][::-1] * x[2]
+  table = check_touches(fn, {"w": jnp.zeros(2)}, 3)
+  assert table.mask("w").all()
+
+
+def test_a_long_odd_axis_reduction_keeps_its_middle_entry():
+  # a large mask with one word per element is ORed by halving; an odd length folds its middle entry in
+  n = 4097
+  f = lambda x: jnp.sum(jnp.concatenate([jnp.zeros(n // 2), x[:1], jnp.zeros(n // 2)]) * x[1]).reshape(1)
+  fw = forward_pattern(f, 2)
+  assert fw.tolist() == [[True, True]], fw
+  g = lambda x: jnp.max(jnp.concatenate([jnp.zeros((n // 2, 2)), x[None, :2], jnp.zeros((n // 2, 2))]), axis=0)
+  assert (forward_pattern(g, 2) == np.eye(2, dtype=bool)).all()
+
+
+def _tanh_transposed_fn(p, x):
+  # w2: (O, K, H) used as tanh((H, O, K)): the hidden axis has no parameter origin past the tanh, so its zeros
+  # are a demand pulled back through tanh and the transpose to w2's last axis
+  return jnp.einsum("bh,hok->bok", jnp.tanh(x @ p["w1"]), jnp.tanh(jnp.transpose(p["w2"], (2, 0, 1))))
+
+
+def test_zero_demand_pulled_back_through_a_non_involutive_transpose():
+  k = jax.random.split(jax.random.key(0), 4)
+  old_p = {"w1": jax.random.normal(k[0], (3, 4)), "w2": jax.random.normal(k[1], (2, 5, 4))}
+  new_init = {"w1": jax.random.normal(k[2], (3, 6)), "w2": jax.random.normal(k[3], (2, 5, 6))}
+  x, spec = jnp.ones((2, 3)), js.Features(["a", "b", "c"])
+  old_t = js.dependency_table(_tanh_transposed_fn, old_p, x, spec, strict=True)
+  new_t = js.dependency_table(_tanh_transposed_fn, new_init, x, spec, strict=True)
+  surgery = js.plan(old_t, new_t)
+  assert surgery.report.preserved is True, surgery.report
+  new_p = surgery(old_p, new_init)
+  w2 = np.asarray(new_p["w2"])
+  np.testing.assert_array_equal(w2[..., 4:], 0)  # the new hidden units' slab of w2: zero
+  np.testing.assert_array_equal(w2[..., :4], np.asarray(old_p["w2"]))
+  np.testing.assert_array_equal(np.asarray(new_p["w1"])[:, 4:], np.asarray(new_init["w1"])[:, 4:])
+  check = js.verify(surgery, _tanh_transposed_fn, _tanh_transposed_fn, old_p, new_p, x, x, key=jax.random.key(1))
+  assert check.ok, check
+
+
 # -- a fresh or widened parameter reshaped before a product ------------------------------------------------------------
 
 def _flat_w_fn(p, x):
@@ -339,6 +389,15 @@ def test_scan_per_step_weights_touch_direction(reverse):
   fn = lambda p, x: lax.scan(lambda c, xw: (c, xw[0] * xw[1] + c), 0.0, (x.reshape(T, 2), p["w"]),
                              reverse=reverse)[1]
   check_touches(fn, {"w": jnp.zeros((T, 2))}, 2 * T, exact=False)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_scan_steady_after_one_level_reads_every_later_step(reverse):
+  # the carry is steady from level 1 on: iteration 1 stands for every later step, so it must read xs of all of
+  # them (steps >= 1: rows 1.. forward, rows ..T-2 reversed), not the steps before it
+  T = 5
+  f = lambda x: lax.scan(lambda c, xt: ((c[0], c[0]), xt * 2.0 + c[1]), (x[0], 0.0), x[1:], reverse=reverse)[1]
+  assert_contains(forward_pattern(f, T + 1), jacobian_pattern(f, T + 1), f"steady scan reverse={reverse}")
 
 
 # -- fixed points that need several levels -----------------------------------------------------------------------------
