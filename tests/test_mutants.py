@@ -308,12 +308,19 @@ def test_widened_flat_parameter_reshaped_before_product():
   np.testing.assert_array_equal(w_new[1], 0)  # the new feature's row: zero in
 
 
-def _res_fn(nblocks):
+_OUT_PROJ = {
+    "reshape": lambda w: w.reshape(4, 4),  # the fresh output projection is stored flat
+    "tanh_reshape": lambda w: jnp.tanh(w).reshape(4, 4),
+    "reshape_tanh": lambda w: jnp.tanh(w.reshape(2, 8)).reshape(4, 4),
+}
+
+
+def _res_fn(nblocks, proj="reshape"):
   def fn(p, x):
     h = jnp.tanh(x @ p["w_in"])
     for i in range(1, nblocks):
       b = p[f"block{i}"]
-      h = h + jnp.tanh(h @ b["w1"]) @ b["w2"].reshape(4, 4)  # the fresh output projection is stored flat
+      h = h + jnp.tanh(h @ b["w1"]) @ _OUT_PROJ[proj](b["w2"])
     return h @ p["w_out"]
   return fn
 
@@ -326,18 +333,19 @@ def _res_params(key, nblocks):
   return p
 
 
-def test_inserted_block_with_a_fresh_parameter_reshaped_before_product():
+@pytest.mark.parametrize("proj", sorted(_OUT_PROJ))
+def test_inserted_block_with_a_fresh_parameter_reshaped_before_product(proj):
   old_p, new_init = _res_params(jax.random.key(0), 1), _res_params(jax.random.key(1), 2)
   spec = js.Features(["a", "b", "c"])
   x = jnp.ones((2, 3))
-  old_t = js.dependency_table(_res_fn(1), old_p, x, spec, strict=True)
-  new_t = js.dependency_table(_res_fn(2), new_init, x, spec, strict=True)
+  old_t = js.dependency_table(_res_fn(1, proj), old_p, x, spec, strict=True)
+  new_t = js.dependency_table(_res_fn(2, proj), new_init, x, spec, strict=True)
   surgery = js.plan(old_t, new_t)
   assert surgery.report.preserved is True, surgery.report
   new_p = surgery(old_p, new_init)
   np.testing.assert_array_equal(np.asarray(new_p["block1"]["w2"]), 0)  # zeroed through the reshape
   np.testing.assert_array_equal(np.asarray(new_p["block1"]["w1"]), np.asarray(new_init["block1"]["w1"]))
-  check = js.verify(surgery, _res_fn(1), _res_fn(2), old_p, new_p, x, x, key=jax.random.key(5))
+  check = js.verify(surgery, _res_fn(1, proj), _res_fn(2, proj), old_p, new_p, x, x, key=jax.random.key(5))
   assert check.ok, check
 
 
@@ -490,3 +498,61 @@ def test_verify_takes_the_worst_sample_not_the_last():
 
   check = js.verify(surgery, _two_out, differs_on_one_draw, p, p, x, x, key=key, samples=samples)
   assert not check.ok, check
+
+
+# -- plans: which side is zeroed, the zero masks, constants --------------------------------------------------------
+
+def test_random_in_zero_out_zeroes_the_kernel_side_when_both_are_parameters():
+  # x @ (a @ b) with the hidden width 4 -> 6: both factors are fresh at the new units; the kernel (b) is zeroed
+  fn = lambda p, x: x @ (p["a"] @ p["b"])
+  k = jax.random.split(jax.random.key(0), 4)
+  old_p = {"a": jax.random.normal(k[0], (3, 4)), "b": jax.random.normal(k[1], (4, 2))}
+  new_init = {"a": jax.random.normal(k[2], (3, 6)), "b": jax.random.normal(k[3], (6, 2))}
+  x, spec = jnp.ones((2, 3)), js.Features(["a", "b", "c"])
+  surgery = js.plan(js.dependency_table(fn, old_p, x, spec), js.dependency_table(fn, new_init, x, spec))
+  assert surgery.report.preserved is True, surgery.report
+  new_p = surgery(old_p, new_init)
+  np.testing.assert_array_equal(np.asarray(new_p["b"])[4:], 0)
+  np.testing.assert_array_equal(np.asarray(new_p["a"])[:, 4:], np.asarray(new_init["a"])[:, 4:])
+
+
+def test_leaf_zero_masks_mark_the_new_positions_of_every_zeroed_axis():
+  # x^T W x with a feature inserted at 1: W's new row and new column are zero, and LeafPlan.zero says so
+  fn = lambda p, x: jnp.einsum("bi,ij,bj->b", x, p["w"], x)
+  k = jax.random.split(jax.random.key(0), 2)
+  old_p, new_init = {"w": jax.random.normal(k[0], (3, 3))}, {"w": jax.random.normal(k[1], (4, 4))}
+  xo, xn = jnp.ones((2, 3)), jnp.ones((2, 4))
+  surgery = js.plan(js.dependency_table(fn, old_p, xo, js.Features(["a", "b", "c"])),
+                    js.dependency_table(fn, new_init, xn, js.Features(["a", "new", "b", "c"])))
+  assert surgery.report.preserved is True, surgery.report
+  leaf = {l.path: l for l in surgery.report.leaves}["w"]
+  want = np.zeros((4, 4), bool)
+  want[1, :] = want[:, 1] = True
+  assert set(leaf.zero_axes) == {0, 1}
+  np.testing.assert_array_equal(np.broadcast_to(leaf.zero, (4, 4)), want)
+  new_p = surgery(old_p, new_init)
+  np.testing.assert_array_equal(np.asarray(new_p["w"])[want], 0)
+  assert js.verify(surgery, fn, fn, old_p, new_p, xo, xn, key=jax.random.key(0)).ok
+
+
+def test_leaf_zero_mask_of_a_moved_feature_row():
+  k = jax.random.split(jax.random.key(3), 3)
+  old_p = {"w": jax.random.normal(k[0], (3, 2, 5)), "b": jax.random.normal(k[1], (2, 5))}
+  new_init = {"w": jax.random.normal(k[2], (4, 2, 5)), "b": jnp.zeros((2, 5))}
+  old_t = js.dependency_table(_transposed_fn, old_p, jnp.ones((2, 3)), js.Features(["a", "b", "c"]))
+  new_t = js.dependency_table(_transposed_fn, new_init, jnp.ones((2, 4)), js.Features(["c", "a", "new", "b"]))
+  leaf = {l.path: l for l in js.plan(old_t, new_t).report.leaves}["w"]
+  zero = np.broadcast_to(leaf.zero, (4, 2, 5))
+  assert zero[2].all() and not zero[[0, 1, 3]].any()
+
+
+def test_a_changed_constant_over_an_old_zero_is_not_a_rescaling():
+  # the new constant agrees with the old one (ratio 1) except where the old one is zero: not preserved
+  p = {"w": jax.random.normal(jax.random.key(0), (3, 4))}
+  x, spec = jnp.ones((2, 3)), js.Features(["a", "b", "c"])
+  old_fn = lambda p, x: jnp.tanh(x @ p["w"]) * jnp.asarray([1.0, 0.0, 2.0, 1.0])
+  new_fn = lambda p, x: jnp.tanh(x @ p["w"]) * jnp.asarray([1.0, 3.0, 2.0, 1.0])
+  surgery = js.plan(js.dependency_table(old_fn, p, x, spec), js.dependency_table(new_fn, p, x, spec))
+  new_p = surgery(p, p)
+  assert not js.verify(surgery, old_fn, new_fn, p, new_p, x, x, key=jax.random.key(0)).ok
+  assert surgery.report.preserved is not True, surgery.report
