@@ -556,3 +556,18 @@ def test_a_changed_constant_over_an_old_zero_is_not_a_rescaling():
   new_p = surgery(p, p)
   assert not js.verify(surgery, old_fn, new_fn, p, new_p, x, x, key=jax.random.key(0)).ok
   assert surgery.report.preserved is not True, surgery.report
+
+
+def test_remap_state_an_integer_leaf_shaped_like_a_parameter_is_not_its_image():
+  # an int32 state leaf under a float parameter's path and shape: taken from the init, not remapped
+  fn = lambda p, x: jnp.tanh(x @ p["w"])
+  old_p, new_init = {"w": jnp.ones((2, 3))}, {"w": jnp.zeros((3, 3))}
+  old = js.dependency_table(fn, old_p, jnp.ones((1, 2)), js.Features(["hp", "mana"]))
+  new = js.dependency_table(fn, new_init, jnp.ones((1, 3)), js.Features(["hp", "armor", "mana"]))
+  surgery = js.plan(old, new)
+  old_state = {"params": old_p, "flags": {"w": jnp.ones((2, 3), jnp.int32)}}
+  new_state = {"params": new_init, "flags": {"w": jnp.zeros((3, 3), jnp.int32)}}
+  out, report = js.remap_state(surgery, old_state, new_state, return_report=True)
+  kinds = {l.path: l.kind for l in report.leaves}
+  assert kinds == {"flags/w": "reset", "params/w": "remapped"}, kinds
+  np.testing.assert_array_equal(np.asarray(out["flags"]["w"]), 0)
