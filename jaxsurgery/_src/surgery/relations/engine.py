@@ -189,6 +189,13 @@ class Scope:
     self.parent = parent  # (outer scope, outer eqn, kind) for pull-back across bodies
     self.bodies: dict[int, list[Scope]] = {}  # id(eqn) -> the scopes of its bodies
 
+  def call_operand(self, var) -> tuple[Scope, Any] | None:
+    """``(enclosing scope, operand)`` if ``var`` is an input of this call body, else None."""
+    if self.parent is None or self.parent[2] != "call":
+      return None
+    k = next((i for i, v in enumerate(self.jaxpr.invars) if v is var), None)
+    return None if k is None else (self.parent[0], self.parent[1].invars[k])
+
   # -- reading ------------------------------------------------------------
   def read(self, atom) -> Rel:
     if isinstance(atom, compat.Literal):

@@ -144,12 +144,11 @@ def dynamic_slice(S: Scope, eqn, ins: list[Rel]) -> list[Rel]:
 
 def _outer(S: Scope, var):
   """``var`` seen from the outermost enclosing call: a body's invar is its call's operand."""
-  while S.parent is not None and S.parent[2] == "call" and S.producer.get(id(var)) is None:
-    invars = list(S.jaxpr.invars)
-    if not any(v is var for v in invars):
+  while S.producer.get(id(var)) is None:
+    outside = S.call_operand(var)
+    if outside is None:
       break
-    outer, call, _ = S.parent
-    var, S = call.invars[next(i for i, v in enumerate(invars) if v is var)], outer
+    S, var = outside
   return S, var
 
 

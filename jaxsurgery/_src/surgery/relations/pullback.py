@@ -308,9 +308,9 @@ def _scale(P: Pass, S: Scope, var, factor: float, site: Site, seen: set, depth: 
     return
   eqn = S.producer.get(id(var))
   if eqn is None:
-    if S.parent is not None and S.parent[2] == "call":
-      outer, oeqn, _ = S.parent
-      _scale(P, outer, oeqn.invars[list(S.jaxpr.invars).index(var)], factor, site, seen, depth + 1)
+    outside = S.call_operand(var)
+    if outside is not None:
+      _scale(P, *outside, factor, site, seen, depth + 1)
       return
     P.failures.append(P.site(Site("input", f"a model input would have to be rescaled (needed because "
                                            f"{site.describe()})")))
@@ -377,9 +377,9 @@ def _mean(P: Pass, S: Scope, var, a: int, site: Site, seen: set, depth: int) -> 
     return
   eqn = S.producer.get(id(var))
   if eqn is None:
-    if S.parent is not None and S.parent[2] == "call":
-      outer, oeqn, _ = S.parent
-      _mean(P, outer, oeqn.invars[list(S.jaxpr.invars).index(var)], a, site, seen, depth + 1)
+    outside = S.call_operand(var)
+    if outside is not None:
+      _mean(P, *outside, a, site, seen, depth + 1)
       return
     P.failures.append(P.site(Site("input", f"the new positions of a model input would have to hold "
                                            f"the mean of its old ones (needed because {site.describe()})")))
