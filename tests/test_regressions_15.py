@@ -492,8 +492,6 @@ def scan_outputs_mask(fn, n):
   return np.asarray(table.output_mask(table.output_paths[0])).reshape(n, n)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15.8: scan loses causality: a cumulative sum gets a dense pattern "
-                                        "instead of a lower-triangular one")
 def test_8_scan_cumulative_sum_is_causal():
   def running_sum(xs):
     return jax.lax.scan(lambda c, x: (c + x, c + x), 0.0, xs)[1]
@@ -503,6 +501,37 @@ def test_8_scan_cumulative_sum_is_causal():
   n = 6
   np.testing.assert_array_equal(scan_outputs_mask(running_sum, n), np.tril(np.ones((n, n), bool)))
   np.testing.assert_array_equal(scan_outputs_mask(discounted_returns, n), np.triu(np.ones((n, n), bool)))
+
+
+def test_8_scan_per_step_parameters_are_touched_by_their_own_step():
+  """A gain per time step (a leaf scanned over as ``xs``) is touched by its own step's feature only."""
+  n = 5
+
+  def gated_sum(p, x):
+    def body(c, xw):
+      xi, w = xw
+      return c + w * xi, jnp.tanh(c + w * xi)
+    return jax.lax.scan(body, 0.0, (x, p["w"]))[1]
+
+  params, x, spec = {"w": jnp.full((n,), 0.7)}, jnp.linspace(0.5, 1.5, n), js.Features([f"x{i}" for i in range(n)])
+  table = js.dependency_table(gated_sum, params, x, spec, strict=True)
+  np.testing.assert_array_equal(np.asarray(table.mask("w")).reshape(n, n), np.eye(n, dtype=bool))
+  np.testing.assert_array_equal(np.asarray(table.output_mask(table.output_paths[0])).reshape(n, n),
+                                np.tril(np.ones((n, n), bool)))
+  check = js.cross_check(table, js.gradient_table(gated_sum, params, x, spec, key=KEY))
+  assert check.ok and check.agrees("w"), check.report()
+
+
+def test_8_scan_level_that_adds_nothing_is_steady_only_if_later_steps_add_nothing():
+  """Steps 0-2 carry no feature, steps 3-4 do: the carry stops growing at step 1, but it is not steady
+  (ending the loop there would drop every feature from the outputs)."""
+  def late_sum(p, x):
+    xs = jnp.concatenate([jnp.zeros(3), x])
+    return jax.lax.scan(lambda c, xi: (c + xi, c + xi), 0.0, xs)[1]
+
+  table = js.dependency_table(late_sum, {}, jnp.ones((2,)), js.Features(["f0", "f1"]), strict=True)
+  mask = np.asarray(table.output_mask(table.output_paths[0])).reshape(5, 2)
+  np.testing.assert_array_equal(mask, [[0, 0], [0, 0], [0, 0], [1, 0], [1, 1]])
 
 
 def test_8_equinox_internal_primitives_have_rules():

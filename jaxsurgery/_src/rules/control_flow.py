@@ -18,9 +18,13 @@
   enters the loop after ``WIDEN_AFTER`` levels, so every loop terminates.
   - while: the predicate's mask joins every carry (it decides the trip count),
     and the body's operands are touched by it (selection, as in cond).
-  - scan: iteration ``k`` reads the OR of ``xs`` over steps ``>= k``; ``ys[s]``
-    is the output of iteration ``min(s, last)``. Reverse scans are the same with
-    the time axis read backwards.
+  - scan: iteration ``k`` reads ``xs`` of step ``k`` only, so a carry that grows
+    step by step stays causal (a running sum is lower-triangular). A level that
+    adds nothing is steady only once confirmed: its body is run again on the OR
+    of ``xs`` over the steps ``>= k`` and must still add nothing; that run then
+    stands for every later step. ``ys[s]`` is the output of iteration
+    ``min(s, last)``. Reverse scans are the same with the time axis read
+    backwards.
   - provenance: touches on a level's carry are carried to the level below and
     back through the body's outputs of the level below (the boolean transpose
     of one step), down to the initial carry; a steady level also feeds back
@@ -179,10 +183,12 @@ class Levels:
 
 
 def _iterate(ctx, eqn, init: Sequence[Val], step: Callable, *, length: int | None,
-             entering: Sequence[Val]):
+             entering: Sequence[Val], confirm: Callable | None = None):
   """Runs ``step(k, carry) -> (carry_outs, extra_words)`` over levels until steady.
 
-  Returns ``(final carry Vals, number of body runs)``.
+  ``confirm(k, carry)``, when given, reruns a level that added nothing as it reads
+  for every later step; the level is steady only if that run adds nothing too.
+  Returns ``(final carry Vals, number of levels)``.
   """
   provenance = any(v.pull is not None for v in list(init) + list(entering))
   levels = Levels(init)
@@ -190,10 +196,17 @@ def _iterate(ctx, eqn, init: Sequence[Val], step: Callable, *, length: int | Non
   k = 0
   while True:
     outs, extra = step(k, cur)
-    levels.outs.append(list(outs))
-    masks = [M.orr(c.mask, M.lift(o.mask, c.ndim), M.uniform(extra, c.ndim)) for c, o in zip(cur, outs)]
+    masks = _joined(cur, outs, extra)
     folded = any(c.const is not None for c in cur)
-    if not folded and all(same_mask(c.mask, m) for c, m in zip(cur, masks)):
+    steady = not folded and all(same_mask(c.mask, m) for c, m in zip(cur, masks))
+    if steady and confirm is not None:
+      later, later_extra = confirm(k, cur)
+      if all(same_mask(c.mask, m) for c, m in zip(cur, _joined(cur, later, later_extra))):
+        outs = later
+      else:  # later steps add something: go on step by step
+        steady = False
+    levels.outs.append(list(outs))
+    if steady:
       if provenance:
         levels.close(k)
       return cur, k + 1
@@ -204,6 +217,11 @@ def _iterate(ctx, eqn, init: Sequence[Val], step: Callable, *, length: int | Non
       masks = [M.uniform(words, c.ndim) for c in cur]
     k += 1
     cur = levels.level(k, masks, None, provenance)
+
+
+def _joined(cur: Sequence[Val], outs: Sequence[Val], extra) -> list:
+  """The next level's carry masks: this level joined with the body's carry outputs."""
+  return [M.orr(c.mask, M.lift(o.mask, c.ndim), M.uniform(extra, c.ndim)) for c, o in zip(cur, outs)]
 
 
 def while_loop(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
@@ -243,8 +261,8 @@ def _suffix_or(m, reverse: bool):
 def scan(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   """``c, ys[t] = body(c, xs[t])``: the level fixed point of the carry (at most ``length`` levels).
 
-  Iteration ``k`` reads ``xs`` of the steps ``>= k`` and writes ``ys`` of step ``k`` (of
-  every later step for the last iteration).
+  Iteration ``k`` reads ``xs`` of step ``k`` and writes ``ys`` of step ``k``; the
+  steady level reads and writes those of every later step.
   """
   p = eqn.params
   nc, ncarry = compat.scan_counts(p)
@@ -253,34 +271,49 @@ def scan(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
   length, reverse = int(p["length"]), bool(p.get("reverse", False))
   row = (lambda s: length - 1 - s) if reverse else (lambda s: s)  # step -> time index
 
-  suffix = [_suffix_or(M.lift(x.mask, x.ndim), reverse) for x in xs]
+  step_masks = [M.lift(x.mask, x.ndim) for x in xs]
+  suffix = [_suffix_or(m, reverse) for m in step_masks]
 
-  def x_step(x, sfx, k):
-    """``xs`` as read by iteration ``k``: the steps ``>= k``."""
-    if sfx is None or sfx.shape[0] == 0:
+  def x_read(x, m, k, later: bool):
+    """``xs`` as read by iteration ``k``: step ``k``, or (``later``) every step ``>= k``."""
+    if m is None or m.shape[0] == 0:
       mask = None
     else:
-      mask = sfx[0] if sfx.shape[0] == 1 else sfx[row(min(k, length - 1))]
+      mask = m[0] if m.shape[0] == 1 else m[row(min(k, length - 1))]
     pull = None
     if x.pull is not None:
       def pull(t, x=x, k=k):
         t = M.lift(t, x.ndim - 1)[None]
-        if k > 0:  # iteration k stands for the steps >= k only
+        if length > 1:
+          steps = np.arange(length)
+          read = steps >= k if later else steps == k
           t = np.repeat(t, length, axis=0)
-          t[row(np.arange(min(k, length)))] = 0
+          t[row(steps[~read])] = 0
         x.pull(t)
     return Val(x.shape[1:], x.dtype, mask, pull)
 
   ys_runs: list[list[Val]] = []
+  ys_later: dict[int, list[Val]] = {}  # a confirming run's ys, which stand for the steps >= k
+
+  def run(k, carry, later: bool):
+    reads = [x_read(x, m, k, later) for x, m in zip(xs, suffix if later else step_masks)]
+    return ctx.run(jaxpr, const_vals(consts), list(sconsts) + list(carry) + reads)
 
   def step(k, carry):
-    steps_x = [x_step(x, s, k) for x, s in zip(xs, suffix)]
-    outs = ctx.run(jaxpr, const_vals(consts), list(sconsts) + list(carry) + steps_x)
+    outs = run(k, carry, later=False)
     ys_runs.append(outs[ncarry:])
     return outs[:ncarry], None
 
+  def confirm(k, carry):
+    outs = run(k, carry, later=True)
+    ys_later[k] = outs[ncarry:]
+    return outs[:ncarry], None
+
   carry, runs = _iterate(ctx, eqn, init, step, length=max(length, 1),
-                         entering=list(sconsts) + list(xs))
+                         entering=list(sconsts) + list(xs), confirm=confirm)
+  # The last level reads every later step if it was confirmed steady (at the last step
+  # both reads are the same).
+  ys_runs[runs - 1] = ys_later.get(runs - 1, ys_runs[runs - 1])
   outs = [Val(tuple(o.aval.shape), o.aval.dtype, c.mask, c.pull)
           for o, c in zip(eqn.outvars[:ncarry], carry)]
   # ys[row(s)] comes from iteration min(s, runs - 1).
