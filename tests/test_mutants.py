@@ -568,3 +568,69 @@ def test_remap_state_an_integer_leaf_shaped_like_a_parameter_is_not_its_image():
   kinds = {l.path: l.kind for l in report.leaves}
   assert kinds == {"flags/w": "reset", "params/w": "remapped"}, kinds
   np.testing.assert_array_equal(np.asarray(out["flags"]["w"]), 0)
+
+
+def _product_transposed_fn(p, x):
+  # as _tanh_transposed_fn, but the transposed value is a product of two parameters: it has no parameter origin, so
+  # the zero demand on its hidden axis is pulled back through the (non-involutive) transpose as a slab
+  return jnp.einsum("bh,hok->bok", jnp.tanh(x @ p["w1"]), jnp.tanh(jnp.transpose(p["w2"] * p["g"], (2, 0, 1))))
+
+
+def test_slab_demand_pulled_back_through_a_non_involutive_transpose():
+  k = jax.random.split(jax.random.key(0), 6)
+  old_p = {"w1": jax.random.normal(k[0], (3, 4)), "w2": jax.random.normal(k[1], (2, 5, 4)),
+           "g": jax.random.normal(k[2], (2, 5, 4))}
+  new_init = {"w1": jax.random.normal(k[3], (3, 6)), "w2": jax.random.normal(k[4], (2, 5, 6)),
+              "g": jax.random.normal(k[5], (2, 5, 6))}
+  x, spec = jnp.ones((2, 3)), js.Features(["a", "b", "c"])
+  surgery = js.plan(js.dependency_table(_product_transposed_fn, old_p, x, spec, strict=True),
+                    js.dependency_table(_product_transposed_fn, new_init, x, spec, strict=True))
+  assert surgery.report.preserved is True, surgery.report
+  new_p = surgery(old_p, new_init)
+  zeroed = [n for n in ("w2", "g") if not np.asarray(new_p[n])[..., 4:].any()]
+  assert zeroed, "one factor's new hidden slab must be zero"
+  check = js.verify(surgery, _product_transposed_fn, _product_transposed_fn, old_p, new_p, x, x,
+                    key=jax.random.key(1))
+  assert check.ok, check
+
+
+# -- non-finite values at new positions ---------------------------------------------------------------------------
+
+def _inverse_scale_fn(n_old):
+  def fn(p, x):
+    d = 1.0 / jnp.pad(p["s"], (0, p["w1"].shape[1] - n_old))   # inf on the new hidden units
+    return jnp.tanh(x @ p["w1"]) @ (p["w2"] * d[:, None])
+  return fn
+
+
+def test_a_zero_times_a_non_finite_value_is_not_zero():
+  # widening 4 -> 6: the new rows of w2 are scaled by 1/0 = inf, so zeroing them (or w1's new columns) gives NaN
+  fn = _inverse_scale_fn(4)
+  k = jax.random.split(jax.random.key(0), 5)
+  old_p = {"w1": jax.random.normal(k[0], (3, 4)), "w2": jax.random.normal(k[1], (4, 2)),
+           "s": 1 + jax.random.uniform(k[2], (4,))}
+  new_init = {"w1": jax.random.normal(k[3], (3, 6)), "w2": jax.random.normal(k[4], (6, 2)), "s": jnp.ones(4)}
+  x, spec = jnp.ones((2, 3)), js.Features(["a", "b", "c"])
+  surgery = js.plan(js.dependency_table(fn, old_p, x, spec, strict=True),
+                    js.dependency_table(fn, new_init, x, spec, strict=True))
+  assert surgery.report.preserved is not True, surgery.report
+  assert any("non-finite" in r and "dot_general" in r for r in surgery.report.reasons), surgery.report.reasons
+  assert not js.verify(surgery, fn, fn, old_p, surgery(old_p, new_init), x, x, key=jax.random.key(1)).ok
+
+
+@pytest.mark.parametrize("op", ["rsqrt", "log", "divide"])
+def test_a_partial_op_on_fresh_values_is_a_stated_assumption(op):
+  # a widened running variance under rsqrt (batch norm at inference), a log, a division: the proof holds only if
+  # the fresh values stay inside the op's domain, and the report says so, naming the op
+  f = {"rsqrt": lambda v: jax.lax.rsqrt(v + 1e-5), "log": lambda v: jnp.log(v), "divide": lambda v: 1.0 / v}[op]
+  fn = lambda p, x: (jnp.tanh(x @ p["w1"]) * f(p["var"])) @ p["w2"]
+  k = jax.random.split(jax.random.key(0), 4)
+  old_p = {"w1": jax.random.normal(k[0], (3, 4)), "var": jnp.full((4,), 2.0), "w2": jax.random.normal(k[1], (4, 2))}
+  new_init = {"w1": jax.random.normal(k[2], (3, 6)), "var": jnp.ones((6,)), "w2": jax.random.normal(k[3], (6, 2))}
+  x, spec = jnp.ones((2, 3)), js.Features(["a", "b", "c"])
+  surgery = js.plan(js.dependency_table(fn, old_p, x, spec, strict=True),
+                    js.dependency_table(fn, new_init, x, spec, strict=True))
+  assert surgery.report.preserved is True, surgery.report
+  prim = {"rsqrt": "rsqrt", "log": "log", "divide": "div"}[op]
+  assert any(f"`{prim}` at" in a and "domain" in a for a in surgery.report.assumptions), surgery.report.assumptions
+  assert js.verify(surgery, fn, fn, old_p, surgery(old_p, new_init), x, x, key=jax.random.key(1)).ok

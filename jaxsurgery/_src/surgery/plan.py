@@ -155,7 +155,8 @@ class Report:
     outputs_removed: named output positions of the old model only.
     outputs_moved: shared output names at another leaf or position.
     renamed_outputs: ``{old output name: new name}`` applied.
-    assumptions: what the proof assumes about the inputs.
+    assumptions: what the proof assumes about the inputs and the fresh values
+      (e.g. that a new running variance under ``rsqrt`` stays positive).
     widen: the recipe used for widened axes (``"auto"``, ``"zero"`` or ``"clone"``).
     constants: ``{removed feature: value}`` declared constant and folded (``verify`` feeds
       the old model these values).

@@ -57,7 +57,10 @@ def contract_axis(S: Scope, eqn, lhs: Rel, rhs: Rel, a: int, b: int):
   if not (src < 0).any():
     return m, why, k
   kl, kr = lhs.slab[a], rhs.slab[b]
-  if (ZERO in (kl, kr)) and NONFIN not in (kl, kr):
+  if NONFIN in (kl, kr):  # 0 * inf is NaN: no zero on the other side cancels them
+    return m, why or ("non-finite values (inf or NaN: a division by zero?) at the new positions of a "
+                      "contracted axis"), k
+  if ZERO in (kl, kr):
     for side, axis, other in ((lhs, a, kr), (rhs, b, kl)):  # a zero that this contraction needs
       if side.origin is not None and other != ZERO and side.slab[axis] == ZERO and side.origin[1][axis] is not None:
         S.P.forcing.add((side.origin[0], side.origin[1][axis]))

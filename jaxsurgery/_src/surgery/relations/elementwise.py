@@ -307,6 +307,7 @@ def _related(S: Scope, eqn, ins, shape, dtype) -> Rel:
   slab = tuple(ZERO if a in zero_axes else _slab(prim, eqn.params, ins, maps, shape, a)
                for a in range(len(shape)))
   mean_base = tuple((a, _squared(ins).ref) for a, k in enumerate(slab) if k == MEAN2 and _squared(ins) is not None)
+  _assume_in_domain(S, eqn, ins, slab)
   broken = next((r.broken for r in ins if r.broken is not None), None)
   if why == "broken":
     coef, why = 1.0, None
@@ -599,6 +600,28 @@ def _slab(prim, params, ins, maps, shape, a) -> int | None:
   if len(kinds) == 1:
     return map_kind(kinds[0], prim, params)
   return combine(prim, kinds, same_operands=len(set(id(r) for r in ins)) == 1)
+
+
+# Ops that are not finite everywhere, and which operand's novel values may leave the domain.
+_PARTIAL = {"div": 1, "rem": 1, "pow": 0, "sqrt": 0, "rsqrt": 0, "log": 0, "log1p": 0, "reciprocal": 0,
+            "acos": 0, "asin": 0, "atanh": 0, "acosh": 0, "lgamma": 0, "digamma": 0, "erf_inv": 0, "tan": 0}
+
+
+def _assume_in_domain(S: Scope, eqn, ins: list[Rel], slab) -> None:
+  """States the assumption that a partial op's fresh inputs stay inside its domain.
+
+  Fresh values at new positions are novel, not known to be finite: ``rsqrt`` of a new running
+  variance or ``1 / w`` of a new unit is finite only for the right init (0 * inf would be NaN).
+  """
+  prim = eqn.primitive.name
+  k = _PARTIAL.get(prim, 0 if prim == "integer_pow" and eqn.params["y"] < 0 else None)
+  if k is None or k >= len(ins) or not ins[k].related or NOVEL not in ins[k].slab:
+    return
+  if all(kind not in (NOVEL, NONFIN) for kind in slab):
+    return
+  from jaxsurgery._src import compat
+  S.P.assumptions.add(f"`{prim}` at {compat.source_line(eqn)}: the fresh values at its new positions are "
+                      f"assumed inside its domain (finite results)")
 
 
 def _bcast_kind(v) -> int:

@@ -435,7 +435,8 @@ def pad(S, eqn, ins):
     t = np.where(s >= 0, s + olo, -1)
     t = np.where((t >= 0) & (t < o_out), t, -1)
     maps.append(A.Fixed(t, o_out))
-    slab.append(join(x.slab[a], pad_kind))
+    # x's slab describes x's own new positions: only if it has some do they join the padding's
+    slab.append(join(x.slab[a], pad_kind) if (src < 0).any() else pad_kind)
   return [_moved(S, eqn, x, maps, slab, list(range(x.ndim)), old=old)]
 
 
