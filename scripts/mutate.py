@@ -34,6 +34,7 @@ SUR = "jaxsurgery/_src/surgery/"
 T_RULES = ["tests/test_mutants.py", "tests/test_rules.py"]
 T_PLAN = ["tests/test_mutants.py", "tests/test_relations.py", "tests/test_surgery.py"]
 T_STATE = ["tests/test_mutants.py", "tests/test_optim.py"]
+T_SCAN = T_RULES + ["tests/test_regressions_15.py"]   # scan causality (issue 15.8)
 
 MUTANTS = [
     # -- rules/contraction.py
@@ -104,9 +105,9 @@ MUTANTS = [
     (RULES + "control_flow.py", "          t[row(steps[~read])] = 0",
      "          t[steps[~read]] = 0", "scan xs pullback: other steps by index, not by time row", T_RULES),
     (RULES + "control_flow.py", "      if all(same_mask(c.mask, m) for c, m in zip(cur, _joined(cur, later, later_extra))):",
-     "      if True:", "scan: a level steady on its own step taken as steady for every later step", T_RULES),
+     "      if True:", "scan: a level steady on its own step taken as steady for every later step", T_SCAN),
     (RULES + "control_flow.py", "          read = steps >= k if later else steps == k",
-     "          read = steps >= k", "scan xs pullback: a per-step read touches every later step", T_RULES),
+     "          read = steps >= k", "scan xs pullback: a per-step read touches every later step", T_SCAN),
     (RULES + "control_flow.py", "      mask = by_step[::-1] if reverse else by_step",
      "      mask = by_step", "scan ys of a reverse scan not flipped back", T_RULES),
     (RULES + "control_flow.py", "    if length is not None and k + 1 >= length:",
