@@ -514,3 +514,17 @@ def test_rule_without_provenance_is_treated_as_dense():
   with js.override_rule("tanh", no_pull):
     table = js.dependency_table(lambda p, x: jnp.tanh(x @ p["w"]), W44, X34, None, outputs=OUT4)
     assert table.reach("w").all()
+
+
+def test_a_strict_table_keeps_strict_in_its_reach():
+  """A table built with strict=True under a temporary rule: its reach, asked for after the rule is gone,
+  raises naming the primitive (a non-strict table warns and is dense)."""
+  from jaxsurgery._src.rules.opaque import dense as dense_rule
+  with js.override_rule("my_reach_op", dense_rule):
+    strict = js.dependency_table(_unknown_model, UNKNOWN_PARAMS, X34, None, outputs=OUT4, strict=True)
+    loose = js.dependency_table(_unknown_model, UNKNOWN_PARAMS, X34, None, outputs=OUT4)
+  assert strict.strict and not loose.strict
+  with pytest.raises(js.UnknownPrimitiveError, match="my_reach_op"):
+    strict.reach("w")
+  with pytest.warns(js.UnknownPrimitiveWarning, match="my_reach_op"):
+    assert loose.reach("w")[..., :2].all()   # dense over what my_reach_op writes

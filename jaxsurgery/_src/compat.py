@@ -222,6 +222,16 @@ class WeakLRU:
     self.entries.clear()
 
 
+def conv_vjp_lhs_padding(*args: Any) -> Any:
+  """The input padding of a conv's transpose (JAX's private helper, used by reach's windowed OR).
+
+  Raises whatever the helper raises (or ImportError where it moved): callers fall back to a
+  coarser sound rule.
+  """
+  from jax._src.lax.convolution import _conv_general_vjp_lhs_padding
+  return _conv_general_vjp_lhs_padding(*args)
+
+
 def source_line(eqn) -> str:
   """``file.py:line (function)`` where the user's code made ``eqn``, or ``""``."""
   try:

@@ -360,12 +360,11 @@ def _window_t(m: np.ndarray, in_shape, out_shape, dims, strides, padding, base_d
   swapped, the VJP padding (exact). Falls back to the OR over the windowed axes if the
   transposed windows do not give the operand's shape.
   """
-  from jax._src.lax.convolution import _conv_general_vjp_lhs_padding
-
+  from jaxsurgery._src import compat
   from jaxsurgery._src.rules.reductions import window_or
   r = len(in_shape)
   try:
-    pads = _conv_general_vjp_lhs_padding(tuple(in_shape), tuple(dims), tuple(strides), tuple(out_shape),
+    pads = compat.conv_vjp_lhs_padding(tuple(in_shape), tuple(dims), tuple(strides), tuple(out_shape),
                                          tuple(tuple(x) for x in padding), tuple(base_dilation),
                                          tuple(window_dilation))
     w = window_or(m, tuple(out_shape), tuple(dims), tuple(base_dilation),
@@ -628,7 +627,8 @@ def _table_masks(table: Any) -> dict[str, Mask]:
     cached = None
   if cached is None:
     paths = tuple(table.paths)
-    cached = dict(zip(paths, reach_masks(table.jaxpr, len(paths), table.output_spec)))
+    cached = dict(zip(paths, reach_masks(table.jaxpr, len(paths), table.output_spec,
+                                         strict=getattr(table, "strict", False))))
     try:
       _CACHE[table] = cached
     except TypeError:

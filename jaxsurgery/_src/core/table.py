@@ -76,6 +76,7 @@ class FeatureTable:
   param_treedef: Any = None
   evidence: Any = None  # gradient probe: what cross_check needs besides the masks (ProbeEvidence)
   output_spec: feats.ResolvedSpec | None = None
+  strict: bool = False  # how the table was built: reach raises on unknown primitives too
 
   @property
   def output_features(self) -> tuple[str, ...]:
@@ -97,6 +98,8 @@ class FeatureTable:
     Raises:
       ValueError: the outputs have no names (pass ``outputs=`` to
         :func:`dependency_table`), or the traced program was dropped.
+      UnknownPrimitiveError: the table was built with ``strict=True`` and the
+        backward pass meets a primitive without a rule.
     """
     from jaxsurgery._src.core.reach import reach
     return reach(self, self._check_path(path))
@@ -407,4 +410,4 @@ def dependency_table(fn: Callable, params: Any, inputs: Any, features: Any, *, o
              for p, v in zip(opaths, outs)]
   return assemble(spec, traced, {p: None if M.is_empty(t) else t for p, t in zip(ppaths, ctx.param_touch)},
                   opacked, method="boolean", unknown_primitives=tuple(sorted(ctx.unknown)),
-                  output_spec=output_spec)
+                  output_spec=output_spec, strict=strict)
