@@ -14,6 +14,7 @@ import pkgutil
 import pytest
 
 import jaxsurgery
+import jaxsurgery.display
 import jaxsurgery.flax
 import jaxsurgery.optim
 import jaxsurgery.orbax
@@ -55,7 +56,7 @@ NO_EXAMPLE = {"__version__", "rules", "optim", "masks", "TRAITS", "Rule", "Conte
 def test_the_public_names_have_examples():
   names = {t for _, t in CASES}
   missing = []
-  for module in (jaxsurgery, jaxsurgery.flax, jaxsurgery.orbax, jaxsurgery.rules, jaxsurgery.optim):
+  for module in (jaxsurgery, jaxsurgery.display, jaxsurgery.flax, jaxsurgery.orbax, jaxsurgery.rules, jaxsurgery.optim):
     for n in module.__all__:
       obj = getattr(module, n)
       if not callable(obj) and not isinstance(obj, type) and not hasattr(obj, "__path__"):

@@ -242,6 +242,17 @@ def table_html(table, max_rows: int = 25, max_features: int = 6) -> str:
     max_rows: at most this many parameter (and output) rows; the rest is a "… N more" line.
     max_features: at most this many features per parameter row (in spec order, as in
       the text summary); output rows show at least 12.
+
+  Returns:
+    An HTML string (what a notebook shows for a table).
+
+  Example:
+    >>> import jax.numpy as jnp, jaxsurgery as js, jaxsurgery.display as jsd
+    >>> table = js.dependency_table(lambda p, x: x @ p["w"], {"w": jnp.ones((2, 3))}, jnp.ones((1, 2)),
+    ...                             js.Features(["hp", "mana"]))
+    >>> html = jsd.table_html(table)
+    >>> "<b>FeatureTable</b>" in html and "hp" in html
+    True
   """
   n_params = sum(int(np.prod(s, dtype=np.int64)) for s in table.shapes.values())
   parts = [f'<div><b>FeatureTable</b> <span style="{_MUTED}">[{_e(table.method)}]</span> '
@@ -287,6 +298,18 @@ def report_html(report, max_rows: int = 25) -> str:
     report: ``surgery.report``.
     max_rows: at most this many leaf rows (and dropped-leaf rows); the rest is a
       "… N more" line that says how many of the hidden leaves change.
+
+  Returns:
+    An HTML string (what a notebook shows for a report).
+
+  Example:
+    >>> import jax.numpy as jnp, jaxsurgery as js, jaxsurgery.display as jsd
+    >>> fn = lambda p, x: x @ p["w"]
+    >>> old = js.dependency_table(fn, {"w": jnp.ones((2, 3))}, jnp.ones((1, 2)), js.Features(["hp", "mana"]))
+    >>> new = js.dependency_table(fn, {"w": jnp.ones((3, 3))}, jnp.ones((1, 3)), js.Features(["hp", "armor", "mana"]))
+    >>> html = jsd.report_html(js.plan(old, new).report)
+    >>> "<b>Surgery report</b>" in html and "armor" in html
+    True
   """
   t = report.totals()
   status, kind = _STATUS[report.preserved]
@@ -393,6 +416,18 @@ def cross_check_html(check, max_rows: int = 12) -> str:
   Args:
     check: the result of ``cross_check(table, probe)``.
     max_rows: at most this many rows per table / group list; the rest is a "… N more" line.
+
+  Returns:
+    An HTML string.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js, jaxsurgery.display as jsd
+    >>> fn, params = lambda p, x: x @ p["w"], {"w": jnp.ones((2, 3))}
+    >>> x, spec = jnp.ones((1, 2)), js.Features(["hp", "mana"])
+    >>> check = js.cross_check(js.dependency_table(fn, params, x, spec),
+    ...                        js.gradient_table(fn, params, x, spec, key=jax.random.key(0)))
+    >>> "OK" in jsd.cross_check_html(check)
+    True
   """
   n_missed = len(check.missed) + len(check.output_missed)
   parts = [f"<div><b>Cross-check</b> boolean table vs gradient probe "
@@ -452,6 +487,20 @@ def state_report_html(report, max_rows: int = 25) -> str:
   Args:
     report: a ``StateReport``.
     max_rows: at most this many rows per table; the rest is a "… N more" line.
+
+  Returns:
+    An HTML string.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxsurgery as js, jaxsurgery.display as jsd
+    >>> fn = lambda p, x: x @ p["w"]
+    >>> old = js.dependency_table(fn, {"w": jnp.ones((2, 3))}, jnp.ones((1, 2)), js.Features(["hp", "mana"]))
+    >>> new = js.dependency_table(fn, {"w": jnp.ones((3, 3))}, jnp.ones((1, 3)), js.Features(["hp", "armor", "mana"]))
+    >>> old_state = {"params": {"w": jnp.ones((2, 3))}, "step": jnp.int32(3)}
+    >>> new_state = {"params": {"w": jnp.zeros((3, 3))}, "step": jnp.int32(0)}
+    >>> _, report = js.remap_state(js.plan(old, new), old_state, new_state, return_report=True)
+    >>> "nothing left behind" in jsd.state_report_html(report)
+    True
   """
   t = report.totals()
   from_init = t["missing"] + t["reset"] + t["init"]

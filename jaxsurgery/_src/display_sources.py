@@ -153,6 +153,11 @@ def strided_index(shape: Sequence[int], max_elements: int = 1 << 20) -> list[np.
 
   Returns:
     A list for :func:`element_sources`'s ``index``.
+
+  Example:
+    >>> import jaxsurgery.display as jsd
+    >>> [None if i is None else i.tolist() for i in jsd.strided_index((4, 3), max_elements=6)]
+    [[0, 2], None]
   """
   strides = [1] * len(shape)
   def size():
@@ -172,6 +177,14 @@ def source_counts(leaf: Any) -> dict[str, int]:
   Returns:
     ``{"copied": ..., "moved": ..., "recipe": ..., "fresh": ..., "zeroed": ...}``, summing
     to the leaf's size.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxsurgery as js, jaxsurgery.display as jsd
+    >>> fn = lambda p, x: x @ p["w"]
+    >>> old = js.dependency_table(fn, {"w": jnp.ones((2, 3))}, jnp.ones((1, 2)), js.Features(["hp", "mana"]))
+    >>> new = js.dependency_table(fn, {"w": jnp.ones((3, 3))}, jnp.ones((1, 3)), js.Features(["hp", "armor", "mana"]))
+    >>> jsd.source_counts(js.plan(old, new).leaf_plans["w"])
+    {'copied': 3, 'moved': 3, 'recipe': 0, 'fresh': 0, 'zeroed': 3}
   """
   _check(leaf)
   rank, base = len(leaf.shape), _base_state(leaf)

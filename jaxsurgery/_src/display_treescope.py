@@ -119,6 +119,17 @@ def treescope_repr(obj: Any, path: str | None, subtree_renderer: Any) -> Any:
 
   Returns:
     A treescope rendering, or ``NotImplemented`` for another type.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxsurgery as js, jaxsurgery.display as jsd
+    >>> table = js.dependency_table(lambda p, x: x @ p["w"], {"w": jnp.ones((2, 3))}, jnp.ones((1, 2)),
+    ...                             js.Features(["hp", "mana"]))
+    >>> jsd.treescope_repr(object(), None, None)   # not a jaxsurgery object
+    NotImplemented
+    >>> import treescope
+    >>> _ = jsd.register_treescope()   # treescope now calls this function for jaxsurgery objects
+    >>> "FeatureTable(" in treescope.render_to_text({"table": table})
+    True
   """
   ts = _treescope()
   parts = ts.rendering_parts

@@ -51,6 +51,15 @@ class Picture:
   Attributes:
     figure: the ``matplotlib.figure.Figure``.
     info: what was drawn (e.g. ``counts``, ``axes``, ``grid``), for tests and captions.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxsurgery as js, jaxsurgery.display as jsd
+    >>> fn = lambda p, x: x @ p["w"]
+    >>> old = js.dependency_table(fn, {"w": jnp.ones((2, 3))}, jnp.ones((1, 2)), js.Features(["hp", "mana"]))
+    >>> new = js.dependency_table(fn, {"w": jnp.ones((3, 3))}, jnp.ones((1, 3)), js.Features(["hp", "armor", "mana"]))
+    >>> picture = jsd.show_surgery(js.plan(old, new), "w")
+    >>> picture.png()[1:4], picture.info["row_labels"]
+    (b'PNG', ['hp', 'armor', 'mana ←1'])
   """
 
   def __init__(self, figure: Any, info: dict[str, Any]):
