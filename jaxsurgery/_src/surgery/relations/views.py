@@ -55,41 +55,45 @@ def _paired(S: Scope, eqn, ins):
   return old, None
 
 
-@rule("transpose")
-def transpose(S, eqn, ins):
+def _view_rule(*names: str, paired: int | None = None, unrelated_kind=None):
+  """Registers ``fn(S, eqn, ins, old)`` for a view of ``ins[0]``.
+
+  A view of a value with no old counterpart stays unrelated (``unrelated_kind(ins)``
+  joins its new positions' kind); an eqn the old program lacks (paired on the first
+  ``paired`` operands, default all) is broken. ``fn`` sees only the paired case.
+  """
+  def register(fn):
+    @rule(*names)
+    def view(S, eqn, ins):
+      x = ins[0]
+      if not x.related:
+        return _unrelated(eqn, x, None if unrelated_kind is None else unrelated_kind(ins))
+      old, fail = _paired(S, eqn, ins if paired is None else ins[:paired])
+      return fail if fail else fn(S, eqn, ins, old)
+    return fn
+  return register
+
+
+@_view_rule("transpose")
+def transpose(S, eqn, ins, old):
   x = ins[0]
-  if not x.related:
-    return _unrelated(eqn, x)
-  old, fail = _paired(S, eqn, ins)
-  if fail:
-    return fail
   perm = list(eqn.params["permutation"])
   if list(old.params["permutation"]) != perm:
     return [_broken(S, eqn, old, "the transpose differs from the old program's")]
   return [_moved(S, eqn, x, [x.maps[p] for p in perm], [x.slab[p] for p in perm], perm, old=old)]
 
 
-@rule("squeeze")
-def squeeze(S, eqn, ins):
+@_view_rule("squeeze")
+def squeeze(S, eqn, ins, old):
   x = ins[0]
-  if not x.related:
-    return _unrelated(eqn, x)
-  old, fail = _paired(S, eqn, ins)
-  if fail:
-    return fail
   dims = {d % x.ndim for d in eqn.params["dimensions"]}
   keep = [a for a in range(x.ndim) if a not in dims]
   return [_moved(S, eqn, x, [x.maps[a] for a in keep], [x.slab[a] for a in keep], keep, old=old)]
 
 
-@rule("broadcast_in_dim")
-def broadcast_in_dim(S, eqn, ins):
+@_view_rule("broadcast_in_dim", paired=1)
+def broadcast_in_dim(S, eqn, ins, old):
   x = ins[0]
-  if not x.related:
-    return _unrelated(eqn, x)
-  old, fail = _paired(S, eqn, ins[:1])
-  if fail:
-    return fail
   shape, old_shape = out_shape(eqn), tuple(old.outvars[0].aval.shape)
   if len(shape) != len(old_shape) or tuple(eqn.params["broadcast_dimensions"]) != tuple(
       old.params["broadcast_dimensions"]):
@@ -118,14 +122,9 @@ def _broken(S, eqn, old, why: str) -> Rel:
              maps=tuple(A.identity(n) for n in shape), broken=s, slab=tuple(NOVEL for _ in shape))
 
 
-@rule("reshape")
-def reshape(S, eqn, ins):
+@_view_rule("reshape", paired=1)
+def reshape(S, eqn, ins, old):
   x = ins[0]
-  if not x.related:
-    return _unrelated(eqn, x)
-  old, fail = _paired(S, eqn, ins[:1])
-  if fail:
-    return fail
   if eqn.params.get("dimensions") is not None or old.params.get("dimensions") is not None:
     return [_broken(S, eqn, old, "reshape with a dimensions permutation is not followed")]
   in_n, out_n = x.shape, out_shape(eqn)
@@ -204,14 +203,9 @@ def _reshape_group(x, gi, gj, in_o, out_n, out_o, maps, slab, axes):
     maps[b], slab[b], axes[b] = p, kind, param_axis
 
 
-@rule("rev")
-def rev(S, eqn, ins):
+@_view_rule("rev")
+def rev(S, eqn, ins, old):
   x = ins[0]
-  if not x.related:
-    return _unrelated(eqn, x)
-  old, fail = _paired(S, eqn, ins)
-  if fail:
-    return fail
   dims = set(eqn.params["dimensions"])
   maps = list(x.maps)
   for a in dims:
@@ -274,14 +268,9 @@ def _unpaired_slice(eqn, x: Rel) -> Rel:
              broken=x.broken, slab=x.slab, origin=x.origin)
 
 
-@rule("split")
-def split(S, eqn, ins):
+@_view_rule("split")
+def split(S, eqn, ins, old):
   x = ins[0]
-  if not x.related:
-    return _unrelated(eqn, x)
-  old, fail = _paired(S, eqn, ins)
-  if fail:
-    return fail
   axis = eqn.params["axis"]
   if old.params["axis"] != axis or len(old.params["sizes"]) != len(eqn.params["sizes"]):
     return [_broken(S, eqn, old, "the split differs from the old program's") for _ in eqn.outvars]
@@ -409,15 +398,15 @@ def _concat_slots(old_side, ins, old) -> dict[int, int]:
   return out
 
 
-@rule("pad")
-def pad(S, eqn, ins):
-  x, value = ins
-  pad_kind = _kind_of(value.value()) if value.is_const else NOVEL
-  if not x.related:
-    return _unrelated(eqn, x, pad_kind)
-  old, fail = _paired(S, eqn, ins[:1])
-  if fail:
-    return fail
+def _pad_kind(ins) -> int:
+  """What a pad writes at its padded positions."""
+  value = ins[1]
+  return _kind_of(value.value()) if value.is_const else NOVEL
+
+
+@_view_rule("pad", paired=1, unrelated_kind=_pad_kind)
+def pad(S, eqn, ins, old):
+  x, pad_kind = ins[0], _pad_kind(ins)
   cfg, ocfg = eqn.params["padding_config"], old.params["padding_config"]
   maps, slab = [], []
   for a, ((lo, hi, it), (olo, ohi, oit)) in enumerate(zip(cfg, ocfg)):
