@@ -534,6 +534,41 @@ def test_8_scan_level_that_adds_nothing_is_steady_only_if_later_steps_add_nothin
   np.testing.assert_array_equal(mask, [[0, 0], [0, 0], [0, 0], [1, 0], [1, 1]])
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_8_scan_with_a_steady_carry_keeps_each_step_its_own(reverse):
+  """A feature-free carry (a counter, a decay) is steady at once; each later step's ``ys`` still
+  reads its own ``xs`` only (one run per step on the steady carry), so the outputs are diagonal."""
+  def counter(xs):
+    return jax.lax.scan(lambda i, x: (i + 1, 2.0 * x * i), 0.0, xs, reverse=reverse)[1]
+
+  def decay(xs):
+    return jax.lax.scan(lambda c, x: (c * 0.5, x + c), 1.0, xs, reverse=reverse)[1]
+  n = 7
+  for fn in (counter, decay):
+    np.testing.assert_array_equal(scan_outputs_mask(fn, n), np.eye(n, dtype=bool), err_msg=fn.__name__)
+
+
+def test_8_scan_parameters_read_per_step_on_a_steady_carry_match_the_gradient():
+  """A gain per step scanned as ``xs`` beside a steady counter: ``ys[s]`` reads step s only, and the
+  table is sound (the confirming run makes the gains of steps >= 1 share their touches, design.md §9)."""
+  n = 6
+
+  def gated(p, x):
+    def body(i, xw):
+      xi, w = xw
+      return i + 1.0, jnp.tanh(w * xi + 0.1 * i)
+    return jax.lax.scan(body, 0.0, (x, p["w"]))[1]
+
+  params, x, spec = {"w": jnp.full((n,), 0.7)}, jnp.linspace(0.5, 1.5, n), js.Features([f"x{i}" for i in range(n)])
+  table = js.dependency_table(gated, params, x, spec, strict=True)
+  np.testing.assert_array_equal(np.asarray(table.output_mask(table.output_paths[0])).reshape(n, n),
+                                np.eye(n, dtype=bool))
+  w = np.asarray(table.mask("w")).reshape(n, n)
+  np.testing.assert_array_equal(w[0], np.eye(n, dtype=bool)[0])  # before the steady level: exact
+  check = js.cross_check(table, js.gradient_table(gated, params, x, spec, key=KEY))
+  assert check.ok, check.report()
+
+
 def test_8_equinox_internal_primitives_have_rules():
   import equinox.internal as eqxi
 

@@ -258,99 +258,131 @@ def _suffix_or(m, reverse: bool):
   return acc if reverse else acc[::-1]
 
 
-def scan(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
-  """``c, ys[t] = body(c, xs[t])``: the level fixed point of the carry (at most ``length`` levels).
+class _Scan:
+  """One scan's reads of ``xs`` and body runs, in step order (``row`` maps a step to its time index)."""
 
-  Iteration ``k`` reads ``xs`` of step ``k`` and writes ``ys`` of step ``k``; the
-  steady level reads and writes those of every later step.
-  """
-  p = eqn.params
-  nc, ncarry = compat.scan_counts(p)
-  jaxpr, consts = compat.open_jaxpr(p["jaxpr"])
-  sconsts, init, xs = invals[:nc], invals[nc:nc + ncarry], invals[nc + ncarry:]
-  length, reverse = int(p["length"]), bool(p.get("reverse", False))
-  row = (lambda s: length - 1 - s) if reverse else (lambda s: s)  # step -> time index
+  def __init__(self, ctx, eqn, invals):
+    p = eqn.params
+    self.ctx, self.nc, self.ncarry = ctx, *compat.scan_counts(p)
+    self.jaxpr, self.consts = compat.open_jaxpr(p["jaxpr"])
+    self.sconsts = invals[:self.nc]
+    self.init, self.xs = invals[self.nc:self.nc + self.ncarry], invals[self.nc + self.ncarry:]
+    self.length, self.reverse = int(p["length"]), bool(p.get("reverse", False))
+    self.step_masks = [M.lift(x.mask, x.ndim) for x in self.xs]
+    self.suffix = [_suffix_or(m, self.reverse) for m in self.step_masks]
 
-  step_masks = [M.lift(x.mask, x.ndim) for x in xs]
-  suffix = [_suffix_or(m, reverse) for m in step_masks]
+  def row(self, s):
+    return self.length - 1 - s if self.reverse else s
 
-  def x_read(x, m, k, later: bool):
-    """``xs`` as read by iteration ``k``: step ``k``, or (``later``) every step ``>= k``."""
-    if m is None or m.shape[0] == 0:
-      mask = None
-    else:
-      mask = m[0] if m.shape[0] == 1 else m[row(min(k, length - 1))]
+  def read(self, x, m, k: int, later: bool) -> Val:
+    """``xs`` as read at step ``k``: that step, or (``later``) every step ``>= k``."""
+    mask = None if m is None or m.shape[0] == 0 else m[0] if m.shape[0] == 1 else m[self.row(min(k, self.length - 1))]
     pull = None
     if x.pull is not None:
       def pull(t, x=x, k=k):
         t = M.lift(t, x.ndim - 1)[None]
-        if length > 1:
-          steps = np.arange(length)
+        if self.length > 1:
+          steps = np.arange(self.length)
           read = steps >= k if later else steps == k
-          t = np.repeat(t, length, axis=0)
-          t[row(steps[~read])] = 0
+          t = np.repeat(t, self.length, axis=0)
+          t[self.row(steps[~read])] = 0
         x.pull(t)
     return Val(x.shape[1:], x.dtype, mask, pull)
 
-  ys_runs: list[list[Val]] = []
-  ys_later: dict[int, list[Val]] = {}  # a confirming run's ys, which stand for the steps >= k
+  def run(self, k: int, carry, later: bool) -> list[Val]:
+    masks = self.suffix if later else self.step_masks
+    reads = [self.read(x, m, k, later) for x, m in zip(self.xs, masks)]
+    return self.ctx.run(self.jaxpr, const_vals(self.consts), list(self.sconsts) + list(carry) + reads)
 
-  def run(k, carry, later: bool):
-    reads = [x_read(x, m, k, later) for x, m in zip(xs, suffix if later else step_masks)]
-    return ctx.run(jaxpr, const_vals(consts), list(sconsts) + list(carry) + reads)
+  def alike_from(self, k: int) -> bool:
+    """Whether every ``xs`` has the same mask at all steps ``>= k`` (one run then stands for all)."""
+    for m in self.step_masks:
+      if m is not None and m.shape[0] > 1:
+        steps = (m[::-1] if self.reverse else m)[k:]
+        if not (steps == steps[:1]).all():
+          return False
+    return True
+
+
+def scan(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
+  """``c, ys[t] = body(c, xs[t])``: the level fixed point of the carry (at most ``length`` levels).
+
+  Iteration ``k`` reads ``xs`` of step ``k`` and writes ``ys`` of step ``k``. After a
+  confirmed steady level, later steps whose ``xs`` masks differ run one by one on the
+  steady carry (up to ``WIDEN_AFTER`` runs in all); one run reading every remaining step
+  stands for the rest.
+  """
+  sc = _Scan(ctx, eqn, invals)
+  length, ncarry = sc.length, sc.ncarry
+  pieces: list[tuple[int, list[Val]]] = []  # (first step, ys of the run standing for it and up to the next)
+  confirmed: dict[int, list[Val]] = {}
 
   def step(k, carry):
-    outs = run(k, carry, later=False)
-    ys_runs.append(outs[ncarry:])
+    outs = sc.run(k, carry, later=False)
+    pieces.append((k, outs[ncarry:]))
     return outs[:ncarry], None
 
   def confirm(k, carry):
-    outs = run(k, carry, later=True)
-    ys_later[k] = outs[ncarry:]
+    outs = sc.run(k, carry, later=True)
+    confirmed[k] = outs[ncarry:]
     return outs[:ncarry], None
 
-  carry, runs = _iterate(ctx, eqn, init, step, length=max(length, 1),
-                         entering=list(sconsts) + list(xs), confirm=confirm)
-  # The last level reads every later step if it was confirmed steady (at the last step
-  # both reads are the same).
-  ys_runs[runs - 1] = ys_later.get(runs - 1, ys_runs[runs - 1])
-  outs = [Val(tuple(o.aval.shape), o.aval.dtype, c.mask, c.pull)
-          for o, c in zip(eqn.outvars[:ncarry], carry)]
-  # ys[row(s)] comes from iteration min(s, runs - 1).
-  which = np.minimum(np.arange(length), runs - 1)  # iteration per step
+  carry, runs = _iterate(ctx, eqn, sc.init, step, length=max(length, 1),
+                         entering=list(sc.sconsts) + list(sc.xs), confirm=confirm)
+  last = runs - 1
+  if last in confirmed and last < length - 1:  # steady before the end: the later steps
+    pieces[-1:] = _steady_steps(sc, carry, last, pieces[-1][1], confirmed[last], budget=WIDEN_AFTER - runs)
+  outs = [Val(tuple(o.aval.shape), o.aval.dtype, c.mask, c.pull) for o, c in zip(eqn.outvars[:ncarry], carry)]
+  firsts = [k for k, _ in pieces]
   for j, o in enumerate(eqn.outvars[ncarry:]):
-    shape = tuple(o.aval.shape)
-    per_run = [M.lift(r[j].mask, len(shape) - 1) for r in ys_runs]
-    if all(same_mask(per_run[0], m) for m in per_run[1:]):
-      mask = None if per_run[0] is None else per_run[0][None]
-    else:
-      common = np.broadcast_shapes(*(m.shape for m in per_run if m is not None))
-      full = np.stack([np.zeros(common, M.WORD) if m is None else np.broadcast_to(m, common)
-                       for m in per_run])
-      by_step = np.take(full, which, axis=0)
-      mask = by_step[::-1] if reverse else by_step
-    pulls = [r[j].pull for r in ys_runs]
-    pull = None
-    if any(q is not None for q in pulls):
-      rank = len(shape)
-
-      def pull(t, pulls=pulls, rank=rank):
-        t = M.lift(t, rank)
-        if t.shape[0] == 1:
-          for q in pulls:
-            if q is not None:
-              q(t[0])
-          return
-        by_step = t[::-1] if reverse else t
-        for k, q in enumerate(pulls):
-          if q is None:
-            continue
-          part = by_step[k:k + 1] if k < len(pulls) - 1 else by_step[k:]
-          part = M.reduce_or(part, [0])
-          if not M.is_empty(part):
-            q(part)
-    outs.append(out_val(o, mask, pull))
+    outs.append(_stacked_ys(o, [ys[j] for _, ys in pieces], firsts, length, sc.reverse))
   return outs
+
+
+def _steady_steps(sc: _Scan, carry, k: int, own: list[Val], later: list[Val], budget: int):
+  """Pieces for the steps ``>= k`` of a level confirmed steady at ``k``.
+
+  Each step whose ``xs`` differ from the later ones runs on its own (``own`` is step ``k``'s
+  run); the first step from which all ``xs`` are alike (or where the budget ends) gets one run
+  reading every remaining step (``later`` if that is ``k``).
+  """
+  if sc.alike_from(k):
+    return [(k, later)]
+  pieces = [(k, own)]
+  s = k + 1
+  while s < sc.length and not sc.alike_from(s) and budget > 0:
+    pieces.append((s, sc.run(s, carry, later=False)[sc.ncarry:]))
+    s, budget = s + 1, budget - 1
+  if s < sc.length:
+    pieces.append((s, sc.run(s, carry, later=True)[sc.ncarry:]))
+  return pieces
+
+
+def _stacked_ys(o, per_piece: list[Val], firsts: list[int], length: int, reverse: bool) -> Val:
+  """``ys`` stacked over time: piece ``i``'s output stands for the steps ``firsts[i]`` up to ``firsts[i + 1]``."""
+  shape = tuple(o.aval.shape)
+  ends = firsts[1:] + [length]
+  masks = [M.lift(v.mask, len(shape) - 1) for v in per_piece]
+  if all(same_mask(masks[0], m) for m in masks[1:]):
+    mask = None if masks[0] is None else masks[0][None]
+  else:
+    common = np.broadcast_shapes(*(m.shape for m in masks if m is not None))
+    full = np.stack([np.zeros(common, M.WORD) if m is None else np.broadcast_to(m, common) for m in masks])
+    which = np.repeat(np.arange(len(masks)), np.subtract(ends, firsts))  # piece per step
+    by_step = np.take(full, which, axis=0)
+    mask = by_step[::-1] if reverse else by_step
+  pulls = [v.pull for v in per_piece]
+  if all(q is None for q in pulls):
+    return out_val(o, mask, None)
+
+  def pull(t):
+    t = M.lift(t, len(shape))
+    by_step = t[::-1] if reverse and t.shape[0] > 1 else t
+    for q, a, b in zip(pulls, firsts, ends):
+      part = by_step if by_step.shape[0] == 1 else M.reduce_or(by_step[a:b], [0])
+      if q is not None and not M.is_empty(part):
+        q(part[0] if by_step.shape[0] == 1 else part)
+  return out_val(o, mask, pull)
 
 
 def shard_map(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
