@@ -30,6 +30,8 @@ import numpy as np
 import optax
 
 import jaxsurgery as js
+from jaxsurgery._src.surgery import remap as remap_lib
+from jaxsurgery._src.surgery import state as state_lib
 
 OLD_FEATURES = [f"f{i}" for i in range(8)]
 NEW_FEATURES = OLD_FEATURES[::-1] + [f"g{i}" for i in range(8)]
@@ -232,6 +234,46 @@ def _largest_shard(tree) -> tuple[int, str]:
   return sizes[path], path
 
 
+class _AbstractInitPlanner(state_lib._Planner):
+  """Plans from an abstract new init too: only shapes and shardings matter for the program split."""
+
+  def _check_new_init(self):
+    pass
+
+
+def eager_programs_temp(scale: int, layout: str, what: str, program_bytes: int = 0) -> dict:
+  """Per-device temp of each program an eager ``surgery(...)`` (``what="params"``) or ``remap_state``
+  (``"adam_state"``) runs, lowered from sharded abstract shapes; ``remap.PROGRAM_BYTES`` is set to
+  ``program_bytes`` (0 stands for leaves larger than the default 64 MiB budget: one moving leaf per program)."""
+  surgery, mesh = plan(scale), auto_mesh()
+  old_a, new_a = ((abstract_params(scale, True), abstract_params(scale, False)) if what == "params"
+                  else (state_abstract(scale, True), state_abstract(scale, False)))
+  old = _abstract_sharded(old_a, shardings(old_a, mesh, layout))
+  new = _abstract_sharded(new_a, shardings(new_a, mesh, layout))
+  saved, remap_lib.PROGRAM_BYTES = remap_lib.PROGRAM_BYTES, program_bytes
+  try:
+    if what == "params":
+      groups = surgery._programs(old, new)
+      leaves = jax.tree.leaves(new)
+      programs = [(functools.partial(lambda g, o, n: surgery._apply_leaves(o, n, g), tuple(g)), (old, new),
+                   [leaves[i] for i in g]) for g in groups]
+    else:
+      splan = _AbstractInitPlanner(surgery, old, new, None, None, None).run()
+      groups = state_lib._programs(surgery.leaf_plans, list(splan.steps), splan.old_leaves, splan.new_leaves)
+      programs = [(functools.partial(state_lib._run_steps, surgery.leaf_plans, tuple(g)),
+                   ([(None if s.old_index is None else splan.old_leaves[s.old_index], None) for s in g],
+                    [splan.new_leaves[s.new_index] for s in g]), [splan.new_leaves[s.new_index] for s in g])
+                  for g in groups]
+  finally:
+    remap_lib.PROGRAM_BYTES = saved
+  temps = [int(jax.jit(fn, out_shardings=[x.sharding for x in outs]).lower(*args).compile()
+               .memory_analysis().temp_size_in_bytes) for fn, args, outs in programs]
+  shard, shard_path = max(_largest_shard(old), _largest_shard(new))
+  return {"programs": len(programs), "temp_bytes": max(temps), "largest_shard_bytes": shard,
+          "parameters": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(new_a)),
+          "largest_shard_leaf": shard_path, "temp_over_largest_shard": max(temps) / shard}
+
+
 def memory(scale: int, layout: str) -> dict:
   """Per-device sizes of the compiled surgery (params only, and the whole adam state),
   lowered from sharded abstract shapes: no data is allocated, so large scales are cheap."""
@@ -251,6 +293,8 @@ def memory(scale: int, layout: str) -> dict:
         "temp_bytes": int(stats.temp_size_in_bytes), "argument_bytes": int(stats.argument_size_in_bytes),
         "output_bytes": int(stats.output_size_in_bytes), "largest_shard_bytes": shard,
         "largest_shard_leaf": shard_path, "temp_over_largest_shard": stats.temp_size_in_bytes / shard}
+  for what in ("params", "adam_state"):
+    out[f"{what}_programs"] = eager_programs_temp(scale, layout, what)
   return out
 
 

@@ -23,6 +23,7 @@ from jaxsurgery._src.core.errors import SurgeryError
 from jaxsurgery._src.optim import moments
 from jaxsurgery._src.optim.adam import adam, adamw, scale_by_adam
 from jaxsurgery._src.optim.freeze import freeze_fresh
+from jaxsurgery._src.surgery import remap as remap_lib
 from jaxsurgery._src.surgery import state as state_lib
 from jaxsurgery._src.surgery.state import remap_state
 
@@ -377,10 +378,10 @@ def test_large_remaps_run_as_programs_of_about_one_leaf(surgery, monkeypatch):
   splan = state_lib.plan_state(surgery, old, new_init)
   traced = [s for s in splan.steps if s.op == "plan"]
   assert len(state_lib._programs(surgery.leaf_plans, traced, splan.old_leaves, splan.new_leaves)) == 1
-  monkeypatch.setattr(state_lib, "PROGRAM_BYTES", 0)
+  monkeypatch.setattr(remap_lib, "PROGRAM_BYTES", 0)
   groups = state_lib._programs(surgery.leaf_plans, traced, splan.old_leaves, splan.new_leaves)
-  largest = max(state_lib._shard_bytes(splan.new_leaves[s.new_index]) for s in traced)
-  sizes = [sum(state_lib._shard_bytes(splan.new_leaves[s.new_index]) for s in g
+  largest = max(remap_lib.shard_bytes(splan.new_leaves[s.new_index]) for s in traced)
+  sizes = [sum(remap_lib.shard_bytes(splan.new_leaves[s.new_index]) for s in g
                if not moments.is_identity(surgery.leaf_plans[s.param], s.role)) for g in groups]
   assert len(groups) > 3 and max(sizes) <= largest, sizes
   split = remap_state(surgery, old, new_init)

@@ -37,9 +37,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxsurgery._src.surgery.remap import copies_as_is, gather
 
 if TYPE_CHECKING:
   from jaxsurgery._src.surgery.plan import LeafPlan
@@ -125,44 +126,6 @@ def fresh_mask(leaf: LeafPlan) -> np.ndarray:
   return fresh
 
 
-# -- gathering -----------------------------------------------------------------------------
-
-def _prefix_length(m: np.ndarray) -> int | None:
-  """``k`` if the map keeps old indices ``0..k-1`` in place and only appends fresh ones, else None."""
-  k = int(np.count_nonzero(m >= 0))
-  if np.array_equal(m[:k], np.arange(k)) and (m[k:] < 0).all():
-    return k
-  return None
-
-
-def gather(x, maps, old_shape) -> tuple[Any, np.ndarray | None]:
-  """``x`` taken through per-axis maps, and the broadcastable mask of positions holding old values.
-
-  Maps that keep a prefix of the old indices in place and append fresh ones
-  are a slice and a pad, not a gather: under SPMD a gather along a sharded axis
-  all-gathers its operand, a pad does not.
-  """
-  rank = len(maps)
-  valid = None
-  for a, m in enumerate(maps):
-    if m is None:
-      continue
-    k = _prefix_length(m)
-    if k is not None:
-      if k < x.shape[a]:
-        x = jax.lax.slice_in_dim(x, 0, k, axis=a)
-      if len(m) > k:
-        pad = [(0, 0, 0)] * rank
-        pad[a] = (0, len(m) - k, 0)
-        x = jax.lax.pad(x, jnp.zeros((), x.dtype), pad)
-    else:
-      x = jnp.take(x, np.maximum(m, 0), axis=a)
-    if (m < 0).any():
-      v = _column(m >= 0, a, rank)
-      valid = v if valid is None else (valid & v)
-  return x, valid
-
-
 # -- the operators -------------------------------------------------------------------------
 
 def apply_statistic(leaf: LeafPlan, old: Any, init: Any, role: Role, *, from_scalar: bool = False) -> Any:
@@ -187,16 +150,25 @@ def apply_statistic(leaf: LeafPlan, old: Any, init: Any, role: Role, *, from_sca
   x = jnp.asarray(old)
   if from_scalar:
     x = jnp.broadcast_to(x.astype(init.dtype), leaf.old_shape)
-  x, valid = gather(x, leaf.maps, leaf.old_shape)
+  x, _ = gather(x, leaf.maps, len(leaf.shape))
   if role in (GRAD, GRAD_SQ):
     d = gradient_divisor(leaf)
     if d is not None:
       x = x.astype(jnp.promote_types(x.dtype, jnp.float32)) / (d if role == GRAD else d * d).astype(np.float32)
   x = x.astype(init.dtype)
-  fresh = fresh_mask(leaf)
-  if not fresh.any():
+  if not fresh_mask(leaf).any():
     return x
-  return jnp.where(fresh, fresh_value, x)
+  return jnp.where(_fresh_columns(leaf), fresh_value, x)
+
+
+def _fresh_columns(leaf: LeafPlan):
+  """:func:`fresh_mask` ORed from per-axis columns in jax (a dense numpy mask is a leaf-sized constant)."""
+  rank, fresh = len(leaf.shape), None
+  for a, m in enumerate(leaf.maps):
+    if m is not None and (m < 0).any():
+      col = jnp.asarray(_column(m < 0, a, rank))
+      fresh = col if fresh is None else fresh | col
+  return fresh
 
 
 def is_identity(leaf: LeafPlan, role: Role) -> bool:
@@ -206,9 +178,7 @@ def is_identity(leaf: LeafPlan, role: Role) -> bool:
   if any(m is not None for m in leaf.maps) or leaf.zero is not None:
     return False
   if role == PARAM:
-    recipes = (getattr(leaf, "mean_axes", ()), getattr(leaf, "noise_axes", ()), getattr(leaf, "fold", ()))
-    if any(recipes) or np.any(np.asarray(getattr(leaf, "scale", 1.0)) != 1.0):
-      return False
-  elif role in (GRAD, GRAD_SQ):
+    return copies_as_is(leaf)
+  if role in (GRAD, GRAD_SQ):
     return gradient_divisor(leaf) is None
   return True

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.shard_alike import shard_alike
 
 from jaxsurgery._src.core import features as feats
 from jaxsurgery._src.core.errors import SurgeryError
@@ -70,7 +71,7 @@ def apply_leaf(leaf: LeafPlan, old: Any, init: Any, old_leaves: Sequence[Any] | 
         raise SurgeryError(f"{leaf.path!r} folds a removed constant feature, which reads other old leaves: "
                            f"apply the plan to the whole tree (Surgery.apply), not leaf by leaf.")
       x = x + fold.contribution(term, old_leaves, leaf.old_shape).astype(x.dtype)
-    x, valid = _gather(x, leaf.maps, len(leaf.shape))
+    x, valid = gather(x, leaf.maps, len(leaf.shape))
     x = x.astype(init.dtype)
     out = x if valid is None else jnp.where(valid, x, init)
     for a in getattr(leaf, "mean_axes", ()):
@@ -94,34 +95,37 @@ def _column(m: np.ndarray, a: int, rank: int) -> np.ndarray:
   return m.reshape((1,) * a + (-1,) + (1,) * (rank - a - 1))
 
 
-def _gather(x, maps, rank: int):
-  """``x`` taken through the per-axis maps, and where the result holds old values (None: everywhere)."""
+def gather(x, maps, rank: int):
+  """``x`` taken through the per-axis maps, and where the result holds old values (None: everywhere).
+
+  Axes whose map is an old prefix then new positions are one slice and one pad for all of
+  them, not a gather: under SPMD a gather along a sharded axis all-gathers its operand, and
+  a pad per axis makes the partitioner reshard between the pads (~2x the temporary memory).
+  """
   valid = None
+  keep, pads = [slice(None)] * rank, [(0, 0)] * rank
   for a, m in enumerate(maps):
     if m is None:
       continue
-    x = _take(x, m, a)
-    if (m < 0).any():
-      v = _column(m >= 0, a, rank)
+    n = _prefix(m)
+    if n is not None:
+      keep[a], pads[a] = slice(0, n), (0, len(m) - n)
+    else:
+      x = jnp.take(x, np.maximum(m, 0), axis=a)
+    if (m < 0).any():  # per-axis columns ANDed in jax: a dense numpy mask would be a leaf-sized constant
+      v = jnp.asarray(_column(m >= 0, a, rank))
       valid = v if valid is None else (valid & v)
+  if any(k.stop is not None and k.stop < x.shape[a] for a, k in enumerate(keep)):
+    x = x[tuple(keep)]
+  if any(p != (0, 0) for p in pads):
+    x = jnp.pad(x, pads)
   return x, valid
 
 
-def _take(x, m: np.ndarray, a: int):
-  """``x`` along axis ``a`` through map ``m`` (``-1``: any value, masked later).
-
-  An old prefix then new positions is a slice and a pad, which a sharded axis does without
-  gathering the leaf.
-  """
+def _prefix(m: np.ndarray) -> int | None:
+  """``n`` if map ``m`` is the old positions ``0..n-1`` then only new ones (a slice and a pad), else None."""
   n = int(np.argmax(m < 0)) if (m < 0).any() else len(m)
-  if np.array_equal(m[:n], np.arange(n)) and (m[n:] < 0).all():
-    if n == x.shape[a] and n == len(m):
-      return x
-    x = jax.lax.slice_in_dim(x, 0, n, axis=a) if n < x.shape[a] else x
-    pad = [(0, 0)] * x.ndim
-    pad[a] = (0, len(m) - n)
-    return jnp.pad(x, pad) if len(m) > n else x
-  return jnp.take(x, np.maximum(m, 0), axis=a)
+  return n if np.array_equal(m[:n], np.arange(n)) and (m[n:] < 0).all() else None
 
 
 def _mean_fill(out, m: np.ndarray, a: int):
@@ -150,6 +154,80 @@ def _paired_noise(leaf: LeafPlan, a: int, x):
   return (z * (leaf.noise * rms)).astype(x.dtype)
 
 
+def copies_as_is(leaf: LeafPlan) -> bool:
+  """The leaf plan copies its old parameter leaf as it is (no data moves)."""
+  return (leaf.old_path is not None and leaf.old_shape == leaf.shape and all(m is None for m in leaf.maps)
+          and leaf.zero is None and not getattr(leaf, "zero_all", False) and not getattr(leaf, "fold", ())
+          and not getattr(leaf, "mean_axes", ()) and not getattr(leaf, "noise_axes", ())
+          and bool(np.all(np.asarray(getattr(leaf, "scale", 1.0)) == 1.0)))
+
+
+def in_sequence(compute: Callable, operands: Sequence[Any]) -> list[Any]:
+  """``[compute(*ops) for ops in operands]``, each leaf's computation ordered after the previous one's.
+
+  One optimisation barrier ties each leaf's operands to the previous result, so XLA cannot
+  overlap the leaves: the temporaries of one leaf are live at a time (per-device temp ~one
+  leaf's shard rather than the sum over a state's params and moments).
+  """
+  outs: list[Any] = []
+  for ops in operands:
+    if outs:
+      outs[-1], ops = _after(outs[-1], ops)
+    outs.append(compute(*ops))
+  return outs
+
+
+def _after(done: Any, ops: Any) -> tuple[Any, Any]:
+  """``(done, ops)`` through one barrier (its numeric arrays; keys and Python scalars pass as they are)."""
+  def barred(x):
+    return isinstance(x, (jax.Array, jax.core.Tracer)) and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+  flat, treedef = jax.tree_util.tree_flatten((done, ops))
+  which = [i for i, x in enumerate(flat) if barred(x)]
+  if not which or not barred(flat[0]):
+    return done, ops
+  for i, y in zip(which, jax.lax.optimization_barrier([flat[i] for i in which])):
+    flat[i] = y
+  return jax.tree_util.tree_unflatten(treedef, flat)
+
+
+#: Eager remaps whose moving leaves sum to more than this (bytes per device) run as several programs.
+PROGRAM_BYTES = 64 << 20
+
+
+def shard_bytes(x) -> int:
+  """Bytes of one device's shard of ``x`` (an array or a ``ShapeDtypeStruct``; unsharded: all of it)."""
+  shape = tuple(x.shape)
+  sharding = getattr(x, "sharding", None)
+  if sharding is not None:
+    shape = tuple(sharding.shard_shape(shape))
+  try:
+    itemsize = jnp.dtype(x.dtype).itemsize
+  except TypeError:  # typed PRNG keys
+    itemsize = 8
+  return int(np.prod(shape, dtype=np.int64)) * itemsize
+
+
+def program_groups(weights: Sequence[int]) -> list[list[int]]:
+  """Consecutive indices split into programs whose weights sum to at most ~one leaf (or PROGRAM_BYTES).
+
+  In one program XLA may run every leaf's gather or pad at once (the CPU scheduler does, to
+  overlap them), so its temporaries are those of all the moving leaves together; programs of
+  about one leaf's worth keep the peak near one leaf's. Weight 0: a leaf that moves no data.
+  """
+  if not weights:
+    return []
+  budget = max(max(weights), PROGRAM_BYTES)
+  groups: list[list[int]] = [[]]
+  used = 0
+  for i, w in enumerate(weights):
+    if groups[-1] and w and used + w > budget:
+      groups.append([])
+      used = 0
+    groups[-1].append(i)
+    used += w
+  return groups
+
+
 def sharded_call(cache: dict, key: Any, fn: Callable, args: tuple, targets: Sequence[Any],
                  out_shardings_of: Callable) -> Any:
   """``fn(*args)``: inline under an outer transformation, else one jitted program per key and sharding.
@@ -164,7 +242,7 @@ def sharded_call(cache: dict, key: Any, fn: Callable, args: tuple, targets: Sequ
     typed = [getattr(jax.typeof(x), "sharding", None) for x in targets]
     if _explicit(typed):   # sharding in types: gathers need their output sharding spelled out
       return jax.sharding.auto_axes(fn, out_sharding=out_shardings_of(typed))(*args)
-    return fn(*args)
+    return _laid_out_like(fn(*args), targets)
   shardings = tuple(getattr(x, "sharding", None) for x in targets)
   full = (key, shardings if all(s is not None for s in shardings) else None)
   compiled = cache.get(full)
@@ -173,6 +251,23 @@ def sharded_call(cache: dict, key: Any, fn: Callable, args: tuple, targets: Sequ
     body = jax.sharding.auto_axes(fn, out_sharding=out) if out is not None and _explicit(full[1]) else fn
     compiled = cache[full] = jax.jit(body, out_shardings=out)
   return compiled(*args)
+
+
+def _laid_out_like(out: Any, targets: Sequence[Any]) -> Any:
+  """Each output leaf sharded like its target (the new init) when an outer ``jit`` propagates layouts.
+
+  Without it an unchanged leaf is the old leaf itself and keeps the old layout. Leaves that are
+  not arrays of the target's shape (Python scalars, keys) pass as they are.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(out)
+  if len(leaves) != len(targets):
+    return out
+  tied = []
+  for x, t in zip(leaves, targets):
+    ok = all(isinstance(v, jax.core.Tracer) and not jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)
+             for v in (x, t)) and x.shape == t.shape
+    tied.append(shard_alike(x, t)[0] if ok else x)
+  return jax.tree_util.tree_unflatten(treedef, tied)
 
 
 def _explicit(shardings) -> bool:
@@ -241,15 +336,20 @@ class Surgery:
       >>> np.asarray(js.plan(old, new).apply(old_p, new_init)["w"]).tolist()
       [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
     """
+    treedef = jax.tree_util.tree_structure(new_params_init)
+    return jax.tree_util.tree_unflatten(treedef, self._apply_leaves(old_params, new_params_init, None))
+
+  def _apply_leaves(self, old_params: Any, new_params_init: Any, which: Sequence[int] | None) -> list[Any]:
+    """The new leaves ``which`` (indices into ``new_params_init``'s leaves; None: all), in order."""
     old = leaves_by_path(old_params, self.old_table, "old_params")
-    init_leaves, treedef = jax.tree_util.tree_flatten_with_path(new_params_init)
+    init_leaves = jax.tree_util.tree_flatten_with_path(new_params_init)[0]
     leaves_by_path(new_params_init, self.new_table, "new_params_init")
     old_list = [old[p] for p in self.old_table.paths]
-    out = []
-    for path, x in init_leaves:
+    operands = []
+    for path, x in (init_leaves if which is None else [init_leaves[i] for i in which]):
       leaf = self.leaf_plans[feats.keystr(path)]
-      out.append(apply_leaf(leaf, None if leaf.old_path is None else old.get(leaf.old_path), x, old_list))
-    return jax.tree_util.tree_unflatten(treedef, out)
+      operands.append((leaf, None if leaf.old_path is None else old.get(leaf.old_path), x, old_list))
+    return in_sequence(apply_leaf, operands)
 
   def remap_state(self, old_state: Any, new_state_init: Any, **kwargs: Any) -> Any:
     """Remaps a whole training state (params, EMA, optimizer moments, counts).
@@ -279,8 +379,29 @@ class Surgery:
       The new params, shaped like ``new_params_init``.
     """
     init_leaves, treedef = jax.tree_util.tree_flatten(new_params_init)
-    return sharded_call(self._compiled, treedef, self.apply, (old_params, new_params_init), init_leaves,
-                        lambda shardings: jax.tree_util.tree_unflatten(treedef, shardings))
+    groups = self._programs(old_params, new_params_init)
+    if len(groups) <= 1:
+      return sharded_call(self._compiled, treedef, self.apply, (old_params, new_params_init), init_leaves,
+                          lambda shardings: jax.tree_util.tree_unflatten(treedef, shardings))
+    out: list[Any] = [None] * len(init_leaves)
+    for group in groups:
+      some = lambda o, n, group=tuple(group): self._apply_leaves(o, n, group)
+      results = sharded_call(self._compiled, (treedef, tuple(group)), some, (old_params, new_params_init),
+                             [init_leaves[i] for i in group], list)
+      for i, r in zip(group, results):
+        out[i] = r
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+  def _programs(self, old_params: Any, new_params_init: Any) -> list[list[int]]:
+    """Eager calls with large moving leaves: indices of the new leaves, in programs of about one leaf each."""
+    init_leaves = jax.tree_util.tree_flatten_with_path(new_params_init)[0]
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((old_params, new_params_init))):
+      return []
+    plans = [self.leaf_plans.get(feats.keystr(p)) for p, _ in init_leaves]
+    if any(lp is None for lp in plans):
+      return []  # apply raises the error naming the paths
+    return program_groups([0 if lp is not None and copies_as_is(lp) else shard_bytes(x)
+                           for lp, (_, x) in zip(plans, init_leaves)])
 
   def show(self, path: str | None = None, **kwargs: Any):
     """A picture of new leaf ``path``, each element coloured by where its value comes from.

@@ -38,7 +38,7 @@ from jaxsurgery._src import display
 from jaxsurgery._src.core import features as feats
 from jaxsurgery._src.core.errors import SurgeryError
 from jaxsurgery._src.optim import moments
-from jaxsurgery._src.surgery.remap import apply_leaf, sharded_call
+from jaxsurgery._src.surgery.remap import apply_leaf, in_sequence, program_groups, shard_bytes, sharded_call
 
 if TYPE_CHECKING:
   from jaxsurgery._src.surgery.plan import LeafPlan
@@ -731,7 +731,10 @@ def _compute(plans, s: _Step, old, init, fold_leaves):
 
 
 def _run_steps(plans, steps, olds, inits):
-  return [_compute(plans, s, old, init, fold) for s, (old, fold), init in zip(steps, olds, inits)]
+  def one(s, old_fold, init):
+    old, fold = old_fold
+    return _compute(plans, s, old, init, fold)
+  return in_sequence(one, list(zip(steps, olds, inits)))
 
 
 def _aliasable(plans, s: _Step, old, init) -> bool:
@@ -792,47 +795,19 @@ def run_state_plan(splan: StatePlan, old_leaves: Sequence[Any], steps: Sequence[
   return out
 
 
-#: Eager remaps whose moving leaves sum to more than this (bytes per device) run as several programs.
-PROGRAM_BYTES = 64 << 20
-
-
-def _shard_bytes(x) -> int:
-  shape = tuple(x.shape)
-  sharding = getattr(x, "sharding", None)
-  if sharding is not None:
-    shape = tuple(sharding.shard_shape(shape))
-  try:
-    itemsize = jnp.dtype(x.dtype).itemsize
-  except TypeError:  # typed PRNG keys
-    itemsize = 8
-  return int(np.prod(shape, dtype=np.int64)) * itemsize
-
-
 def _programs(plans, steps: list[_Step], old_leaves, new_leaves) -> list[list[_Step]]:
-  """The steps split into programs whose leaves that move data sum to at most ~one leaf (or PROGRAM_BYTES).
+  """The steps split into programs of about one moving leaf (:func:`program_groups`).
 
-  In one program XLA may run every leaf's gather or pad at once (the CPU
-  scheduler does, to overlap them), so its temporaries are those of all the
-  moving leaves together; programs of about one leaf's worth keep the peak
-  near one leaf's. Under an outer transformation everything is one trace.
+  Under an outer transformation everything is one trace.
   """
   leaves = [new_leaves[s.new_index] for s in steps]
   if not steps or any(isinstance(x, jax.core.Tracer) for x in leaves) \
       or any(isinstance(old_leaves[j], jax.core.Tracer) for s in steps for j in step_reads(s)):
     return [steps] if steps else []
   weights = [0 if s.op == "copy" or (s.param is not None and s.fold is None
-                                     and moments.is_identity(plans[s.param], s.role)) else _shard_bytes(x)
+                                     and moments.is_identity(plans[s.param], s.role)) else shard_bytes(x)
              for s, x in zip(steps, leaves)]
-  budget = max(max(weights), PROGRAM_BYTES)
-  groups: list[list[_Step]] = [[]]
-  used = 0
-  for s, w in zip(steps, weights):
-    if groups[-1] and w and used + w > budget:
-      groups.append([])
-      used = 0
-    groups[-1].append(s)
-    used += w
-  return groups
+  return [[steps[i] for i in g] for g in program_groups(weights)]
 
 
 def assemble(splan: StatePlan, computed: Mapping[int, Any]):
