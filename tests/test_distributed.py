@@ -125,8 +125,8 @@ def _memory_case(layout, what, fails: str | None):
 
 _LEAVES_OVERLAP = (
     "One program for the whole state under the user's own jax.jit: XLA's CPU scheduler runs the three "
-    "param-shaped trees' pads (params, mu, nu) side by side and drops the optimisation barriers that "
-    "order them, so their temporaries add up (fsdp ~4.9x, tp ~2.2x the largest shard). Eager calls run "
+    "param-shaped trees' pads (params, mu, nu) side by side (optimisation barriers between the leaves "
+    "do not order them), so their temporaries add up (fsdp ~4.9x, tp ~2.2x the largest shard). Eager calls run "
     "programs of about one moving leaf (test_eager_programs_...).")
 
 

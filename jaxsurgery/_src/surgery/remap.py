@@ -162,34 +162,6 @@ def copies_as_is(leaf: LeafPlan) -> bool:
           and bool(np.all(np.asarray(getattr(leaf, "scale", 1.0)) == 1.0)))
 
 
-def in_sequence(compute: Callable, operands: Sequence[Any]) -> list[Any]:
-  """``[compute(*ops) for ops in operands]``, each leaf's computation ordered after the previous one's.
-
-  One optimisation barrier ties each leaf's operands to the previous result, so XLA cannot
-  overlap the leaves: the temporaries of one leaf are live at a time (per-device temp ~one
-  leaf's shard rather than the sum over a state's params and moments).
-  """
-  outs: list[Any] = []
-  for ops in operands:
-    if outs:
-      outs[-1], ops = _after(outs[-1], ops)
-    outs.append(compute(*ops))
-  return outs
-
-
-def _after(done: Any, ops: Any) -> tuple[Any, Any]:
-  """``(done, ops)`` through one barrier (its numeric arrays; keys and Python scalars pass as they are)."""
-  def barred(x):
-    return isinstance(x, (jax.Array, jax.core.Tracer)) and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-  flat, treedef = jax.tree_util.tree_flatten((done, ops))
-  which = [i for i, x in enumerate(flat) if barred(x)]
-  if not which or not barred(flat[0]):
-    return done, ops
-  for i, y in zip(which, jax.lax.optimization_barrier([flat[i] for i in which])):
-    flat[i] = y
-  return jax.tree_util.tree_unflatten(treedef, flat)
-
-
 #: Eager remaps whose moving leaves sum to more than this (bytes per device) run as several programs.
 PROGRAM_BYTES = 64 << 20
 
@@ -349,7 +321,7 @@ class Surgery:
     for path, x in (init_leaves if which is None else [init_leaves[i] for i in which]):
       leaf = self.leaf_plans[feats.keystr(path)]
       operands.append((leaf, None if leaf.old_path is None else old.get(leaf.old_path), x, old_list))
-    return in_sequence(apply_leaf, operands)
+    return [apply_leaf(*ops) for ops in operands]
 
   def remap_state(self, old_state: Any, new_state_init: Any, **kwargs: Any) -> Any:
     """Remaps a whole training state (params, EMA, optimizer moments, counts).

@@ -38,7 +38,7 @@ from jaxsurgery._src import display
 from jaxsurgery._src.core import features as feats
 from jaxsurgery._src.core.errors import SurgeryError
 from jaxsurgery._src.optim import moments
-from jaxsurgery._src.surgery.remap import apply_leaf, in_sequence, program_groups, shard_bytes, sharded_call
+from jaxsurgery._src.surgery.remap import apply_leaf, program_groups, shard_bytes, sharded_call
 
 if TYPE_CHECKING:
   from jaxsurgery._src.surgery.plan import LeafPlan
@@ -731,10 +731,7 @@ def _compute(plans, s: _Step, old, init, fold_leaves):
 
 
 def _run_steps(plans, steps, olds, inits):
-  def one(s, old_fold, init):
-    old, fold = old_fold
-    return _compute(plans, s, old, init, fold)
-  return in_sequence(one, list(zip(steps, olds, inits)))
+  return [_compute(plans, s, old, init, fold) for s, (old, fold), init in zip(steps, olds, inits)]
 
 
 def _aliasable(plans, s: _Step, old, init) -> bool:
