@@ -213,6 +213,17 @@ def report(mach, logs) -> str:
     L += [f"| {r['model']} | {r['num_params']:,} | {second(r)} | {f(r['probe_first_s'])} | "
           f"{f(r['table_s'])} | {r['ratio']:,.0f}× | {r['cross_check_ok']} |" for r in probe]
     L.append("")
+    if all("plain_grads_floor_s" in r for r in probe):
+      L += ["Issue 13's targets: `gradient_table` on five_L1024 < 15 s; `cross_check` peak bounded by "
+            "`memory_budget`. The floor is a plain `jax.vmap(jax.grad)` of the model over one chunk of "
+            "inputs (one gradient per probe column), times chunks per run, times runs; the cross-check's "
+            "peak is numpy's allocations under tracemalloc.", "",
+            "| model | probe, 2nd call | plain gradients, same columns and runs | cross_check peak, "
+            "default budget (1 GiB) | with 256 MiB |", "|---|---|---|---|---|"]
+      L += [f"| {r['model']} | {second(r)} | {f(r['plain_grads_floor_s'])} ({f(r['plain_vmapped_grad_chunk_s'])}"
+            f" per chunk) | {r['cross_check_peak_mb']:,.0f} MB | {r['cross_check_peak_mb_small_budget']:,.0f} MB |"
+            for r in probe]
+      L.append("")
   L += ["## 4. Applying the remap (`bench_remap.py`)", ""]
   if remap and "skipped" not in remap:
     L += ["Old: `five()`; new: `five(FiveConfig(unit_features=44))` (one more unit feature, LSTM "
@@ -237,6 +248,7 @@ def report(mach, logs) -> str:
     L.append("")
   L += _plan_section(common.load("plan"), f)
   L += _reach_section(common.load("reach"), f)
+  L += _sharded_section(common.load("sharded"))
   L += ["## Raw output", ""]
   for name, out in logs.items():
     L += [f"<details><summary>{name}</summary>", "", "```", out.strip(), "```", "", "</details>", ""]
@@ -280,6 +292,29 @@ def _reach_section(reach, f) -> list[str]:
           f"| with `outputs=` (reach is computed when asked) | {f(to)} ({to / t:.2f}x) |",
           f"| the backward pass over every leaf (`reach` masks) | {f(r)} (first {f(reach['reach_masks']['first'])}) |",
           f"| table + reach, against the table alone | {(to + r) / t:.2f}x (target: at most 2x) |", ""]
+
+
+def _sharded_section(sharded) -> list[str]:
+  """Section 8: per-device temporary memory of the sharded remap, from results/sharded.json."""
+  if not sharded:
+    return []
+  m = sharded["machine"]
+  L = ["## 8. Sharded remap memory (`bench_sharded.py`)", "",
+       f"`{sharded['command']}` ({m['date']}, commit {m.get('commit')}, {sharded['total_s']:.0f} s): 8 simulated "
+       f"CPU devices, mesh {sharded['mesh']}; target: {sharded['target']}. `params` / `adam_state`: inside the "
+       "user's `jax.jit` (one program); `*_programs`: the largest of the programs an eager call runs once "
+       "the moving leaves pass the 64 MiB program budget.", "",
+       "| scale | layout | what | parameters | largest shard | temp / largest shard | target |",
+       "|---|---|---|---|---|---|---|"]
+  for r in sharded["rows"]:
+    for what in ("params", "adam_state", "params_programs", "adam_state_programs"):
+      if what not in r:
+        continue
+      x = r[what]
+      L.append(f"| {r['scale']} | {r['layout']} | {what} | {x['parameters']:,} | "
+               f"{x['largest_shard_bytes'] / 2**20:.2f} MiB | {x['temp_over_largest_shard']:.2f}x | "
+               f"{verdict(x['temp_over_largest_shard'] <= 2.0)} |")
+  return L + [""]
 
 
 def main():

@@ -220,6 +220,24 @@ def test_broken_rule_is_caught():
   assert js.cross_check(js.dependency_table(m.fn, m.params, m.inputs, m.features), probe).ok
 
 
+@pytest.mark.parametrize("budget", [1, 200, 5000])
+def test_cross_check_in_row_blocks_matches_the_whole_leaf(budget):
+  """``memory_budget`` compares large leaves a block of rows at a time: same misses (at the same
+  absolute elements), legitimate differences, counts and notes as one block per leaf."""
+  m = zoo.get("mlp_tanh")
+  with js.override_rule("dot_general", broken_dot_general):
+    broken = js.dependency_table(m.fn, m.params, m.inputs, m.features)
+  probe = js.gradient_table(m.fn, m.params, m.inputs, m.features, key=KEY)
+  for table in (broken, js.dependency_table(m.fn, m.params, m.inputs, m.features)):
+    whole, blocks = js.cross_check(table, probe), js.cross_check(table, probe, memory_budget=budget)
+    assert sorted(blocks.missed) == sorted(whole.missed)
+    assert sorted(blocks.legitimate) == sorted(whole.legitimate)
+    assert blocks.per_leaf == whole.per_leaf and blocks.table_only_notes == whole.table_only_notes
+  assert not js.cross_check(broken, probe, memory_budget=budget).ok
+  with pytest.raises(ValueError, match="memory_budget"):
+    js.cross_check(broken, probe, memory_budget=0)
+
+
 def test_broken_forward_rule_is_caught_on_outputs():
   fn = lambda p, x: jnp.tanh(x @ p["w"]) + p["b"]
   params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jaxsurgery._src import display
+from jaxsurgery._src.core import masks as M
 from jaxsurgery._src.core.errors import UnknownNameError
 from jaxsurgery._src.core.table import FeatureTable
 from jaxsurgery._src.probe import walk
@@ -358,14 +359,30 @@ class _LeafMasks(NamedTuple):
   x_only: np.ndarray   # live-only changes outside both tables
 
 
-def _leaf_masks(table: FeatureTable, probe: FeatureTable, ev: ProbeEvidence | None, path: str) -> _LeafMasks:
-  shape = tuple(table.shapes[path])
-  T, P = table.mask(path), probe.mask(path)
+def _rows(packed, shape, F: int, r0: int, r1: int) -> np.ndarray:
+  """Rows ``r0:r1`` (first axis) of a packed, compressed mask, expanded to ``(r1 - r0, *shape[1:], F)``.
+
+  A scalar leaf is one row.
+  """
+  if not shape:
+    shape, packed = (1,), None if packed is None else packed.reshape((1,) + packed.shape[-1:])
+  block = (r1 - r0,) + tuple(shape[1:])
+  if packed is None:
+    return np.zeros(block + (F,), bool)
+  return M.unpack(packed[r0:r1] if packed.shape[0] > 1 else packed, block, F)
+
+
+def _leaf_masks(table: FeatureTable, probe: FeatureTable, ev: ProbeEvidence | None, path: str,
+                r0: int, r1: int) -> _LeafMasks:
+  """The masks of rows ``r0:r1`` of one leaf."""
+  shape, F = tuple(table.shapes[path]), table.num_features
+  T, P = (_rows(t.packed[path], shape, F, r0, r1) for t in (table, probe))
   if ev is None:
-    none = np.zeros(shape + (table.num_features,), bool)
-    return _LeafMasks(T, P, none, np.zeros(shape, bool), np.zeros(shape, bool), none)
-  return _LeafMasks(T, P, ev.mask("contact_change", path), ev.mask("live", path), ev.mask("annihilated", path),
-                    ev.mask("live_only", path) & ~T & ~P)
+    none = np.zeros(T.shape, bool)
+    return _LeafMasks(T, P, none, np.zeros(T.shape[:-1], bool), np.zeros(T.shape[:-1], bool), none)
+  one = lambda what: _rows(getattr(ev, what)[path], shape, 1, r0, r1)[..., 0]
+  many = lambda what: _rows(getattr(ev, what)[path], shape, F, r0, r1)
+  return _LeafMasks(T, P, many("contact_change"), one("live"), one("annihilated"), many("live_only") & ~T & ~P)
 
 
 def _first_downs(downs: list[Record], F: int) -> dict[int, Record]:
@@ -396,11 +413,11 @@ def _why_missed(m: _LeafMasks, idx, e, feature: str, via: str) -> str:
 
 
 def _legitimate(path: str, ok_entry, m: _LeafMasks, first_down: dict[int, Record], names, via: str,
-                kinds: Sequence[str]) -> list[Difference]:
+                kinds: Sequence[str], element) -> list[Difference]:
   out = []
   cache: dict[tuple[int, bool], str] = {}
   for idx in zip(*np.nonzero(ok_entry)):
-    e, k = tuple(int(i) for i in idx[:-1]), int(idx[-1])
+    k = int(idx[-1])
     rec = first_down[k]
     lo = bool(m.x_only[idx])
     if (k, lo) not in cache:
@@ -409,13 +426,11 @@ def _legitimate(path: str, ok_entry, m: _LeafMasks, first_down: dict[int, Record
           f"at the base), then {rec.desc} {rec.how} the feature: its cotangent, hence its "
           f"gradient, changes" + (" (seen only in runs where the contact is live; the probe table "
                                   "reads this element from runs where it is annihilated)" if lo else ""))
-    out.append(Difference(path, e, names[k], rec.prim, cache[k, lo]))
+    out.append(Difference(path, element(idx), names[k], rec.prim, cache[k, lo]))
   return out
 
 
-def _table_only_note(t_only, m: _LeafMasks, via: str, kinds: Sequence[str]) -> str:
-  n_t = int(t_only.sum())
-  confirmed = int((t_only & m.cchange).sum())
+def _table_only_note(n_t: int, confirmed: int, via: str, kinds: Sequence[str]) -> str:
   parts = [f"{n_t} entries"]
   if confirmed:
     parts.append(f"{confirmed} of them confirmed by the contact-local gradient (the output gradient "
@@ -432,32 +447,52 @@ class _LeafResult(NamedTuple):
   table_only_note: str | None
 
 
+#: Bytes of dense (element, feature) masks one leaf's comparison may hold at once (a block of rows).
+MEMORY_BUDGET = 1 << 30
+_MASKS_PER_BLOCK = 12   # bool arrays of the block's size alive at once (masks, unpacking, classes)
+
+
+def _row_blocks(shape, F: int, memory_budget: int):
+  """``(r0, r1)`` blocks of the first axis whose dense masks fit ``memory_budget``."""
+  n0 = shape[0] if shape else 1
+  per_row = _MASKS_PER_BLOCK * F * int(np.prod(shape[1:], dtype=np.int64))
+  rows = max(1, min(n0, memory_budget // max(per_row, 1)))
+  return [(r0, min(n0, r0 + rows)) for r0 in range(0, n0, rows)]
+
+
 def _compare_leaf(table: FeatureTable, probe: FeatureTable, ev: ProbeEvidence | None, path: str,
-                  downs: list[Record], contacts: list[Record]) -> _LeafResult:
-  """Classifies every (element, feature) pair of one leaf (see :func:`cross_check`)."""
-  F, names = table.num_features, table.features
-  m = _leaf_masks(table, probe, ev, path)
-  t_only, p_only = m.T & ~m.P, m.P & ~m.T
+                  downs: list[Record], contacts: list[Record], memory_budget: int) -> _LeafResult:
+  """Classifies every (element, feature) pair of one leaf (see :func:`cross_check`), a block of rows at a time."""
+  F, names, shape = table.num_features, table.features, tuple(table.shapes[path])
   first_down = _first_downs(downs, F)
   down = np.zeros(F, bool)
   down[list(first_down)] = True
-  # Probe-table entries of an element annihilated in some run come from such runs only, where
-  # only a first contact can change the gradient: never legitimate. Live-only entries were
-  # seen in live runs; probe-table entries of elements live in every run too.
-  ok_entry = ((p_only & (m.live & ~m.ann)[..., None]) | m.x_only) & ~m.cchange & down
-  miss_entry = (p_only | m.x_only) & ~ok_entry
   via = _compact(sorted({r.desc for r in contacts}), 3) if contacts else "no first contact found"
   kinds = sorted({walk.contact_kind(r.prim) for r in contacts})
-  missed = []
-  for idx in zip(*np.nonzero(miss_entry)):
-    e, k = tuple(int(i) for i in idx[:-1]), int(idx[-1])
-    missed.append(Miss(path, e, names[k], _why_missed(m, idx, e, names[k], via)))
-  legit = _legitimate(path, ok_entry, m, first_down, names, via, kinds) if ok_entry.any() else []
-  note = _table_only_note(t_only, m, via, kinds) if t_only.any() else None
-  total = int(np.prod(table.shapes[path], dtype=np.int64)) * F
-  agreement = LeafAgreement(int((m.T & m.P).sum()), int(t_only.sum()), int(p_only.sum()), total,
-                            int(ok_entry.sum()), int(miss_entry.sum()), int(m.x_only.sum()))
-  return _LeafResult(missed, legit, agreement, note)
+  missed: list[Miss] = []
+  legit: list[Difference] = []
+  counts = np.zeros(6, np.int64)   # both, table-only, probe-only, legitimate, missed, live-only
+  n_confirmed = 0
+  for r0, r1 in _row_blocks(shape, F, memory_budget):
+    m = _leaf_masks(table, probe, ev, path, r0, r1)
+    element = lambda idx, r0=r0: (r0 + int(idx[0]),) + tuple(int(i) for i in idx[1:-1]) if shape else ()
+    t_only, p_only = m.T & ~m.P, m.P & ~m.T
+    # Probe-table entries of an element annihilated in some run come from such runs only, where
+    # only a first contact can change the gradient: never legitimate. Live-only entries were
+    # seen in live runs; probe-table entries of elements live in every run too.
+    ok_entry = ((p_only & (m.live & ~m.ann)[..., None]) | m.x_only) & ~m.cchange & down
+    miss_entry = (p_only | m.x_only) & ~ok_entry
+    for idx in zip(*np.nonzero(miss_entry)):
+      e, k = element(idx), int(idx[-1])
+      missed.append(Miss(path, e, names[k], _why_missed(m, idx, idx[:-1], names[k], via)))
+    if ok_entry.any():
+      legit += _legitimate(path, ok_entry, m, first_down, names, via, kinds, element)
+    counts += [(m.T & m.P).sum(), t_only.sum(), p_only.sum(), ok_entry.sum(), miss_entry.sum(), m.x_only.sum()]
+    n_confirmed += int((t_only & m.cchange).sum())
+  both, n_t, n_p, n_ok, n_miss, n_x = (int(c) for c in counts)
+  note = _table_only_note(n_t, n_confirmed, via, kinds) if n_t else None
+  total = int(np.prod(shape, dtype=np.int64)) * F
+  return _LeafResult(missed, legit, LeafAgreement(both, n_t, n_p, total, n_ok, n_miss, n_x), note)
 
 
 def _compare_outputs(table: FeatureTable, probe: FeatureTable, notes: list[str]):
@@ -481,7 +516,7 @@ def _compare_outputs(table: FeatureTable, probe: FeatureTable, notes: list[str])
   return out_missed, out_leaf
 
 
-def cross_check(table: FeatureTable, probe: FeatureTable) -> CrossCheck:
+def cross_check(table: FeatureTable, probe: FeatureTable, *, memory_budget: int | None = None) -> CrossCheck:
   """Checks the boolean table against the gradient probe: nothing the probe finds may be missing.
 
   Every (element, feature) pair is counted per parameter leaf as ``both``,
@@ -520,6 +555,9 @@ def cross_check(table: FeatureTable, probe: FeatureTable) -> CrossCheck:
     table: the boolean table (:func:`dependency_table`).
     probe: the gradient table (:func:`gradient_table`) of the same function,
       params, inputs and features.
+    memory_budget: bytes of host memory the dense (element, feature) masks
+      of one comparison may take (default 1 GiB): a large leaf is compared a
+      block of rows at a time.
 
   Returns:
     A :class:`CrossCheck`; ``.ok`` is True iff nothing is missed.
@@ -535,6 +573,9 @@ def cross_check(table: FeatureTable, probe: FeatureTable) -> CrossCheck:
     True
   """
   _check_tables(table, probe)
+  if memory_budget is not None and memory_budget <= 0:
+    raise ValueError(f"`memory_budget` must be a positive number of bytes, got {memory_budget}.")
+  budget = MEMORY_BUDGET if memory_budget is None else int(memory_budget)
   notes: list[str] = []
   ev = _usable_evidence(probe, notes)
   downs, contacts = _records_by_leaf(table, notes)
@@ -543,7 +584,7 @@ def cross_check(table: FeatureTable, probe: FeatureTable) -> CrossCheck:
   per_leaf: dict[str, LeafAgreement] = {}
   notes_leaf: dict[str, str] = {}
   for j, path in enumerate(table.paths):
-    res = _compare_leaf(table, probe, ev, path, downs[j], contacts[j])
+    res = _compare_leaf(table, probe, ev, path, downs[j], contacts[j], budget)
     missed += res.missed
     legit += res.legitimate
     per_leaf[path] = res.agreement
