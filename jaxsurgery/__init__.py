@@ -44,7 +44,8 @@ from jaxsurgery._src.core.features import Features
 from jaxsurgery._src.core.table import FeatureTable, dependency_table
 from jaxsurgery._src.core.values import Val
 from jaxsurgery._src.optim.freeze import freeze_fresh
-from jaxsurgery._src.probe.cross_check import CrossCheck, Difference, LeafAgreement, Miss, cross_check
+from jaxsurgery._src.probe.cross_check import CrossCheck, LeafAgreement, Miss, cross_check
+from jaxsurgery._src.probe.differences import Difference
 from jaxsurgery._src.probe.evidence import ProbeEvidence
 from jaxsurgery._src.probe.gradient_table import gradient_table
 from jaxsurgery._src.surgery.persist import PlanFormatError

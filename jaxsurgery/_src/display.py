@@ -386,10 +386,11 @@ def _fmt_idx(index) -> str:
   return "[" + ", ".join(str(i) for i in index) + "]" if index else ""
 
 
-def _capped(items, limit: int, show=lambda i: _nb(_e(i))) -> str:
+def _capped(items, limit: int, show=lambda i: _nb(_e(i)), total: int | None = None) -> str:
   items = [str(i) for i in items]
+  total = len(items) if total is None else total
   out = ", ".join(show(i) for i in items[:limit])
-  return out + (", " + _more(len(items) - limit) if len(items) > limit else "")
+  return out + (", " + _more(total - limit) if total > limit else "")
 
 
 def _group_rows(entries, features, key) -> list[list[str]]:
@@ -454,7 +455,9 @@ def cross_check_html(check, max_rows: int = 12) -> str:
     parts.append(_section("missed: the probe finds it, the table lacks it, nothing explains it"))
     parts.append(_html_table(header, rows, numeric=(1,), max_rows=max_rows, what="groups"))
   if check.legitimate:
-    rows = _group_rows(check.legitimate, check.features, lambda d: (d.path, d.explanation))
+    rows = [[_path(g.path), f"{g.entries:,}",
+             _capped([_fmt_idx(tuple(int(i) for i in e)) for e in g.elements[:4]], 4, total=len(g.elements)),
+             _breakable(_capped(g.features, 6, _name)), _e(g.explanation)] for g in check.legitimate.groups()]
     parts.append(_section("legitimate differences (the gradient sees effects after the first contact)"))
     parts.append(_html_table(header, rows, numeric=(1,), max_rows=max_rows, what="groups"))
   if check.table_only_notes:

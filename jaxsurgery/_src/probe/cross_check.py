@@ -25,6 +25,7 @@ from jaxsurgery._src.core import masks as M
 from jaxsurgery._src.core.errors import UnknownNameError
 from jaxsurgery._src.core.table import FeatureTable
 from jaxsurgery._src.probe import walk
+from jaxsurgery._src.probe.differences import DifferencePart, Differences
 from jaxsurgery._src.probe.evidence import ProbeEvidence
 from jaxsurgery._src.probe.static import Record, static_walk
 
@@ -59,37 +60,6 @@ class Miss(NamedTuple):
   path: str
   index: tuple[int, ...]  # type: ignore[assignment]  # a field named like tuple.index
   feature: str
-  explanation: str
-
-
-class Difference(NamedTuple):
-  """A probe entry the table lacks, explained by a named downstream operation (legitimate).
-
-  Attributes:
-    path: the parameter leaf.
-    index: the element.
-    feature: the feature that changed the element's gradient.
-    op: the primitive after the element's first contact whose derivative
-      depends on the feature.
-    explanation: the contact and that operation, in words.
-
-  Example:
-    A mean subtracted from each feature is touched by its own feature only;
-    the ReLU after the matmul makes its gradient depend on the other one.
-
-    >>> import jax, jax.numpy as jnp, jaxsurgery as js
-    >>> fn = lambda p, x: jax.nn.relu((x - p["m"]) @ p["w"])
-    >>> params, x, spec = {"m": jnp.ones(2), "w": jnp.ones((2, 3))}, jnp.ones((1, 2)), js.Features(["a", "b"])
-    >>> check = js.cross_check(js.dependency_table(fn, params, x, spec),
-    ...                        js.gradient_table(fn, params, x, spec, key=jax.random.key(0)))
-    >>> check.ok, [d[:4] for d in check.legitimate if d.path == "m"]
-    (True, [('m', (0,), 'b', 'max'), ('m', (1,), 'a', 'max')])
-  """
-
-  path: str
-  index: tuple[int, ...]  # type: ignore[assignment]  # a field named like tuple.index
-  feature: str
-  op: str
   explanation: str
 
 
@@ -139,10 +109,12 @@ def _fmt_index(index) -> str:
   return "[" + ", ".join(str(i) for i in index) + "]" if index else ""
 
 
-def _compact(items: Sequence[Any], limit: int = 6) -> str:
+def _compact(items: Sequence[Any], limit: int = 6, total: int | None = None) -> str:
+  """The first ``limit`` items and how many more (of ``total``, default all of ``items``)."""
   items = [str(i) for i in items]
-  if len(items) > limit:
-    return ", ".join(items[:limit]) + f", ... (+{len(items) - limit})"
+  total = len(items) if total is None else total
+  if total > limit:
+    return ", ".join(items[:limit]) + f", ... (+{total - limit})"
   return ", ".join(items)
 
 
@@ -155,7 +127,9 @@ class CrossCheck:
     missed: probe entries the table lacks with no legitimate explanation.
     legitimate: probe entries the table lacks, each explained by the operation
       after the parameter's first contact that makes its gradient depend on
-      the feature.
+      the feature: a read-only sequence of :class:`Difference`, stored as
+      index arrays and built on access (a large leaf can have millions);
+      ``.groups()`` summarises it by leaf and explanation.
     per_leaf: per parameter leaf, agreement counts over (element, feature) pairs.
     table_only_notes: per leaf with table-only entries, why the gradient does
       not see them (boolean over-approximation relative to the gradient).
@@ -178,7 +152,7 @@ class CrossCheck:
 
   features: tuple[str, ...]
   missed: tuple[Miss, ...]
-  legitimate: tuple[Difference, ...]
+  legitimate: Differences
   per_leaf: Mapping[str, LeafAgreement]
   table_only_notes: Mapping[str, str]
   output_missed: tuple[Miss, ...]
@@ -244,14 +218,11 @@ class CrossCheck:
     if self.legitimate:
       lines.append("Legitimate differences (probe-only and live-only; the gradient sees effects after the "
                    "first contact):")
-      groups: dict[tuple[str, str], list[Difference]] = {}
-      for d in self.legitimate:
-        groups.setdefault((d.path, d.explanation), []).append(d)
-      for (path, expl), ds in list(groups.items())[:max_rows]:
-        indices = sorted({d.index for d in ds})
-        fnames = sorted({d.feature for d in ds}, key=self.features.index)
-        lines.append(f"  {path}: {len(ds)} entries, elements {_compact([_fmt_index(e) for e in indices], 4)}; "
-                     f"features {_compact(fnames)}\n    {expl}")
+      groups = self.legitimate.groups()
+      for g in groups[:max_rows]:
+        shown = [_fmt_index(tuple(int(i) for i in e)) for e in g.elements[:4]]
+        lines.append(f"  {g.path}: {g.entries} entries, elements {_compact(shown, 4, len(g.elements))}; "
+                     f"features {_compact(g.features)}\n    {g.explanation}")
       if len(groups) > max_rows:
         lines.append(f"  ... {len(groups) - max_rows} more groups")
     if self.table_only_notes:
@@ -359,30 +330,47 @@ class _LeafMasks(NamedTuple):
   x_only: np.ndarray   # live-only changes outside both tables
 
 
-def _rows(packed, shape, F: int, r0: int, r1: int) -> np.ndarray:
-  """Rows ``r0:r1`` (first axis) of a packed, compressed mask, expanded to ``(r1 - r0, *shape[1:], F)``.
+def _block(packed, shape, F: int, e0: int, e1: int) -> np.ndarray:
+  """Flat elements ``e0:e1`` (row-major) of a packed, compressed mask, expanded to ``(e1 - e0, F)`` bools.
 
-  A scalar leaf is one row.
+  A compressed mask (axes of size 1) is read through the block's indices, never broadcast whole.
   """
-  if not shape:
-    shape, packed = (1,), None if packed is None else packed.reshape((1,) + packed.shape[-1:])
-  block = (r1 - r0,) + tuple(shape[1:])
   if packed is None:
-    return np.zeros(block + (F,), bool)
-  return M.unpack(packed[r0:r1] if packed.shape[0] > 1 else packed, block, F)
+    return np.zeros((e1 - e0, F), bool)
+  if not shape:
+    return M.unpack(packed.reshape(1, -1), (1,), F)
+  if tuple(packed.shape[:-1]) == tuple(shape):
+    words = packed.reshape(-1, packed.shape[-1])[e0:e1]
+  else:
+    idx = np.unravel_index(np.arange(e0, e1), shape)
+    words = packed[tuple(i if n > 1 else 0 for i, n in zip(idx, packed.shape[:-1]))]
+  return M.unpack(words, (e1 - e0,), F)
 
 
-def _leaf_masks(table: FeatureTable, probe: FeatureTable, ev: ProbeEvidence | None, path: str,
-                r0: int, r1: int) -> _LeafMasks:
-  """The masks of rows ``r0:r1`` of one leaf."""
-  shape, F = tuple(table.shapes[path]), table.num_features
-  T, P = (_rows(t.packed[path], shape, F, r0, r1) for t in (table, probe))
+class _LeafPacked(NamedTuple):
+  """One leaf's packed masks: table, probe and evidence (None: empty)."""
+
+  T: Any
+  P: Any
+  cchange: Any
+  live: Any
+  ann: Any
+  live_only: Any
+
+
+def _leaf_packed(table: FeatureTable, probe: FeatureTable, ev: ProbeEvidence | None, path: str) -> _LeafPacked:
   if ev is None:
-    none = np.zeros(T.shape, bool)
-    return _LeafMasks(T, P, none, np.zeros(T.shape[:-1], bool), np.zeros(T.shape[:-1], bool), none)
-  one = lambda what: _rows(getattr(ev, what)[path], shape, 1, r0, r1)[..., 0]
-  many = lambda what: _rows(getattr(ev, what)[path], shape, F, r0, r1)
-  return _LeafMasks(T, P, many("contact_change"), one("live"), one("annihilated"), many("live_only") & ~T & ~P)
+    return _LeafPacked(table.packed[path], probe.packed[path], None, None, None, None)
+  return _LeafPacked(table.packed[path], probe.packed[path], ev.contact_change[path], ev.live[path],
+                     ev.annihilated[path], ev.live_only[path])
+
+
+def _leaf_masks(packed: _LeafPacked, shape, F: int, e0: int, e1: int) -> _LeafMasks:
+  """The dense masks of flat elements ``e0:e1`` of one leaf."""
+  block = lambda q, f=F: _block(q, shape, f, e0, e1)
+  T, P = block(packed.T), block(packed.P)
+  return _LeafMasks(T, P, block(packed.cchange), block(packed.live, 1)[:, 0], block(packed.ann, 1)[:, 0],
+                    block(packed.live_only) & ~T & ~P)
 
 
 def _first_downs(downs: list[Record], F: int) -> dict[int, Record]:
@@ -413,21 +401,23 @@ def _why_missed(m: _LeafMasks, idx, e, feature: str, via: str) -> str:
 
 
 def _legitimate(path: str, ok_entry, m: _LeafMasks, first_down: dict[int, Record], names, via: str,
-                kinds: Sequence[str], element) -> list[Difference]:
-  out = []
-  cache: dict[tuple[int, bool], str] = {}
-  for idx in zip(*np.nonzero(ok_entry)):
-    k = int(idx[-1])
-    rec = first_down[k]
-    lo = bool(m.x_only[idx])
-    if (k, lo) not in cache:
-      cache[k, lo] = (
-          f"`{path}` enters via {via} ({'/'.join(kinds) or 'unknown'} contact, not annihilated "
-          f"at the base), then {rec.desc} {rec.how} the feature: its cotangent, hence its "
-          f"gradient, changes" + (" (seen only in runs where the contact is live; the probe table "
-                                  "reads this element from runs where it is annihilated)" if lo else ""))
-    out.append(Difference(path, element(idx), names[k], rec.prim, cache[k, lo]))
-  return out
+                kinds: Sequence[str], e0: int, shape) -> DifferencePart:
+  """The legitimate pairs of one block (flat elements from ``e0``), as index arrays."""
+  flat, k = np.nonzero(ok_entry)
+  lo = m.x_only[flat, k]
+  small = np.int32 if max(shape, default=0) < 2**31 else np.int64   # 4 bytes per index: millions of pairs
+  elements = np.stack(np.unravel_index(e0 + flat, shape), axis=1).astype(small) if shape \
+      else np.zeros((len(k), 0), small)
+  texts = {}
+  for kk, ll in {(int(a), bool(b)) for a, b in zip(*np.unique(np.stack([k, lo]), axis=1))}:
+    rec = first_down[kk]
+    texts[kk, ll] = (
+        f"`{path}` enters via {via} ({'/'.join(kinds) or 'unknown'} contact, not annihilated "
+        f"at the base), then {rec.desc} {rec.how} the feature: its cotangent, hence its "
+        f"gradient, changes" + (" (seen only in runs where the contact is live; the probe table "
+                                "reads this element from runs where it is annihilated)" if ll else ""))
+  ops = {kk: first_down[kk].prim for kk, _ in texts}
+  return DifferencePart(path, elements, k.astype(np.int32), lo, names, ops, texts)
 
 
 def _table_only_note(n_t: int, confirmed: int, via: str, kinds: Sequence[str]) -> str:
@@ -442,27 +432,26 @@ def _table_only_note(n_t: int, confirmed: int, via: str, kinds: Sequence[str]) -
 
 class _LeafResult(NamedTuple):
   missed: list[Miss]
-  legitimate: list[Difference]
+  legitimate: list[DifferencePart]
   agreement: LeafAgreement
   table_only_note: str | None
 
 
-#: Bytes of dense (element, feature) masks one leaf's comparison may hold at once (a block of rows).
+#: Bytes of dense (element, feature) masks one leaf's comparison may hold at once (a block of elements).
 MEMORY_BUDGET = 1 << 30
-_MASKS_PER_BLOCK = 12   # bool arrays of the block's size alive at once (masks, unpacking, classes)
+_MASKS_PER_BLOCK = 14   # bool arrays of the block's size alive at once (masks, unpacking, classes)
 
 
-def _row_blocks(shape, F: int, memory_budget: int):
-  """``(r0, r1)`` blocks of the first axis whose dense masks fit ``memory_budget``."""
-  n0 = shape[0] if shape else 1
-  per_row = _MASKS_PER_BLOCK * F * int(np.prod(shape[1:], dtype=np.int64))
-  rows = max(1, min(n0, memory_budget // max(per_row, 1)))
-  return [(r0, min(n0, r0 + rows)) for r0 in range(0, n0, rows)]
+def _element_blocks(shape, F: int, memory_budget: int):
+  """``(e0, e1)`` blocks of a leaf's flat elements whose dense masks fit ``memory_budget``."""
+  n = int(np.prod(shape, dtype=np.int64))
+  size = max(1, min(n, memory_budget // max(_MASKS_PER_BLOCK * F, 1)))
+  return [(e0, min(n, e0 + size)) for e0 in range(0, n, size)]
 
 
 def _compare_leaf(table: FeatureTable, probe: FeatureTable, ev: ProbeEvidence | None, path: str,
                   downs: list[Record], contacts: list[Record], memory_budget: int) -> _LeafResult:
-  """Classifies every (element, feature) pair of one leaf (see :func:`cross_check`), a block of rows at a time."""
+  """Classifies every (element, feature) pair of one leaf (see :func:`cross_check`), a block of elements at a time."""
   F, names, shape = table.num_features, table.features, tuple(table.shapes[path])
   first_down = _first_downs(downs, F)
   down = np.zeros(F, bool)
@@ -470,23 +459,23 @@ def _compare_leaf(table: FeatureTable, probe: FeatureTable, ev: ProbeEvidence | 
   via = _compact(sorted({r.desc for r in contacts}), 3) if contacts else "no first contact found"
   kinds = sorted({walk.contact_kind(r.prim) for r in contacts})
   missed: list[Miss] = []
-  legit: list[Difference] = []
+  legit: list[DifferencePart] = []
   counts = np.zeros(6, np.int64)   # both, table-only, probe-only, legitimate, missed, live-only
   n_confirmed = 0
-  for r0, r1 in _row_blocks(shape, F, memory_budget):
-    m = _leaf_masks(table, probe, ev, path, r0, r1)
-    element = lambda idx, r0=r0: (r0 + int(idx[0]),) + tuple(int(i) for i in idx[1:-1]) if shape else ()
+  packed = _leaf_packed(table, probe, ev, path)
+  for e0, e1 in _element_blocks(shape, F, memory_budget):
+    m = _leaf_masks(packed, shape, F, e0, e1)
     t_only, p_only = m.T & ~m.P, m.P & ~m.T
     # Probe-table entries of an element annihilated in some run come from such runs only, where
     # only a first contact can change the gradient: never legitimate. Live-only entries were
     # seen in live runs; probe-table entries of elements live in every run too.
     ok_entry = ((p_only & (m.live & ~m.ann)[..., None]) | m.x_only) & ~m.cchange & down
     miss_entry = (p_only | m.x_only) & ~ok_entry
-    for idx in zip(*np.nonzero(miss_entry)):
-      e, k = element(idx), int(idx[-1])
-      missed.append(Miss(path, e, names[k], _why_missed(m, idx, idx[:-1], names[k], via)))
+    for j, k in zip(*np.nonzero(miss_entry)):
+      e = tuple(int(i) for i in np.unravel_index(e0 + j, shape))
+      missed.append(Miss(path, e, names[k], _why_missed(m, (j, k), j, names[k], via)))
     if ok_entry.any():
-      legit += _legitimate(path, ok_entry, m, first_down, names, via, kinds, element)
+      legit.append(_legitimate(path, ok_entry, m, first_down, names, via, kinds, e0, shape))
     counts += [(m.T & m.P).sum(), t_only.sum(), p_only.sum(), ok_entry.sum(), miss_entry.sum(), m.x_only.sum()]
     n_confirmed += int((t_only & m.cchange).sum())
   both, n_t, n_p, n_ok, n_miss, n_x = (int(c) for c in counts)
@@ -580,7 +569,7 @@ def cross_check(table: FeatureTable, probe: FeatureTable, *, memory_budget: int 
   ev = _usable_evidence(probe, notes)
   downs, contacts = _records_by_leaf(table, notes)
   missed: list[Miss] = []
-  legit: list[Difference] = []
+  legit: list[DifferencePart] = []
   per_leaf: dict[str, LeafAgreement] = {}
   notes_leaf: dict[str, str] = {}
   for j, path in enumerate(table.paths):
@@ -591,5 +580,5 @@ def cross_check(table: FeatureTable, probe: FeatureTable, *, memory_budget: int 
     if res.table_only_note is not None:
       notes_leaf[path] = res.table_only_note
   out_missed, out_leaf = _compare_outputs(table, probe, notes)
-  return CrossCheck(tuple(table.features), tuple(missed), tuple(legit), per_leaf, notes_leaf, tuple(out_missed),
-                    out_leaf, tuple(notes))
+  return CrossCheck(tuple(table.features), tuple(missed), Differences(legit), per_leaf, notes_leaf,
+                    tuple(out_missed), out_leaf, tuple(notes))
