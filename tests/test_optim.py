@@ -387,3 +387,20 @@ def test_large_remaps_run_as_programs_of_about_one_leaf(surgery, monkeypatch):
   split = remap_state(surgery, old, new_init)
   for p, x in flat(one).items():
     np.testing.assert_array_equal(np.asarray(flat(split)[p]), np.asarray(x), err_msg=p)
+
+
+def test_large_param_remaps_run_as_programs_of_about_one_leaf(surgery, monkeypatch):
+  """Eager ``surgery(old, init)`` past the program budget: one cached program per moving leaf (an
+  unchanged leaf rides along), the same values as one program and as ``apply``."""
+  old_params, init = train(adam(LR), mlp_params(1, 3, H_OLD))[0], mlp_params(2, 4, H_NEW)
+  one = surgery(old_params, init)
+  monkeypatch.setattr(remap_lib, "PROGRAM_BYTES", 0)
+  groups = surgery._programs(old_params, init)
+  moving = [not remap_lib.copies_as_is(surgery.leaf_plans[p]) for p in flat(init)]
+  assert 1 < len(groups) <= sum(moving) and sorted(i for g in groups for i in g) == list(range(len(moving)))
+  before = len(surgery._compiled)
+  split = surgery(old_params, init)
+  assert len(surgery._compiled) - before == len(groups)
+  for p, x in flat(surgery.apply(old_params, init)).items():
+    np.testing.assert_array_equal(np.asarray(flat(split)[p]), np.asarray(x), err_msg=p)
+    np.testing.assert_array_equal(np.asarray(flat(one)[p]), np.asarray(x), err_msg=p)

@@ -168,12 +168,12 @@ PROGRAM_BYTES = 64 << 20
 
 def shard_bytes(x) -> int:
   """Bytes of one device's shard of ``x`` (an array or a ``ShapeDtypeStruct``; unsharded: all of it)."""
-  shape = tuple(x.shape)
+  shape = tuple(np.shape(x))
   sharding = getattr(x, "sharding", None)
   if sharding is not None:
     shape = tuple(sharding.shard_shape(shape))
   try:
-    itemsize = jnp.dtype(x.dtype).itemsize
+    itemsize = jnp.dtype(getattr(x, "dtype", None) or np.result_type(x)).itemsize
   except TypeError:  # typed PRNG keys
     itemsize = 8
   return int(np.prod(shape, dtype=np.int64)) * itemsize
@@ -254,7 +254,8 @@ class Surgery:
 
   Apply it to any tree shaped like the params the tables were built from: EMA
   params, optimizer moments, or every checkpoint of a pool of past versions.
-  Eager calls run one jitted program and keep the shardings of
+  Eager calls run one jitted program (one per large leaf once the moving
+  leaves pass 64 MiB per device) and keep the shardings of
   ``new_params_init``; under an outer ``jax.jit`` it is traced inline.
   Build it with :func:`~jaxsurgery.plan`.
 
@@ -339,7 +340,10 @@ class Surgery:
     return remap_state(self, old_state, new_state_init, **kwargs)
 
   def __call__(self, old_params: Any, new_params_init: Any) -> Any:
-    """:meth:`apply`, run as one jitted program that keeps ``new_params_init``'s shardings.
+    """:meth:`apply`, run as jitted programs that keep ``new_params_init``'s shardings.
+
+    One program, or programs of about one leaf once the leaves that move data pass
+    ``PROGRAM_BYTES`` (64 MiB per device), which bounds the temporaries.
 
     Under an outer transformation (``jit``, ``vmap``) it is traced inline.
 
