@@ -120,6 +120,12 @@ MUTANTS = [
     (RULES + "control_flow.py", "    which = np.repeat(np.arange(len(masks)), np.subtract(ends, firsts))  # piece per step",
      "    which = np.repeat(np.arange(len(masks)), np.subtract(ends, firsts))[::-1]  # piece per step",
      "scan: ys steps matched to iterations backwards", T_RULES),
+    (RULES + "control_flow.py", "    outs = sc.run(k, carry, later=True, dry=not sc.alike_from(k))",
+     "    outs = sc.run(k, carry, later=True, dry=True)",
+     "scan: the confirming run is dry even where it stands for the later steps", T_SCAN),
+    (RULES + "control_flow.py", "    pieces.append((s, sc.run(s, carry, later=False)[sc.ncarry:]))",
+     "    pieces.append((s, sc.run(s, carry, later=False, dry=True)[sc.ncarry:]))",
+     "scan: the per-step runs after the steady level record no contacts", T_SCAN),
     (RULES + "control_flow.py", "  if sc.alike_from(k):\n    return [(k, later)]",
      "  if True:\n    return [(k, later)]", "scan: after the steady level, one run reads every later step", T_SCAN),
     # -- core/masks.py

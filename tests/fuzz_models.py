@@ -1106,4 +1106,8 @@ FOUND = (
           "a residual block inserted while the head grows: the old head is matched to the block's first layer "
           "(same shape, other path) instead of the grown head (same path); reported preserved, verify differs",
           ModelSpec(features=("f3",), out=2), (GrowOutput(1), InsertBlock(0, Residual("B1", 2)))),
+    Found("layernorm-over-concat-feature-inserted", "new",
+          "a feature inserted in front of a LayerNorm over [features | embedding]: the mean demanded of the "
+          "embedding segment, which did not grow, became a mean fill of an unchanged table; apply crashed",
+          ModelSpec(features=("f1",), vocab=1, embed=1, layers=(Norm("L0"),), out=1), (InsertFeature("x", 0, "n1"),)),
 )

@@ -549,8 +549,8 @@ def test_8_scan_with_a_steady_carry_keeps_each_step_its_own(reverse):
 
 
 def test_8_scan_parameters_read_per_step_on_a_steady_carry_match_the_gradient():
-  """A gain per step scanned as ``xs`` beside a steady counter: ``ys[s]`` reads step s only, and the
-  table is sound (the confirming run makes the gains of steps >= 1 share their touches, design.md §9)."""
+  """A gain per step scanned as ``xs`` beside a steady counter: step s's gain touches feature s only
+  (the confirming run, which mixes every later step's xs, is dry; the per-step runs record)."""
   n = 6
 
   def gated(p, x):
@@ -563,10 +563,47 @@ def test_8_scan_parameters_read_per_step_on_a_steady_carry_match_the_gradient():
   table = js.dependency_table(gated, params, x, spec, strict=True)
   np.testing.assert_array_equal(np.asarray(table.output_mask(table.output_paths[0])).reshape(n, n),
                                 np.eye(n, dtype=bool))
-  w = np.asarray(table.mask("w")).reshape(n, n)
-  np.testing.assert_array_equal(w[0], np.eye(n, dtype=bool)[0])  # before the steady level: exact
+  np.testing.assert_array_equal(np.asarray(table.mask("w")).reshape(n, n), np.eye(n, dtype=bool))
   check = js.cross_check(table, js.gradient_table(gated, params, x, spec, key=KEY))
-  assert check.ok, check.report()
+  assert check.ok and check.agrees("w"), check.report()
+
+
+def test_8_scan_contacts_with_a_steady_carry_cover_every_step():
+  """Soundness of the dry confirming run: after the carry is steady, each later step's contact of the
+  kernel with its own xs is still recorded (step 2 reads the features reversed), forward and reverse;
+  the carry is linear, so a missing touch would be a miss of the gradient cross-check."""
+  n = 5
+  want = np.eye(n, dtype=bool) | np.eye(n, dtype=bool)[::-1]   # w[i]: feature i, and n-1-i from step 2
+  for reverse in (False, True):
+    def fn(p, x, reverse=reverse):
+      def body(c, xi):
+        return 0.5 * c + xi @ p["w"], jnp.sum(c * p["v"])
+      return jax.lax.scan(body, jnp.zeros(3), jnp.stack([x, x * 2, x[::-1], x + 1, x * 3]), reverse=reverse)[1]
+    params, x = {"w": jnp.full((n, 3), 0.3), "v": jnp.full((3,), 0.5)}, jnp.linspace(0.5, 1.5, n)
+    spec = js.Features([f"x{i}" for i in range(n)])
+    table = js.dependency_table(fn, params, x, spec, strict=True)
+    np.testing.assert_array_equal(np.asarray(table.mask("w")).any(axis=1), want, err_msg=f"reverse={reverse}")
+    check = js.cross_check(table, js.gradient_table(fn, params, x, spec, key=KEY))
+    assert check.ok and check.agrees("w"), check.report()
+
+
+def test_8_scan_confirming_run_stands_for_later_steps_when_their_xs_are_alike():
+  """Every step reads the same features: the confirming run stands for the steps after the steady
+  level and records their contacts, here with a kernel per step scanned as xs."""
+  n, steps = 4, 5
+
+  def fn(p, x):
+    def body(c, xw):
+      xi, w = xw
+      return 0.5 * c + xi @ w, jnp.sum(c)
+    return jax.lax.scan(body, jnp.zeros(3), (jnp.broadcast_to(x, (steps, n)), p["ws"]))[1]
+  params, x = {"ws": jnp.full((steps, n, 3), 0.3)}, jnp.linspace(0.5, 1.5, n)
+  spec = js.Features([f"x{i}" for i in range(n)])
+  table = js.dependency_table(fn, params, x, spec, strict=True)
+  want = np.broadcast_to(np.eye(n, dtype=bool)[None, :, None], (steps, n, 3, n))
+  np.testing.assert_array_equal(np.asarray(table.mask("ws")), want)
+  check = js.cross_check(table, js.gradient_table(fn, params, x, spec, key=KEY))
+  assert check.ok, check.report()   # the last step's kernel feeds only the final carry: table-only there
 
 
 def test_8_equinox_internal_primitives_have_rules():

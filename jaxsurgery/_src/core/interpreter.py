@@ -67,6 +67,7 @@ class Context:
     self.unknown: dict[str, int] = {}
     self.rules = rules if rules is not None else registry.active_rules()
     self.eqn: Any = None  # the eqn whose rule is running (named by RuleError)
+    self.dry = False  # a run whose contacts other runs record (a scan's confirming run): touches are dropped
 
   # -- touches -------------------------------------------------------------
   def param_pull(self, index: int) -> Pull:
@@ -102,8 +103,8 @@ class Context:
         f"it, and use `js.override_rule({name!r}, js.rules.dense)` meanwhile.")
 
   def touch(self, val: Val, mask: np.ndarray | None) -> None:
-    """Records that ``val`` takes part in an operation with values of ``mask``."""
-    if val.pull is None or mask is None or M.is_empty(mask):
+    """Records that ``val`` takes part in an operation with values of ``mask`` (not in a dry run)."""
+    if self.dry or val.pull is None or mask is None or M.is_empty(mask):
       return
     val.pull(M.lift(mask, val.ndim))
 

@@ -289,10 +289,15 @@ class _Scan:
         x.pull(t)
     return Val(x.shape[1:], x.dtype, mask, pull)
 
-  def run(self, k: int, carry, later: bool) -> list[Val]:
+  def run(self, k: int, carry, later: bool, dry: bool = False) -> list[Val]:
+    """The body at step ``k`` (``later``: reading every step ``>= k``); ``dry``: its contacts are not recorded."""
     masks = self.suffix if later else self.step_masks
     reads = [self.read(x, m, k, later) for x, m in zip(self.xs, masks)]
-    return self.ctx.run(self.jaxpr, const_vals(self.consts), list(self.sconsts) + list(carry) + reads)
+    was, self.ctx.dry = self.ctx.dry, self.ctx.dry or dry
+    try:
+      return self.ctx.run(self.jaxpr, const_vals(self.consts), list(self.sconsts) + list(carry) + reads)
+    finally:
+      self.ctx.dry = was
 
   def alike_from(self, k: int) -> bool:
     """Whether every ``xs`` has the same mask at all steps ``>= k`` (one run then stands for all)."""
@@ -323,7 +328,9 @@ def scan(ctx: Context, eqn: Eqn, invals: list[Val]) -> list[Val]:
     return outs[:ncarry], None
 
   def confirm(k, carry):
-    outs = sc.run(k, carry, later=True)
+    # Dry unless it will stand for the later steps: else the per-step runs record their contacts
+    # (each step on its own xs), and this run's mix of every later step's xs would blur them.
+    outs = sc.run(k, carry, later=True, dry=not sc.alike_from(k))
     confirmed[k] = outs[ncarry:]
     return outs[:ncarry], None
 

@@ -312,12 +312,12 @@ def _mean_count(shape, maps, mean_axes) -> int:
   return n
 
 
-def _notes(d, i: int, widen: str, noise: float) -> tuple[str, ...]:
+def _notes(d, i: int, widen: str, noise: float, mean_axes: tuple[int, ...]) -> tuple[str, ...]:
   out = []
   if i in d.scale and d.scale[i] != 1.0:
     out.append(f"old values x {d.scale[i]:.6g} (cancels a rescaling downstream: a normalisation over a "
                f"widened axis, an attention scale that changed, or the fan-in of clones)")
-  for a in sorted(d.mean_axes.get(i, ())):
+  for a in mean_axes:
     out.append(f"axis {a}: new positions hold the mean of the old ones (average expansion)")
   if widen == "clone" and noise:
     for a in sorted(d.noise.get(i, ())):
@@ -350,7 +350,9 @@ def _leaf_plans(old: FeatureTable, new: FeatureTable, pairs: Mapping[int, int], 
         text = "features in " + text  # a feature axis made of pieces (pooled units, globals)
       how.append(_axis_how(text))
     zero_axes = tuple(sorted(d.zero_axes.get(i, ())))
-    mean_axes = tuple(sorted(d.mean_axes.get(i, ())))
+    # A mean asked of an axis without new positions (a segment of a concatenation that did not grow)
+    # is nothing to do.
+    mean_axes = tuple(a for a in sorted(d.mean_axes.get(i, ())) if maps[a] is not None and (maps[a] < 0).any())
     scale = d.scale.get(i, 1.0)
     fold = tuple(d.fold.get(i, ()))
     counts = _counts(shape, old_shape, maps, zero_axes, False, _mean_count(shape, maps, mean_axes),
@@ -359,7 +361,7 @@ def _leaf_plans(old: FeatureTable, new: FeatureTable, pairs: Mapping[int, int], 
         n, o, shape, old_shape, tuple(maps), tuple(how), _zero_mask(shape, maps, zero_axes, False), counts,
         zero_axes=zero_axes, scale=scale, mean_axes=mean_axes,
         noise_axes=tuple(sorted(d.noise.get(i, ()))) if widen == "clone" and noise else (),
-        noise=noise if widen == "clone" else 0.0, fold=fold, notes=_notes(d, i, widen, noise)))
+        noise=noise if widen == "clone" else 0.0, fold=fold, notes=_notes(d, i, widen, noise, mean_axes)))
   return leaves
 
 
