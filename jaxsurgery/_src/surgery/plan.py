@@ -303,6 +303,11 @@ def _zero_mask(shape, maps, zero_axes, zero_all) -> np.ndarray | None:
   return zero
 
 
+def _grows(m: np.ndarray | None) -> bool:
+  """Whether an axis map has new positions."""
+  return m is not None and bool(np.any(m < 0))
+
+
 def _mean_count(shape, maps, mean_axes) -> int:
   n = 0
   for a in mean_axes:
@@ -352,7 +357,7 @@ def _leaf_plans(old: FeatureTable, new: FeatureTable, pairs: Mapping[int, int], 
     zero_axes = tuple(sorted(d.zero_axes.get(i, ())))
     # A mean asked of an axis without new positions (a segment of a concatenation that did not grow)
     # is nothing to do.
-    mean_axes = tuple(a for a in sorted(d.mean_axes.get(i, ())) if maps[a] is not None and (maps[a] < 0).any())
+    mean_axes = tuple(a for a in sorted(d.mean_axes.get(i, ())) if _grows(maps[a]))
     scale = d.scale.get(i, 1.0)
     fold = tuple(d.fold.get(i, ()))
     counts = _counts(shape, old_shape, maps, zero_axes, False, _mean_count(shape, maps, mean_axes),
