@@ -114,16 +114,27 @@ def gradient_divisor(leaf: LeafPlan) -> np.ndarray | None:
   return d
 
 
-def fresh_mask(leaf: LeafPlan) -> np.ndarray:
-  """Broadcastable bool: the new elements that are not a copy of an old element (fresh, mean-filled, zeroed)."""
+def _fresh_columns(leaf: LeafPlan) -> list[np.ndarray]:
+  """Per grown axis, the broadcastable column of its new positions (one column of ones: all fresh)."""
   rank = len(leaf.shape)
   if leaf.old_path is None or getattr(leaf, "zero_all", False):
-    return np.ones((1,) * rank, bool)
-  fresh = np.zeros((1,) * rank, bool)
-  for a, m in enumerate(leaf.maps):
-    if m is not None and (m < 0).any():
-      fresh = fresh | _column(m < 0, a, rank)
-  return fresh
+    return [np.ones((1,) * rank, bool)]
+  return [_column(m < 0, a, rank) for a, m in enumerate(leaf.maps) if m is not None and (m < 0).any()]
+
+
+def fresh_mask(leaf: LeafPlan) -> Any:
+  """Broadcastable bool: the new elements that are not a copy of an old element (fresh, mean-filled, zeroed).
+
+  ORed in jax from per-axis columns: a numpy OR of columns of two grown axes would be a
+  leaf-sized constant in the program.
+  """
+  cols = _fresh_columns(leaf)
+  if not cols:
+    return np.zeros((1,) * len(leaf.shape), bool)
+  out = jnp.asarray(cols[0])
+  for c in cols[1:]:
+    out = out | jnp.asarray(c)
+  return out
 
 
 # -- the operators -------------------------------------------------------------------------
@@ -156,19 +167,9 @@ def apply_statistic(leaf: LeafPlan, old: Any, init: Any, role: Role, *, from_sca
     if d is not None:
       x = x.astype(jnp.promote_types(x.dtype, jnp.float32)) / (d if role == GRAD else d * d).astype(np.float32)
   x = x.astype(init.dtype)
-  if not fresh_mask(leaf).any():
+  if not _fresh_columns(leaf):
     return x
-  return jnp.where(_fresh_columns(leaf), fresh_value, x)
-
-
-def _fresh_columns(leaf: LeafPlan):
-  """:func:`fresh_mask` ORed from per-axis columns in jax (a dense numpy mask is a leaf-sized constant)."""
-  rank, fresh = len(leaf.shape), None
-  for a, m in enumerate(leaf.maps):
-    if m is not None and (m < 0).any():
-      col = jnp.asarray(_column(m < 0, a, rank))
-      fresh = col if fresh is None else fresh | col
-  return fresh
+  return jnp.where(fresh_mask(leaf), fresh_value, x)
 
 
 def is_identity(leaf: LeafPlan, role: Role) -> bool:

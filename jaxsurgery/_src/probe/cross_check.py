@@ -546,7 +546,7 @@ def cross_check(table: FeatureTable, probe: FeatureTable, *, memory_budget: int 
       params, inputs and features.
     memory_budget: bytes of host memory the dense (element, feature) masks
       of one comparison may take (default 1 GiB): a large leaf is compared a
-      block of rows at a time.
+      block of elements at a time.
 
   Returns:
     A :class:`CrossCheck`; ``.ok`` is True iff nothing is missed.
